@@ -1,0 +1,135 @@
+"""Residual blocks and their shortcuts, named as torchvision names them.
+
+A block gets its `conv` and `norm` constructors from the parent (already carrying dtype,
+BatchNorm mode and momentum), so it never decides precision or train/eval itself.
+"""
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models.layers import ModuleDef, avg_pool_2x2_ceil
+
+SHORTCUTS = ('A', 'B', 'C', 'none')
+
+
+class Downsample(nn.Module):
+  """Projection shortcut: 1x1 conv + BN (torchvision's `downsample.0`/`downsample.1`).
+
+  With `avg_down` (ResNet-D) a 2x2 average pool does the striding and the conv has
+  stride 1 (timm's `downsample.1`/`downsample.2`, index 0 being the pool).
+  """
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  avg_down: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.avg_down:
+      x = self.conv(self.features, 1, self.strides, name='0')(x)
+      return self.norm(name='1')(x)
+    if self.strides > 1:
+      x = avg_pool_2x2_ceil(x)
+    x = self.conv(self.features, 1, 1, name='1')(x)
+    return self.norm(name='2')(x)
+
+
+def subsample_and_pad(x: jax.Array, features: int, strides: int) -> jax.Array:
+  """The paper's option A: identity with stride subsampling and zero-padded channels.
+
+  Channels are padded equally on both sides, as the widely used PyTorch CIFAR ResNets do.
+  """
+  x = x[:, ::strides, ::strides, :]
+  extra = features - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class _Block(nn.Module):
+  """Fields and the shortcut shared by both block types."""
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  shortcut: str = 'B'
+  avg_down: bool = False
+  groups: int = 1
+  base_width: int = 64
+  zero_init_last: bool = False
+  act: Callable = nn.relu
+
+  expansion = 1
+
+  def residual(self, x):
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x):
+    out = self.residual(x)
+    if self.shortcut == 'none':
+      return self.act(out)
+    return self.act(out + self._shortcut(x))
+
+  def _shortcut(self, x):
+    out_features = self.features * self.expansion
+    reshapes = self.strides != 1 or x.shape[-1] != out_features
+    if self.shortcut == 'C' or (reshapes and self.shortcut == 'B'):
+      return Downsample(out_features, self.strides, self.conv, self.norm, self.avg_down,
+                        name='downsample')(x)
+    if reshapes:  # option A
+      return subsample_and_pad(x, out_features, self.strides)
+    return x
+
+  def _last_norm(self, name):
+    init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    return self.norm(name=name, scale_init=init)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34 and the paper's CIFAR nets).
+
+  Attributes:
+    features: output channels.
+    conv, norm: constructors from the parent (`layers.conv` and a BatchNorm partial).
+    strides: stride of the first 3x3 conv.
+    shortcut: 'A' (parameter-free, pads channels), 'B' (projection where the shape
+      changes), 'C' (projection in every block) or 'none' (a plain network).
+    avg_down: average-pool the projection shortcut (ResNet-D).
+    zero_init_last: start the last BN scale at zero, so the block starts as identity.
+  """
+  expansion = 1
+
+  def residual(self, x):
+    if self.groups != 1 or self.base_width != 64:
+      raise ValueError('BasicBlock supports only groups=1 and base_width=64 '
+                       '(as in torchvision); use BottleneckBlock for wide or ResNeXt models.')
+    x = self.conv(self.features, 3, self.strides, name='conv1')(x)
+    x = self.act(self.norm(name='bn1')(x))
+    x = self.conv(self.features, 3, name='conv2')(x)
+    return self._last_norm('bn2')(x)
+
+
+class BottleneckBlock(_Block):
+  """1x1 -> 3x3 (strided, grouped) -> 1x1 x4 (ResNet v1.5, the torchvision layout).
+
+  The inner width is `int(features * base_width / 64) * groups`, which gives the wide
+  ResNets (base_width=128) and ResNeXt (groups=32, base_width=4) from the same block.
+  Other attributes as in `BasicBlock`.
+  """
+  expansion = 4
+
+  def residual(self, x):
+    width = int(self.features * (self.base_width / 64.0)) * self.groups
+    x = self.conv(width, 1, name='conv1')(x)
+    x = self.act(self.norm(name='bn1')(x))
+    x = self.conv(width, 3, self.strides, groups=self.groups, name='conv2')(x)
+    x = self.act(self.norm(name='bn2')(x))
+    x = self.conv(self.features * self.expansion, 1, name='conv3')(x)
+    return self._last_norm('bn3')(x)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}

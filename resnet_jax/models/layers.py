@@ -1,0 +1,125 @@
+"""Layers with PyTorch's semantics: explicit symmetric padding and its BatchNorm."""
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+ModuleDef = Callable[..., nn.Module]
+
+# torchvision initializes convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, *, groups: int = 1,
+         name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """A bias-free convolution padded by kernel_size // 2 on every side, as PyTorch pads.
+
+  'SAME' padding would put the extra row of a stride-2 window at the end, which shifts
+  every output on even input sizes and breaks parity with PyTorch weights.
+  """
+  pad = kernel_size // 2
+  return nn.Conv(features, (kernel_size, kernel_size), (strides, strides),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                 use_bias=False, kernel_init=conv_kernel_init,
+                 dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """torch.nn.MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def avg_pool_2x2_ceil(x: jax.Array) -> jax.Array:
+  """torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), ResNet-D's shortcut.
+
+  On odd sizes the last window is partial and averages only the pixels it covers.
+  """
+  n, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  summed = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c).sum((2, 4))
+  counts = np.pad(np.ones((h, w)), ((0, h % 2), (0, w % 2)))
+  counts = counts.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).sum((1, 3))
+  return summed / counts[None, :, :, None].astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization over all axes but the last, with PyTorch's running statistics.
+
+  Statistics are computed in float32 whatever the compute dtype. Under `jax.jit` on a
+  batch sharded over devices the statistics cover the whole global batch (synchronized
+  BN); `axis_name` adds a cross-device mean for use inside `shard_map`/`pmap`.
+
+  Attributes:
+    use_running_average: normalize with the running statistics (eval) instead of the
+      batch's own (train, which also updates them).
+    momentum: weight of the old running value; PyTorch's momentum=0.1 is 0.9 here.
+    epsilon: added to the variance.
+    unbiased_running_var: update `var` with the unbiased batch variance (n / (n - 1)), as
+      PyTorch does. Flax's own nn.BatchNorm uses the biased one; set False to match it.
+    group_size: normalize groups of this many consecutive examples separately ("ghost"
+      BN, per-device BN of multi-GPU recipes); None uses the whole batch.
+    axis_name: mapped axis to average statistics over, or None.
+    scale_init: initializer of the scale (zeros for zero-init residual branches).
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased_running_var: bool = True
+  group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (channels,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+
+    if self.use_running_average:
+      return self._normalize(x, running_mean.value, running_var.value, scale, bias)
+
+    groups = self._split_groups(x.astype(jnp.float32))
+    axes = tuple(range(1, groups.ndim - 1))
+    mean = self._cross_device_mean(groups.mean(axes))
+    var = self._cross_device_mean(jnp.square(groups - mean[:, None, None, None]).mean(axes))
+    if not self.is_initializing():
+      count = groups[0].size // channels
+      if self.axis_name is not None:
+        count *= jax.lax.psum(1, self.axis_name)
+      batch_var = var * (count / max(count - 1, 1)) if self.unbiased_running_var else var
+      m = self.momentum
+      running_mean.value = m * running_mean.value + (1 - m) * mean.mean(0)
+      running_var.value = m * running_var.value + (1 - m) * batch_var.mean(0)
+    y = self._normalize(groups, mean[:, None, None, None], var[:, None, None, None], scale, bias)
+    return y.reshape(x.shape)
+
+  def _split_groups(self, x):
+    """(N, H, W, C) -> (N // group_size, group_size, H, W, C)."""
+    size = self.group_size or x.shape[0]
+    if x.shape[0] % size:
+      raise ValueError(f'BatchNorm group_size={size} does not divide the batch of '
+                       f'{x.shape[0]}; pick a group size that divides the per-step batch.')
+    return x.reshape((x.shape[0] // size, size) + x.shape[1:])
+
+  def _cross_device_mean(self, value):
+    return value if self.axis_name is None else jax.lax.pmean(value, self.axis_name)
+
+  def _normalize(self, x, mean, var, scale, bias):
+    # Fold the statistics into one multiply-add per element, computed in float32.
+    multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+    offset = bias.astype(jnp.float32) - mean * multiplier
+    return x.astype(self.dtype) * multiplier.astype(self.dtype) + offset.astype(self.dtype)
+
+
+def batch_norm_partial(train: bool, **kwargs) -> ModuleDef:
+  """A BatchNorm constructor in train or eval mode, to hand to blocks."""
+  return functools.partial(BatchNorm, use_running_average=not train, **kwargs)

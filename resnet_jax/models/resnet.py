@@ -1,0 +1,171 @@
+"""The generic ResNet: a stem, stages of residual blocks, global pooling and a head."""
+
+import functools
+from typing import Any, Dict, Optional, Sequence, Type
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models import layers
+from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, ModuleDef, _Block
+
+STEMS = ('imagenet', 'deep', 'cifar')
+
+
+class Stage(nn.Module):
+  """A stack of `num_blocks` blocks; the first one strides and changes width.
+
+  With `scan` the blocks after the first, which are identical in shape, run under
+  `nn.scan`: their parameters are stacked along a leading axis under the name 'rest'
+  (see `resnet_jax.models.scan` to convert to and from the unrolled layout), and the
+  compiler sees one block instead of `num_blocks - 1`. With `remat` every block is
+  rematerialized in the backward pass, trading compute for activation memory.
+  """
+  block_cls: Type[_Block]
+  num_blocks: int
+  features: int
+  strides: int
+  block_kwargs: Dict[str, Any]
+  scan: bool = False
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
+    make = functools.partial(block_cls, self.features, **self.block_kwargs)
+    x = make(strides=self.strides, name='0')(x)
+    if self.scan and self.num_blocks > 1:
+      run_rest = nn.scan(lambda block, carry, _: (block(carry), None),
+                         variable_axes={'params': 0, 'batch_stats': 0},
+                         split_rngs={'params': True}, length=self.num_blocks - 1)
+      x, _ = run_rest(make(name='rest'), x, None)
+    else:
+      for i in range(1, self.num_blocks):
+        x = make(name=str(i))(x)
+    return x
+
+
+class DeepStem(nn.Module):
+  """ResNet-D's stem: three 3x3 convs, the first strided (timm's `conv1.0`..`conv1.6`)."""
+  width: int
+  out_features: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(self.norm(name='1')(self.conv(self.width, 3, 2, name='0')(x)))
+    x = nn.relu(self.norm(name='4')(self.conv(self.width, 3, name='3')(x)))
+    return self.conv(self.out_features, 3, name='6')(x)
+
+
+class ResNet(nn.Module):
+  """ResNet (He et al. 2015) with torchvision's parameter names.
+
+  Call as `model.apply(variables, x, train=False)` on NHWC images; returns logits of
+  shape (N, num_classes), or pooled features (N, C) when `num_classes=0`. With
+  `return_features=True` it returns a dict of named feature maps instead: 'stem',
+  'layer1'..'layerK', 'pre_logits' and, when there is a head, 'logits'.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    block: 'basic' or 'bottleneck'.
+    num_classes: classes of the fc head; 0 builds the model without a head.
+    stage_widths: `features` of each stage's blocks (bottlenecks output 4x this).
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), 'deep' (ResNet-D's three 3x3 convs
+      + max-pool) or 'cifar' (one 3x3 conv, no pooling).
+    stem_width: channels of the deep stem's first convs (the cifar stem outputs
+      stage_widths[0]; the imagenet stem outputs 64).
+    shortcut: 'A', 'B', 'C' (the paper's options) or 'none' (plain nets).
+    avg_down: average-pool downsampling in projection shortcuts (ResNet-D).
+    groups, width_per_group: ResNeXt cardinality and width (64 = plain ResNet).
+    zero_init_residual: zero the last BN scale of each block.
+    in_channels: image channels expected.
+    dtype, param_dtype: compute and parameter precision.
+    bn_momentum, bn_epsilon, bn_unbiased_running_var, bn_group_size, bn_axis_name:
+      BatchNorm settings (see `layers.BatchNorm`).
+    scan_blocks: run the repeated blocks of each stage with `nn.scan`.
+    remat: rematerialize blocks in the backward pass.
+  """
+  stage_sizes: Sequence[int]
+  block: str = 'basic'
+  num_classes: int = 1000
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  stem: str = 'imagenet'
+  stem_width: int = 32
+  shortcut: str = 'B'
+  avg_down: bool = False
+  groups: int = 1
+  width_per_group: int = 64
+  zero_init_residual: bool = False
+  in_channels: int = 3
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_unbiased_running_var: bool = True
+  bn_group_size: Optional[int] = None
+  bn_axis_name: Optional[str] = None
+  scan_blocks: bool = False
+  remat: bool = False
+
+  @property
+  def total_stride(self) -> int:
+    """How much the stem and stages downsample the input."""
+    stem = 1 if self.stem == 'cifar' else 4
+    return stem * 2 ** (len(self.stage_sizes) - 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+    self._check_input(x)
+    conv = functools.partial(layers.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = layers.batch_norm_partial(
+        train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        unbiased_running_var=self.bn_unbiased_running_var, group_size=self.bn_group_size,
+        axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+    features = {}
+    x = features['stem'] = self._stem(x.astype(self.dtype), conv, norm)
+    block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
+                        groups=self.groups, base_width=self.width_per_group,
+                        zero_init_last=self.zero_init_residual)
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      name = f'layer{i + 1}'
+      x = features[name] = Stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
+                                 block_kwargs, self.scan_blocks, self.remat, name=name)(x)
+    x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.num_classes:
+      x = features['logits'] = nn.Dense(
+          self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=_torch_linear_init, bias_init=nn.initializers.zeros,
+          name='fc')(x).astype(jnp.float32)
+    return features if return_features else x
+
+  def _stem(self, x, conv, norm):
+    if self.stem == 'cifar':
+      x = conv(self.stage_widths[0], 3, name='conv1')(x)
+      return nn.relu(norm(name='bn1')(x))
+    if self.stem == 'deep':
+      x = DeepStem(self.stem_width, 64, conv, norm, name='conv1')(x)
+    else:
+      x = conv(64, 7, 2, name='conv1')(x)
+    return layers.max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
+
+  def _check_input(self, x):
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f'ResNet expects NHWC images with {self.in_channels} channels, '
+                       f'shape (batch, height, width, {self.in_channels}); got shape '
+                       f'{tuple(x.shape)}. Transpose NCHW input with x.transpose(0, 2, 3, 1).')
+    if min(x.shape[1:3]) < self.total_stride:
+      raise ValueError(f'Images of {x.shape[1]}x{x.shape[2]} are too small for this model, '
+                       f'which downsamples by {self.total_stride}: use images of at least '
+                       f'{self.total_stride}x{self.total_stride}.')
+    if self.stem not in STEMS or self.shortcut not in SHORTCUTS:
+      raise ValueError(f'stem must be one of {STEMS} and shortcut one of {SHORTCUTS}; '
+                       f'got stem={self.stem!r}, shortcut={self.shortcut!r}.')
+
+
+def _torch_linear_init(key, shape, dtype=jnp.float32):
+  """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / shape[0] ** 0.5
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
