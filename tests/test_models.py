@@ -1,0 +1,269 @@
+"""The model zoo: parameter counts, shapes, BatchNorm state, precision, scan, remat, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax
+
+# torchvision's counts (num_classes=1000), timm's for resnet200/resnet50d, the paper's CIFAR nets.
+PARAM_COUNTS = {
+    'resnet18': 11_689_512,
+    'resnet34': 21_797_672,
+    'resnet50': 25_557_032,
+    'resnet101': 44_549_160,
+    'resnet152': 60_192_808,
+    'resnet200': 64_673_832,
+    'wide_resnet50_2': 68_883_240,
+    'wide_resnet101_2': 126_886_696,
+    'resnext50_32x4d': 25_028_904,
+    'resnext101_32x8d': 88_791_336,
+    'resnext101_64x4d': 83_455_272,
+    'resnet50d': 25_576_264,
+    'cifar_resnet20': 269_722,
+    'cifar_resnet32': 464_154,
+    'cifar_resnet44': 658_586,
+    'cifar_resnet56': 853_018,
+    'cifar_resnet110': 1_727_962,
+    'cifar_resnet1202': 19_421_274,
+    'cifar_plain20': 269_722,
+    'cifar_plain32': 464_154,
+    'cifar_plain44': 658_586,
+    'cifar_plain56': 853_018,
+    'cifar_plain110': 1_727_962,
+}
+
+
+def _image_size(name):
+  return 32 if name.startswith('cifar') else 64
+
+
+def _init_shapes(model, size, batch=1):
+  x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+
+
+def _count(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def _init(name, size, batch=2, seed=0, **overrides):
+  model = resnet_jax.create_model(name, **overrides)
+  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, size, size, 3))
+  return model, model.init(jax.random.PRNGKey(seed), x), x
+
+
+def test_every_model_is_listed_with_a_count():
+  assert sorted(resnet_jax.list_models()) == sorted(PARAM_COUNTS)
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_parameter_count(name):
+  # Scanning stacks blocks without changing the parameters; it keeps the deep nets quick.
+  model = resnet_jax.create_model(name, scan_blocks=True)
+  variables = _init_shapes(model, _image_size(name))
+  assert _count(variables['params']) == PARAM_COUNTS[name]
+
+
+def test_unrolled_and_scanned_counts_agree():
+  unrolled = _init_shapes(resnet_jax.create_model('resnet50'), 64)
+  scanned = _init_shapes(resnet_jax.create_model('resnet50', scan_blocks=True), 64)
+  assert _count(unrolled['params']) == _count(scanned['params']) == PARAM_COUNTS['resnet50']
+  assert _count(unrolled['batch_stats']) == _count(scanned['batch_stats'])
+
+
+@pytest.mark.parametrize('name, widths', [
+    ('resnet34', (64, 128, 256, 512)),
+    ('resnet50', (256, 512, 1024, 2048)),
+    ('resnext50_32x4d', (256, 512, 1024, 2048)),
+    ('resnet50d', (256, 512, 1024, 2048)),
+])
+def test_stage_shapes_at_224(name, widths):
+  model = resnet_jax.create_model(name)
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  variables = _init_shapes(model, 224)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True), variables, x)
+  assert features['stem'].shape == (2, 56, 56, 64)
+  for i, (width, size) in enumerate(zip(widths, (56, 28, 14, 7))):
+    assert features[f'layer{i + 1}'].shape == (2, size, size, width)
+  assert features['pre_logits'].shape == (2, widths[-1])
+  assert features['logits'].shape == (2, 1000)
+
+
+def test_cifar_stage_shapes():
+  model = resnet_jax.create_model('cifar_resnet20')
+  variables = _init_shapes(model, 32)
+  x = jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True), variables, x)
+  assert [features[k].shape for k in ('stem', 'layer1', 'layer2', 'layer3')] == [
+      (3, 32, 32, 16), (3, 32, 32, 16), (3, 16, 16, 32), (3, 8, 8, 64)]
+  assert features['logits'].shape == (3, 10)
+
+
+def test_headless_backbone_returns_pooled_features():
+  model, variables, x = _init('resnet18', 32, num_classes=0)
+  assert 'fc' not in variables['params']
+  pooled = model.apply(variables, x)
+  features = model.apply(variables, x, return_features=True)
+  assert pooled.shape == (2, 512)
+  np.testing.assert_allclose(pooled, features['layer4'].mean(axis=(1, 2)), atol=1e-6)
+  assert 'logits' not in features
+
+
+def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
+  model, variables, x = _init('cifar_resnet20', 16, batch=4)
+  logits, updated = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (4, 10)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
+                         updated['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+  _, unchanged = model.apply(variables, x, train=False, mutable=['batch_stats'])
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables['batch_stats'],
+                      unchanged['batch_stats'])
+  assert all(jax.tree.leaves(same))
+
+
+def test_train_and_eval_differ_and_eval_is_deterministic():
+  model, variables, x = _init('cifar_resnet20', 16, batch=4)
+  train_logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  eval_logits = model.apply(variables, x, train=False)
+  assert not np.allclose(train_logits, eval_logits)
+  np.testing.assert_array_equal(eval_logits, model.apply(variables, x[::-1])[::-1])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model, variables, x = _init('cifar_resnet20', 16, batch=4, dtype=jnp.bfloat16)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
+  features, updated = model.apply(variables, x, train=True, return_features=True,
+                                  mutable=['batch_stats'])
+  assert features['layer3'].dtype == jnp.bfloat16
+  assert features['logits'].dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(updated)} == {jnp.dtype('float32')}
+  reference = resnet_jax.create_model('cifar_resnet20').apply(variables, x)
+  np.testing.assert_allclose(model.apply(variables, x), reference, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20', 'resnet18', 'resnet50d'])
+def test_scan_matches_unrolled(name):
+  model, variables, x = _init(name, 32 if name.startswith('cifar') else 64, batch=4)
+  scanned_model = resnet_jax.create_model(name, scan_blocks=True)
+  scanned = resnet_jax.scan_variables(variables)
+  expected_structure = jax.tree.structure(_init_shapes(scanned_model, 32))
+  assert jax.tree.structure(scanned) == expected_structure
+  np.testing.assert_allclose(scanned_model.apply(scanned, x), model.apply(variables, x),
+                             atol=1e-4, rtol=1e-4)
+  logits, stats = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  scanned_logits, scanned_stats = scanned_model.apply(scanned, x, train=True,
+                                                      mutable=['batch_stats'])
+  np.testing.assert_allclose(scanned_logits, logits, atol=1e-3, rtol=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+               resnet_jax.unscan_variables(scanned_stats), stats)
+  jax.tree.map(np.testing.assert_array_equal, resnet_jax.unscan_variables(scanned), variables)
+
+
+def test_remat_gives_the_same_gradients():
+  model, variables, x = _init('cifar_resnet20', 16, batch=4)
+
+  def grads(m):
+    def loss(params):
+      logits, _ = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                          train=True, mutable=['batch_stats'])
+      return jnp.mean(logits ** 2)
+    return jax.grad(loss)(variables['params'])
+
+  expected = grads(model)
+  actual = grads(resnet_jax.create_model('cifar_resnet20', remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), actual, expected)
+
+
+def test_zero_init_residual_starts_blocks_as_identity_branches():
+  _, variables, _ = _init('resnet50', 32, zero_init_residual=True)
+  for stage in ('layer1', 'layer4'):
+    np.testing.assert_array_equal(variables['params'][stage]['0']['bn3']['scale'], 0)
+    np.testing.assert_array_equal(variables['params'][stage]['0']['bn2']['scale'], 1)
+
+
+def test_cross_device_batch_norm_equals_global_batch():
+  """bn_axis_name averages statistics over a mapped axis: the same as one global batch."""
+  model, variables, x = _init('cifar_resnet20', 16, batch=8)
+  expected, expected_stats = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  mapped = resnet_jax.create_model('cifar_resnet20', bn_axis_name='devices')
+  logits, stats = jax.vmap(
+      lambda x: mapped.apply(variables, x, train=True, mutable=['batch_stats']),
+      axis_name='devices')(x.reshape(4, 2, 16, 16, 3))
+  np.testing.assert_allclose(logits.reshape(8, 10), expected, atol=1e-4, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, atol=1e-5, rtol=1e-5),
+               stats, expected_stats)
+
+
+def test_bn_group_size_normalizes_each_group_alone():
+  model, variables, x = _init('cifar_resnet20', 16, batch=8)
+  ghost = resnet_jax.create_model('cifar_resnet20', bn_group_size=4)
+  logits, _ = ghost.apply(variables, x, train=True, mutable=['batch_stats'])
+  first, _ = model.apply(variables, x[:4], train=True, mutable=['batch_stats'])
+  second, _ = model.apply(variables, x[4:], train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(logits, np.concatenate([first, second]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('shortcut, has_projection', [('A', False), ('B', True), ('C', True),
+                                                      ('none', False)])
+def test_cifar_shortcut_options(shortcut, has_projection):
+  model, variables, x = _init('cifar_resnet20', 16, shortcut=shortcut)
+  params = variables['params']
+  assert ('downsample' in params['layer2']['0']) == has_projection
+  # Option C projects in every block, B only where the shape changes.
+  assert ('downsample' in params['layer1']['1']) == (shortcut == 'C')
+  assert model.apply(variables, x).shape == (2, 10)
+
+
+def test_plain_net_has_no_shortcut():
+  model, variables, x = _init('cifar_plain20', 16)
+  zero = jax.tree.map(jnp.zeros_like, variables['params'])
+  # With all weights zero, BN outputs its bias (0): a plain net outputs zeros before fc,
+  # a residual net keeps the (non-negative, mostly non-zero) stem activations.
+  plain = model.apply({**variables, 'params': zero}, x, return_features=True)
+  assert float(jnp.abs(plain['layer3']).max()) == 0.0
+  resnet = resnet_jax.create_model('cifar_resnet20')
+  residual_params = {**zero, 'bn1': variables['params']['bn1'], 'conv1': variables['params']['conv1']}
+  out = resnet.apply({**variables, 'params': residual_params}, x, return_features=True)
+  assert float(jnp.abs(out['layer3']).max()) > 0.0
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_every_model_jits(name):
+  """init and the train-mode forward trace, lower and compile (executed in other tests)."""
+  # Scanning keeps compile time small; test_scan_matches_unrolled covers the unrolled path.
+  model = resnet_jax.create_model(name, scan_blocks=True)
+  size = _image_size(name)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  init = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x)).lower(x).compile()
+  variables = _init_shapes(model, size)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+  logits, stats = forward.lower(variables, x).compile().out_info
+  assert logits.shape == (2, model.num_classes)
+  assert jax.tree.structure(stats['batch_stats']) == jax.tree.structure(variables['batch_stats'])
+  assert jax.tree.structure(init.out_info) == jax.tree.structure(variables)
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match='Unknown model .resnet51.*resnet50.*Valid names:.*resnet18'):
+    resnet_jax.create_model('resnet51')
+
+
+def test_unknown_option_lists_valid_options():
+  with pytest.raises(ValueError, match="Unknown option.*'depth'.*valid options:.*scan_blocks"):
+    resnet_jax.create_model('resnet18', depth=18)
+
+
+@pytest.mark.parametrize('shape, message', [
+    ((32, 32, 3), 'NHWC images with 3 channels'),
+    ((1, 3, 32, 32), 'x.transpose'),
+    ((1, 16, 16, 3), 'too small.*at least 32x32'),
+])
+def test_bad_input_shapes_raise_clear_errors(shape, message):
+  model = resnet_jax.create_model('resnet18')
+  variables = _init_shapes(model, 32)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+
