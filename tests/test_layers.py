@@ -95,8 +95,10 @@ def test_avg_pool_matches_torch_ceil_mode(size):
                              atol=1e-6)
 
 
-@pytest.mark.parametrize('kernel, stride, size', [(7, 2, (32, 32)), (3, 2, (8, 10)), (3, 1, (5, 5)),
-                                                  (1, 2, (6, 7))])
+@pytest.mark.parametrize('kernel, stride, size', [
+    (7, 2, (32, 32)), (3, 2, (8, 10)), (3, 1, (5, 5)), (1, 2, (6, 7)),
+    # Maps smaller than the kernel take the matmul path.
+    (3, 1, (1, 1)), (3, 1, (2, 2)), (3, 2, (2, 3)), (7, 2, (5, 6))])
 def test_conv_pads_like_torch(kernel, stride, size):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, *size, 4)).astype(np.float32)

@@ -1,0 +1,28 @@
+"""Packaging promises: a light import, and a README whose test command CI runs verbatim."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_import_pulls_in_neither_tensorflow_nor_torch():
+  code = ('import sys, resnet_jax; m = resnet_jax.create_model("resnet18"); '
+          'print(sorted({"tensorflow", "torch", "orbax", "optax"} & set(sys.modules)))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
+
+
+def _readme_commands():
+  readme = (ROOT / 'README.md').read_text()
+  return re.findall(r'```(?:bash|sh)\n(.*?)```', readme, re.DOTALL)
+
+
+def test_readme_test_command_is_what_ci_runs():
+  ci = (ROOT / '.ci' / 'run').read_text()
+  test_blocks = [b for b in _readme_commands() if 'pytest' in b]
+  assert test_blocks, 'README must give the command that runs the tests'
+  for line in test_blocks[0].strip().splitlines():
+    assert line in ci, f'README test command line not run by .ci/run: {line}'
