@@ -48,8 +48,11 @@ def _param_counts(params) -> Dict[str, int]:
 
 
 def summarize(name: str, image_size: int = 224, **overrides: Any) -> Tuple[List[LayerRow], int, float]:
-  """Returns (rows for every module call, total parameters, GFLOPs per image)."""
-  model = zoo.create_model(name, **overrides)
+  """Returns (rows for every module call, total parameters, GFLOPs per image).
+
+  The model is walked unrolled (scan_blocks=False) so every block is seen and counted.
+  """
+  model = zoo.create_model(name, **{**overrides, 'scan_blocks': False})
   x = jax.ShapeDtypeStruct((1, image_size, image_size, model.in_channels), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
   counts = _param_counts(variables['params'])

@@ -26,3 +26,11 @@ def test_readme_test_command_is_what_ci_runs():
   assert test_blocks, 'README must give the command that runs the tests'
   for line in test_blocks[0].strip().splitlines():
     assert line in ci, f'README test command line not run by .ci/run: {line}'
+
+
+def test_readme_python_examples_run():
+  readme = (ROOT / 'README.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', readme, re.DOTALL)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, 'README.md', 'exec'), {})
