@@ -1,0 +1,176 @@
+"""Training images/second: the project's train step against PyTorch, side by side.
+
+    python benchmarks/train_throughput.py                      # CPU defaults
+    python benchmarks/train_throughput.py --models resnet50 --batch 256 --dtype bfloat16
+
+Both frameworks train the same architecture (torchvision's for the ImageNet family, a
+PyTorch CIFAR ResNet defined below for the CIFAR nets) with SGD + momentum on the same
+synthetic batch, size and precision, using the same threads. After warm-up the two are
+timed in alternating rounds; the table gives the median of each and the ratio
+JAX / PyTorch (above 1: JAX is faster).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+import torchvision
+from jax.sharding import NamedSharding, PartitionSpec
+
+import resnet_jax
+from resnet_jax.train import loop, optim, state as train_state
+
+DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
+
+
+# --- PyTorch reference nets -------------------------------------------------------------
+
+
+class TorchCifarBlock(torch.nn.Module):
+  """The paper's basic block with shortcut option A (as in the widely used reference)."""
+
+  def __init__(self, in_planes, planes, stride):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(planes)
+    self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = torch.nn.BatchNorm2d(planes)
+    self.pad = planes - in_planes
+    self.stride = stride
+
+  def forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    shortcut = x[:, :, ::self.stride, ::self.stride]
+    if self.pad:
+      shortcut = torch.nn.functional.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad // 2))
+    return torch.relu(out + shortcut)
+
+
+def torch_cifar_resnet(depth, num_classes=10):
+  n = (depth - 2) // 6
+  layers, in_planes = [], 16
+  for planes, stride in ((16, 1), (32, 2), (64, 2)):
+    for i in range(n):
+      layers.append(TorchCifarBlock(in_planes, planes, stride if i == 0 else 1))
+      in_planes = planes
+  return torch.nn.Sequential(
+      torch.nn.Conv2d(3, 16, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+      *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, num_classes))
+
+
+def torch_model(name):
+  if name.startswith('cifar_resnet'):
+    return torch_cifar_resnet(int(name[len('cifar_resnet'):]))
+  return getattr(torchvision.models, name)()
+
+
+# --- the two timed loops ----------------------------------------------------------------
+
+
+def jax_runner(name, batch, size, dtype):
+  """A closure running `steps` of the project's jitted train step."""
+  model = resnet_jax.create_model(name, dtype=jnp.dtype(dtype))
+  config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False))
+  tx = optim.create_optimizer(config, lambda step: 0.1)
+  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))
+  mesh = loop.create_mesh()
+  train_fn, _ = loop.compile_steps(mesh)
+  rng = np.random.default_rng(0)
+  host_batch = {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+                'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
+  sharding = NamedSharding(mesh, PartitionSpec(loop.DATA_AXIS))
+  device_batch = loop.global_batch(host_batch, sharding)
+  holder = [state]
+
+  def run(steps):
+    for _ in range(steps):
+      holder[0], metrics = train_fn(holder[0], device_batch)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def torch_runner(name, batch, size, dtype, device, compiled):
+  model = torch_model(name).to(device)
+  memory_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
+  model = model.to(memory_format=memory_format).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  images = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+  labels = torch.randint(0, 10 if name.startswith('cifar') else 1000, (batch,), device=device)
+  amp_dtype = torch.bfloat16 if dtype == 'bfloat16' else None
+
+  def step():
+    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+      loss = torch.nn.functional.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  step = torch.compile(step) if compiled else step
+
+  def run(steps):
+    for _ in range(steps):
+      loss = step()
+    loss.item()  # waits for the device
+
+  return run
+
+
+def images_per_second(run, steps, batch):
+  start = time.perf_counter()
+  run(steps)
+  return steps * batch / (time.perf_counter() - start)
+
+
+def measure(runners, batch, steps, rounds):
+  """Warm every runner up, then time them in alternating rounds; medians per runner."""
+  for run in runners.values():
+    run(2)
+  results = {label: [] for label in runners}
+  for _ in range(rounds):
+    for label, run in runners.items():
+      results[label].append(images_per_second(run, steps, batch))
+  return {label: statistics.median(r) for label, r in results.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', nargs='+',
+                      default=['cifar_resnet20', 'cifar_resnet56', 'resnet18', 'resnet50'])
+  parser.add_argument('--batch', type=int, default=None, help='default: per model, CPU-sized')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--steps', type=int, default=5, help='steps per timed round')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--torch-compile', action='store_true', help='also torch.compile')
+  args = parser.parse_args()
+
+  device = 'cuda' if torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
+  torch.set_num_threads(os.cpu_count())
+  print(f'jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), '
+        f'torch {torch.__version__} ({device}, {torch.get_num_threads()} threads), '
+        f'dtype {args.dtype}')
+  print(f'| model | batch | image | JAX img/s | PyTorch img/s | JAX / PyTorch |')
+  print('|---|---:|---:|---:|---:|---:|')
+  for name in args.models:
+    size = 32 if name.startswith('cifar') else 224
+    batch = args.batch or DEFAULT_BATCH.get(name, 32)
+    runners = {'jax': jax_runner(name, batch, size, args.dtype),
+               'torch': torch_runner(name, batch, size, args.dtype, device, False)}
+    if args.torch_compile:
+      runners['torch.compile'] = torch_runner(name, batch, size, args.dtype, device, True)
+    result = measure(runners, batch, args.steps, args.rounds)
+    for label in [k for k in result if k != 'jax']:
+      print(f'| {name} ({label}) | {batch} | {size} | {result["jax"]:.1f} | '
+            f'{result[label]:.1f} | {result["jax"] / result[label]:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
