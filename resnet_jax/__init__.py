@@ -9,3 +9,13 @@ from resnet_jax.models import (BasicBlock, BatchNorm, BottleneckBlock, Downsampl
                                unscan_variables)
 
 __version__ = '0.1.0'
+
+# Loading needs orbax; import it only when asked for, so `import resnet_jax` stays light.
+_LAZY = {'load_variables': 'resnet_jax.load', 'load_model': 'resnet_jax.load'}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,336 @@
+"""resnet_jax.convert against torchvision/timm: logits, BN updates, an SGD step, the CLI."""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from resnet_jax import convert, create_model
+from resnet_jax.load import load_variables, read_model_config
+
+TOL = 1e-4
+
+
+def random_reference(arch, num_classes=1000, seed=0):
+  """A PyTorch reference model with random weights and random BN statistics/affine."""
+  torch.manual_seed(seed)
+  model = convert.torch_reference_model(arch, num_classes)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0.0, 0.1)
+        module.running_mean.normal_(0.0, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+        module.num_batches_tracked.fill_(7)
+    _scale_like_a_trained_net(model)
+  return model.eval()
+
+
+def _scale_like_a_trained_net(model):
+  """Random deep ResNets are not what checkpoints hold: the residual stream grows with
+  depth (timm's random resnet200 gives logits near 1e6), so float32 rounding alone breaks
+  any absolute tolerance. Trained nets have small last-BN scales and logits of order 10;
+  mimic both, so that 1e-4 abs tests the conversion and not float32's 7 digits."""
+  for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+    for block in stage:
+      last_bn = getattr(block, 'bn3', None) or block.bn2
+      last_bn.weight.uniform_(0.05, 0.3)
+  model.eval()
+  probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 64, 64), np.float32))
+  scale = 10.0 / model(probe).abs().max()
+  model.fc.weight.mul_(scale)
+  model.fc.bias.mul_(scale)
+
+
+def torch_logits(model, images_nhwc):
+  with torch.no_grad():
+    return model(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def flax_logits(arch, variables, images_nhwc, num_classes=1000):
+  model = create_model(arch, num_classes=num_classes)
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, images_nhwc))
+
+
+def images(batch, height, width, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, height, width, 3), np.float32)
+
+
+# (arch, [(batch, height, width), ...]): the odd 97x131 everywhere it is affordable, 224
+# for two small archs, the deepest models once at the smallest size.
+PARITY_CASES = [
+    ('resnet18', [(1, 97, 131), (3, 97, 131), (2, 224, 224), (5, 64, 64)]),
+    ('resnext50_32x4d', [(2, 97, 131), (1, 224, 224)]),
+    ('wide_resnet50_2', [(2, 97, 131)]),
+    ('resnet34', [(2, 97, 131)]),
+    ('resnet50', [(3, 97, 131)]),
+    ('resnet50d', [(2, 97, 131), (1, 64, 64)]),
+    ('resnet101', [(1, 97, 131)]),
+    ('resnet152', [(1, 64, 64)]),
+    ('resnet200', [(1, 64, 64)]),
+    ('wide_resnet101_2', [(1, 64, 64)]),
+    ('resnext101_32x8d', [(1, 64, 64)]),
+    ('resnext101_64x4d', [(1, 64, 64)]),
+]
+
+
+@pytest.mark.parametrize('arch,shapes', PARITY_CASES, ids=[a for a, _ in PARITY_CASES])
+def test_eval_logits_match_torch_and_round_trip_is_exact(arch, shapes):
+  reference = random_reference(arch)
+  state_dict = reference.state_dict()
+  variables = convert.torch_to_flax(state_dict, arch)
+  for batch, height, width in shapes:
+    x = images(batch, height, width)
+    np.testing.assert_allclose(flax_logits(arch, variables, x), torch_logits(reference, x),
+                               rtol=0, atol=TOL, err_msg=f'{arch} on {x.shape}')
+
+  back = convert.flax_to_torch(variables, arch)
+  assert set(back) == set(state_dict)
+  for key, value in state_dict.items():
+    if key.endswith('num_batches_tracked'):  # no Flax counterpart: exported as 0
+      assert back[key].shape == () and back[key].dtype == np.int64 and back[key] == 0
+    else:
+      assert back[key].dtype == value.numpy().dtype
+      np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_num_classes_follows_fc_and_scan_layout_exports():
+  reference = random_reference('resnet18', num_classes=7)
+  variables = convert.torch_to_flax(reference.state_dict(), 'resnet18')
+  assert variables['params']['fc']['kernel'].shape == (512, 7)
+  x = images(2, 64, 64)
+  np.testing.assert_allclose(flax_logits('resnet18', variables, x, num_classes=7),
+                             torch_logits(reference, x), rtol=0, atol=TOL)
+  from resnet_jax import scan_variables
+  back = convert.flax_to_torch(scan_variables(variables), 'resnet18')
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_max_logit_difference_uses_timm_for_resnet50d():
+  reference = random_reference('resnet50d', num_classes=5)
+  variables = convert.torch_to_flax(reference.state_dict(), 'resnet50d')
+  difference = convert.max_logit_difference(reference.state_dict(), variables, 'resnet50d',
+                                             batch_size=1, image_size=65)
+  assert 0 < difference < TOL
+
+
+def test_train_mode_forward_bn_update_and_sgd_step_match_torch():
+  reference = random_reference('resnet18', num_classes=10).train()
+  variables = convert.torch_to_flax(reference.state_dict(), 'resnet18')
+  x = images(6, 64, 64, seed=1)
+  labels = np.arange(6) % 10
+
+  optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+  torch_out = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+  torch.nn.functional.cross_entropy(torch_out, torch.from_numpy(labels)).backward()
+  optimizer.step()
+  expected = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+
+  model = create_model('resnet18', num_classes=10)
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                  x, train=True, mutable=['batch_stats'])
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(log_probs[np.arange(6), labels]), (logits, updates['batch_stats'])
+
+  grads, (logits, batch_stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables['params'])
+  np.testing.assert_allclose(np.asarray(logits), torch_out.detach().numpy(), rtol=0, atol=TOL)
+  new_params = jax.tree.map(lambda p, g: p - 0.1 * g, variables['params'], grads)
+  got = convert.flax_to_torch({'params': new_params, 'batch_stats': batch_stats}, 'resnet18')
+  for key, value in expected.items():
+    if not key.endswith('num_batches_tracked'):
+      np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+  # Make sure the step and the BN update moved something the comparison above can see.
+  assert not np.allclose(expected['fc.weight'], variables['params']['fc']['kernel'].T)
+  assert not np.allclose(expected['bn1.running_var'], variables['batch_stats']['bn1']['var'])
+
+
+def test_wrong_arch_error_lists_problems_and_suggests_the_fitting_arch():
+  state_dict = convert.torch_reference_model('resnet50').state_dict()
+  with pytest.raises(ValueError) as info:
+    convert.torch_to_flax(state_dict, 'resnet101')
+  message = str(info.value)
+  assert 'missing keys (255): layer3.6.bn1.bias' in message
+  assert "fit 'resnet50'" in message and '--arch resnet50' in message
+  with pytest.raises(ValueError, match=r'wrong shapes.*layer1\.0\.conv2\.weight'):
+    convert.torch_to_flax(state_dict, 'resnext50_32x4d')
+
+
+def test_missing_and_unexpected_keys_are_named():
+  state_dict = dict(convert.torch_reference_model('resnet18').state_dict())
+  del state_dict['layer2.0.downsample.1.running_var']
+  state_dict['head.weight'] = torch.zeros(3)
+  with pytest.raises(ValueError) as info:
+    convert.torch_to_flax(state_dict, 'resnet18')
+  message = str(info.value)
+  assert 'missing keys (1): layer2.0.downsample.1.running_var' in message
+  assert 'unexpected keys (1): head.weight' in message
+
+
+def test_checkpoints_without_num_batches_tracked_and_with_wrappers_load(tmp_path):
+  state_dict = random_reference('resnet18').state_dict()
+  plain = {k: v for k, v in state_dict.items() if not k.endswith('num_batches_tracked')}
+  convert.torch_to_flax(plain, 'resnet18')  # old torchvision checkpoints lack the counters
+  path = tmp_path / 'ddp.pth'
+  torch.save({'model': {f'module.{k}': v for k, v in state_dict.items()}, 'epoch': 3}, path)
+  loaded = convert.read_torch_weights(path)
+  assert set(loaded) == set(state_dict)
+
+
+# ------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope='module')
+def resnet18_weights(tmp_path_factory):
+  """A random resnet18 state_dict saved as a DDP-style .pth and as .safetensors."""
+  from safetensors.torch import save_file
+  directory = tmp_path_factory.mktemp('weights')
+  state_dict = random_reference('resnet18', seed=3).state_dict()
+  torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}},
+             directory / 'resnet18.pth')
+  save_file(state_dict, str(directory / 'resnet18.safetensors'))
+  return state_dict, directory
+
+
+def run_main(argv, capsys):
+  """convert.main in-process: (exit code, stdout, stderr)."""
+  try:
+    code = convert.main([str(a) for a in argv])
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def assert_same_weights(state_dict, exported):
+  for key, value in state_dict.items():
+    if not key.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(np.asarray(exported[key]), value.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize('suffix,export_suffix', [('.pth', '.safetensors'),
+                                                  ('.safetensors', '.pth')])
+def test_cli_converts_verifies_and_exports(resnet18_weights, tmp_path, capsys, suffix,
+                                           export_suffix):
+  state_dict, weights = resnet18_weights
+  ckpt = tmp_path / 'ckpt'
+  code, out, err = run_main(['--arch', 'resnet18', '--input', weights / f'resnet18{suffix}',
+                             '--output', ckpt, '--verify'], capsys)
+  assert code == 0, err
+  assert 'max abs logit difference' in out and 'ok' in out
+  assert read_model_config(ckpt) == {'name': 'resnet18', 'num_classes': 1000}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']  # no temporaries left
+  variables = load_variables(ckpt)
+  assert_same_weights(state_dict, convert.flax_to_torch(variables, 'resnet18'))
+
+  exported = tmp_path / f'exported{export_suffix}'
+  code, out, err = run_main(['--input', ckpt, '--output', exported, '--verify'], capsys)
+  assert code == 0, err
+  if export_suffix == '.safetensors':
+    from safetensors.torch import load_file
+    tensors = load_file(str(exported))
+  else:
+    tensors = torch.load(exported, weights_only=True)
+  reference = convert.torch_reference_model('resnet18')
+  reference.load_state_dict(tensors, strict=True)
+  assert_same_weights(state_dict, {k: v.numpy() for k, v in tensors.items()})
+
+
+def test_cli_failed_verification_writes_nothing(resnet18_weights, tmp_path, capsys):
+  _, weights = resnet18_weights
+  code, out, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
+                             '--output', tmp_path / 'ckpt', '--verify', '--tolerance', '-1'],
+                            capsys)
+  assert code == 1 and 'FAILED' in out and 'nothing was written' in err
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_wrong_arch_and_missing_key_are_one_message(resnet18_weights, tmp_path, capsys):
+  state_dict, weights = resnet18_weights
+  code, _, err = run_main(['--arch', 'resnet34', '--input', weights / 'resnet18.safetensors',
+                           '--output', tmp_path / 'a'], capsys)
+  assert code == 2 and '--arch resnet18' in err and 'Traceback' not in err
+
+  partial = {k: v for k, v in state_dict.items() if k != 'layer3.1.bn2.weight'}
+  torch.save(partial, tmp_path / 'partial.pt')
+  code, _, err = run_main(['--arch', 'resnet18', '--input', tmp_path / 'partial.pt',
+                           '--output', tmp_path / 'b'], capsys)
+  assert code == 2 and 'missing keys (1): layer3.1.bn2.weight' in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['partial.pt']
+
+
+def test_cli_refuses_existing_output_and_bad_paths(resnet18_weights, tmp_path, capsys):
+  _, weights = resnet18_weights
+  (tmp_path / 'taken').mkdir()
+  for argv, expected in [
+      (['--arch', 'resnet18', '--input', weights / 'resnet18.pth', '--output',
+        tmp_path / 'taken'], 'already exists'),
+      (['--input', weights / 'resnet18.pth', '--output', tmp_path / 'c'], '--arch is required'),
+      (['--arch', 'resnet18', '--input', tmp_path / 'nope.pth', '--output', tmp_path / 'd'],
+       'does not exist'),
+      (['--input', tmp_path / 'taken', '--output', tmp_path / 'out.npz'], 'file name'),
+  ]:
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and expected in err, err
+
+
+def test_cli_overwrite_replaces_the_output(resnet18_weights, tmp_path, capsys):
+  _, weights = resnet18_weights
+  (tmp_path / 'ckpt').mkdir()
+  (tmp_path / 'ckpt' / 'stale.txt').write_text('old')
+  code, _, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
+                           '--output', tmp_path / 'ckpt', '--overwrite'], capsys)
+  assert code == 0, err
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['model.json', 'variables']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+class _Exploit:
+  """Unpickling this runs code: it creates the marker file."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+@pytest.mark.cli
+def test_cli_refuses_a_malicious_pickle_without_running_it(tmp_path):
+  marker = tmp_path / 'pwned'
+  evil = tmp_path / 'evil.pth'
+  torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'payload': _Exploit(marker)}, evil)
+  script = Path(sys.executable).with_name('resnet-jax-convert')  # the console script
+  result = subprocess.run([str(script), '--arch', 'resnet18', '--input', str(evil),
+                           '--output', str(tmp_path / 'ckpt')],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert 'Refusing to load' in result.stderr and 'Unsupported global' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not marker.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth']
+  # The payload is real: an unsafe load does run it.
+  torch.load(evil, weights_only=False)
+  assert marker.exists()
+
+
+@pytest.mark.cli
+def test_cli_module_runs_quietly_when_not_a_tty(resnet18_weights, tmp_path):
+  _, weights = resnet18_weights
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.convert', '--arch', 'resnet18', '--input',
+       str(weights / 'resnet18.safetensors'), '--output', str(tmp_path / 'ckpt'), '--verify'],
+      capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr
+  assert 'ok' in result.stdout and result.stderr.strip() == ''

@@ -1,0 +1,113 @@
+"""resnet_jax.load: converted checkpoint directories and training workdirs."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import resnet_jax
+from resnet_jax import create_model, scan_variables
+from resnet_jax.convert import save_checkpoint
+
+ARCH = 'cifar_resnet20'
+
+
+def init_variables(seed=0, **overrides):
+  model = create_model(ARCH, **overrides)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+  # Distinct running statistics, so a mix-up of blocks or collections shows.
+  stats = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(seed + 1), v.shape),
+                       variables['batch_stats'])
+  return {'params': variables['params'], 'batch_stats': stats}
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def write_workdir(path, steps, scanned=True):
+  """A training workdir as the trainer writes it: model.json and checkpoints/ whose steps
+  hold a 'state' item (scan layout, plus optimizer state and step) and a 'data' item."""
+  path.mkdir()
+  (path / 'model.json').write_text(json.dumps(  # JSON as the trainer writes it: lists, dtype names
+      {'name': ARCH, 'num_classes': 10, 'scan_blocks': scanned, 'stage_sizes': [3, 3, 3],
+       'dtype': 'float32'}))
+  saved = {}
+  with ocp.CheckpointManager(path / 'checkpoints') as manager:
+    for step in steps:
+      variables = init_variables(seed=step)
+      layout = scan_variables(variables) if scanned else variables
+      state = {**layout, 'step': np.int32(step),
+               'opt_state': {'momentum': jax.tree.map(jnp.zeros_like, layout['params'])}}
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({'position': step})))
+      saved[step] = variables
+    manager.wait_until_finished()
+  return saved
+
+
+def test_converted_directory_round_trip(tmp_path):
+  variables = init_variables()
+  save_checkpoint(variables, {'name': ARCH, 'num_classes': 10}, tmp_path / 'ckpt')
+  assert_trees_equal(resnet_jax.load_variables(tmp_path / 'ckpt'), variables)
+  model, loaded = resnet_jax.load_model(tmp_path / 'ckpt')
+  assert model.num_classes == 10 and not model.scan_blocks
+  assert_trees_equal(loaded, variables)
+
+
+def test_workdir_loads_latest_step_unrolled(tmp_path):
+  saved = write_workdir(tmp_path / 'workdir', steps=(1, 5))
+  assert_trees_equal(resnet_jax.load_variables(tmp_path / 'workdir'), saved[5])
+
+
+def test_load_model_matches_the_layout_of_the_model(tmp_path):
+  saved = write_workdir(tmp_path / 'workdir', steps=(2,))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  scanned_model, scanned = resnet_jax.load_model(tmp_path / 'workdir')
+  assert scanned_model.scan_blocks
+  unrolled_model, unrolled = resnet_jax.load_model(tmp_path / 'workdir', scan_blocks=False)
+  assert_trees_equal(unrolled, saved[2])
+  np.testing.assert_allclose(scanned_model.apply(scanned, x), unrolled_model.apply(unrolled, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='neither variables/ nor checkpoints/'):
+    resnet_jax.load_variables(tmp_path)
+  with pytest.raises(ValueError, match='does not exist'):
+    resnet_jax.load_variables(tmp_path / 'missing')
+  with pytest.raises(ValueError, match='has no model.json'):
+    resnet_jax.load_model(tmp_path)
+  (tmp_path / 'checkpoints').mkdir()
+  with pytest.raises(ValueError, match='holds no saved step'):
+    resnet_jax.load_variables(tmp_path)
+
+
+def test_import_resnet_jax_stays_light():
+  code = ('import sys, resnet_jax; heavy = [m for m in ("orbax", "torch", "tensorflow") '
+          'if m in sys.modules]; assert not heavy, heavy; '
+          'assert callable(resnet_jax.load_model) and "orbax.checkpoint" not in sys.modules; '
+          'import resnet_jax.convert; assert "torch" not in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+
+
+def test_loads_the_trainers_workdir(request):
+  """The contract with resnet_jax.train: a real (tiny) training run's workdir loads."""
+  try:
+    workdir, _ = request.getfixturevalue('trained_workdir')
+  except pytest.FixtureLookupError:
+    pytest.skip('tests/conftest.py has no trained_workdir fixture')
+  model, variables = resnet_jax.load_model(workdir)
+  size = model.total_stride
+  x = jnp.zeros((2, size, size, model.in_channels))
+  expected = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      {'params': expected['params'], 'batch_stats': expected['batch_stats']})
+  assert model.apply(variables, x).shape == (2, model.num_classes)
