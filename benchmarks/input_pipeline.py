@@ -1,0 +1,89 @@
+"""ImageNet training preprocessing throughput: images/second and per CPU core.
+
+    python benchmarks/input_pipeline.py [--images 512] [--batch 64]
+
+Writes a folder of real JPEG files (500x375, quality 90, smooth synthetic content so that
+decoding costs what a photo costs), then times the project's tf.data training pipeline
+(decode JPEG, inception crop, flip, resize to 224, normalize) against torchvision's
+ImageFolder + RandomResizedCrop + flip + normalize in a DataLoader with one worker per
+core, both over the same files.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import ml_collections
+import numpy as np
+import torch  # before TensorFlow: importing triton after TensorFlow segfaults
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from resnet_jax.data.pipeline import Pipeline
+
+
+def write_jpegs(root, count, classes=4):
+  rng = np.random.default_rng(0)
+  y, x = np.mgrid[0:375, 0:500]
+  for i in range(count):
+    folder = os.path.join(root, f'class{i % classes}')
+    os.makedirs(folder, exist_ok=True)
+    fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6)]
+    channels = [127 + 120 * np.sin(fx * x * (c + 1) + fy * y + phase + c) for c in range(3)]
+    image = np.stack(channels, -1) + rng.normal(0, 8, (375, 500, 3))
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+
+
+def time_project(root, batch, batches):
+  config = ml_collections.ConfigDict(dict(
+      dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
+      image_size=224, batch_size=batch, seed=0, shuffle_buffer=1024))
+  stream = Pipeline(config).train_batches()
+  next(stream)  # warm-up: builds the graph and fills the prefetch buffer
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(stream)
+  return batches * batch / (time.perf_counter() - start)
+
+
+def time_torchvision(root, batch, batches):
+  transform = transforms.Compose([
+      transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+      transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+  dataset = torchvision.datasets.ImageFolder(root, transform)
+  sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
+  loader = iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
+                                            num_workers=os.cpu_count(), persistent_workers=True,
+                                            # fork after TensorFlow's threads start crashes
+                                            multiprocessing_context='spawn'))
+  next(loader)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(loader)
+  return batches * batch / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--images', type=int, default=512)
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--batches', type=int, default=20)
+  args = parser.parse_args()
+  cores = os.cpu_count()
+  with tempfile.TemporaryDirectory() as root:
+    write_jpegs(root, args.images)
+    ours = time_project(root, args.batch, args.batches)
+    theirs = time_torchvision(root, args.batch, args.batches)
+  print(f'{cores} CPU cores, {args.images} JPEGs of 500x375, batch {args.batch}')
+  print('| pipeline | img/s | img/s per core |')
+  print('|---|---:|---:|')
+  print(f'| resnet_jax (tf.data) | {ours:.0f} | {ours / cores:.0f} |')
+  print(f'| torchvision DataLoader ({cores} workers) | {theirs:.0f} | {theirs / cores:.0f} |')
+  print(f'ratio resnet_jax / torchvision: {ours / theirs:.2f}')
+
+
+if __name__ == '__main__':
+  main()
