@@ -9,3 +9,43 @@ import jax  # noqa: E402
 
 # Compile time dominates these small tests; XLA's heavy passes do not pay off here.
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+# --- Training fixtures (tests/test_train.py, test_data.py, test_evaluate.py) ---------
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY_MODEL = {'stage_sizes': (1, 1, 1), 'stage_widths': (4, 8, 16)}
+
+
+def load_config(name: str):
+  """configs/<name>.py's get_config() (configs import each other as `configs.<name>`)."""
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_digits_config(**overrides):
+  """The default digits config with a 4-block ResNet, a few steps and a constant lr."""
+  config = load_config('default')
+  config.model_overrides = TINY_MODEL
+  config.update(dict(batch_size=32, eval_batch_size=128, num_train_steps=4, schedule='constant',
+                     warmup_steps=0, learning_rate=0.05, log_every_steps=2, eval_every_steps=4,
+                     checkpoint_every_steps=2))
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory):
+  """A tiny digits run of 4 steps: (workdir, the eval results it reported)."""
+  from resnet_jax.train.loop import train_and_evaluate
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  return workdir, train_and_evaluate(tiny_digits_config(), workdir)

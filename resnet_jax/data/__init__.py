@@ -1,0 +1,18 @@
+"""Input pipelines: TFDS datasets by name, image folders, and synthetic data.
+
+TensorFlow is imported only here, on the host, and kept off the accelerators.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info lines
+
+
+def create_pipeline(config):
+  """A pipeline with `num_classes`, `channels`, `steps_per_epoch`, `train_batches(step)`
+  and `eval_batches(split, batch_size)` for `config.dataset`."""
+  if config.dataset == 'synthetic':
+    from resnet_jax.data.synthetic import SyntheticPipeline  # pylint: disable=g-import-not-at-top
+    return SyntheticPipeline(config)
+  from resnet_jax.data.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+  return Pipeline(config)

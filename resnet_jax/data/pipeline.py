@@ -1,0 +1,132 @@
+"""tf.data input pipelines whose position is just the number of batches consumed.
+
+Epoch e visits this process's shard in an order that is a pure function of (seed, e), and
+example i of the epoch is augmented with the stateless seed (seed(e), i). So resuming at
+batch b only needs b: the stream skips b batches of indices or raw records (before any
+decoding or augmentation, so skipping is cheap) and then sees exactly the batches an
+uninterrupted run would have seen.
+
+Small datasets with fixed-size images (digits, CIFAR, MNIST) are held in memory as one
+tensor, and each epoch is a stateless permutation of indices into it. Larger ones
+(ImageNet, image folders) stream from files: each epoch reads the files in a seeded order
+through a seeded shuffle buffer.
+"""
+
+import math
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from resnet_jax.data import preprocessing
+from resnet_jax.data.sources import create_source
+
+# TensorFlow runs on the host only: keep it from reserving accelerator memory.
+tf.config.set_visible_devices([], 'GPU')
+
+IN_MEMORY_LIMIT_BYTES = 2 << 30
+
+
+def epoch_seed(seed: int, epoch):
+  """The augmentation seed of an epoch (works on ints and int64 tensors)."""
+  return seed * 1_000_003 + epoch
+
+
+def host_batch_size(batch_size: int) -> int:
+  if batch_size % jax.process_count():
+    raise ValueError(f'batch_size={batch_size} is not divisible by the number of processes '
+                     f'({jax.process_count()}).')
+  return batch_size // jax.process_count()
+
+
+class Pipeline:
+  """Train and eval streams of one dataset for this process (host-local numpy batches)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.source = create_source(config.dataset, config.get('data_dir') or None)
+    self.num_classes = self.source.num_classes
+    self.channels = self.source.channels
+    self.preprocess = config.get('preprocess', 'none')
+    if self.preprocess not in preprocessing.PREPROCESSINGS:
+      raise ValueError(f'preprocess={self.preprocess!r}; choose one of '
+                       f'{preprocessing.PREPROCESSINGS}.')
+    self.batch = host_batch_size(config.batch_size)
+    self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
+    if self.shard_size < self.batch:
+      raise ValueError(f'batch_size={config.batch_size} is larger than the training split '
+                       f'{config.train_split!r} ({self.shard_size} examples per process).')
+    self.steps_per_epoch = self.shard_size // self.batch
+    shape = self.source.image_shape
+    self.in_memory = None not in shape and (
+        self.shard_size * int(np.prod(shape)) <= IN_MEMORY_LIMIT_BYTES)
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    """Endless stream of training batches, starting after `start_step` batches."""
+    if self.in_memory:
+      yield from self._in_memory_stream(start_step).as_numpy_iterator()
+      return
+    epoch, skip = divmod(start_step, self.steps_per_epoch)
+    while True:
+      yield from self._streamed_epoch(epoch, skip).as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+  def _augment(self, ds):
+    """(epoch, index in epoch, example) -> augmented batches."""
+    kind, size, seed = self.preprocess, self.config.image_size, self.config.seed
+
+    def augment(epoch, index, example):
+      example_seed = tf.stack([epoch_seed(seed, epoch), index])
+      return preprocessing.preprocess_train(example, example_seed, kind, size)
+
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def _in_memory_stream(self, start_step: int) -> tf.data.Dataset:
+    ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
+                          drop_remainder=True)
+    data = next(ds.batch(self.shard_size).as_numpy_iterator())
+    images, labels = tf.constant(data['image']), tf.constant(data['label'])
+    per_epoch, seed = self.steps_per_epoch * self.batch, self.config.seed
+
+    def epoch_order(epoch):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(self.shard_size, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), epoch]))
+      return tf.data.Dataset.from_tensor_slices(
+          (tf.fill([per_epoch], epoch), tf.range(per_epoch, dtype=tf.int64), order[:per_epoch]))
+
+    epoch, skip = divmod(start_step, self.steps_per_epoch)
+    ds = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_order).skip(skip * self.batch)
+    ds = ds.map(lambda e, i, k: (e, i, {'image': tf.gather(images, k),
+                                        'label': tf.gather(labels, k)}))
+    return self._augment(ds)
+
+  def _streamed_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
+    seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0] >> 1)
+    ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
+                          drop_remainder=True, shuffle_seed=seed)
+    ds = ds.take(self.steps_per_epoch * self.batch)
+    ds = ds.shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(skip_batches * self.batch)
+    return self._augment(ds.map(lambda i, example: (tf.constant(epoch, tf.int64), i, example)))
+
+  def eval_batches(self, split: str, batch_size: int):
+    """(num_batches, iterable) over all of `split`, each batch with a 0/1 'mask'.
+
+    Every process yields the same number of batches; padding examples have mask 0, so no
+    example is dropped or counted twice.
+    """
+    batch = host_batch_size(batch_size)
+    total = self.source.num_examples(split)
+    num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch)
+    ds = self.source.read(split, jax.process_index(), jax.process_count(), drop_remainder=False)
+    kind, size = self.preprocess, self.config.image_size
+    ds = ds.map(lambda ex: preprocessing.preprocess_eval(ex, kind, size),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors({
+        'image': tf.zeros((size, size, self.channels), tf.float32),
+        'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
+    ds = ds.concatenate(padding).take(num_batches * batch)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return num_batches, ds.as_numpy_iterator

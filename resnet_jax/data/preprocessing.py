@@ -1,0 +1,88 @@
+"""Per-example preprocessing in TensorFlow: augmentation for training, resizing for eval.
+
+Every random choice is a stateless op seeded by (epoch seed, index of the example in the
+epoch), so an example's augmentation depends on nothing but the seed and its position:
+a resumed run sees exactly the pixels an uninterrupted run would have seen.
+"""
+
+import tensorflow as tf
+
+# Per-channel mean and standard deviation of pixel values in [0, 1].
+NORMALIZATION = {
+    'digits': ((0.30,), (0.40,)),
+    'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's
+    'none': ((0.5,), (0.5,)),
+}
+PREPROCESSINGS = tuple(NORMALIZATION)
+EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to size / 0.875 (256 for 224), crop
+
+
+def _normalize(image, kind):
+  mean, std = NORMALIZATION[kind]
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean)) / tf.constant(std)
+
+
+def _resize(image, size):
+  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+
+
+def _pad_and_crop(image, pad, seed):
+  """The CIFAR augmentation: zero-pad `pad` pixels, crop back to the original size."""
+  shape = tf.shape(image)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  return tf.image.stateless_random_crop(padded, shape, seed=seed)
+
+
+def _inception_crop(image, size, seed):
+  """Random 8%-100% area, 3/4-4/3 aspect crop resized to size (Szegedy et al. 2015)."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
+      seed=seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return _resize(tf.slice(image, begin, crop_size), size)
+
+
+def _resize_and_center_crop(image, size):
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = (size / EVAL_CROP_FRACTION) / tf.reduce_min(shape)
+  resized_shape = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, resized_shape, method='bilinear', antialias=True)
+  top = (resized_shape[0] - size) // 2
+  left = (resized_shape[1] - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def _maybe_resize(image, size):
+  if image.shape[0] == size and image.shape[1] == size:
+    return tf.cast(image, tf.float32)
+  return _resize(image, size)
+
+
+def preprocess_train(example, seed, kind: str, image_size: int):
+  """Augments one {'image', 'label'} example; seed is a [2] int64 tensor."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = example['image']
+  if kind == 'digits':  # shift by up to one pixel; never flip a digit
+    image = _maybe_resize(_pad_and_crop(image, 1, crop_seed), image_size)
+  elif kind == 'cifar':
+    image = _maybe_resize(_pad_and_crop(image, 4, crop_seed), image_size)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  elif kind == 'imagenet':
+    image = _inception_crop(image, image_size, crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  else:
+    image = _maybe_resize(image, image_size)
+  return {'image': _normalize(image, kind), 'label': tf.cast(example['label'], tf.int32)}
+
+
+def preprocess_eval(example, kind: str, image_size: int):
+  """Deterministic eval transform; adds mask=1 (padding examples get mask=0)."""
+  image = example['image']
+  if kind == 'imagenet':
+    image = _resize_and_center_crop(image, image_size)
+  else:
+    image = _maybe_resize(image, image_size)
+  return {'image': _normalize(image, kind), 'label': tf.cast(example['label'], tf.int32),
+          'mask': tf.constant(1.0)}

@@ -1,0 +1,147 @@
+"""Where examples come from: a TFDS dataset by name, or a folder of images per class.
+
+A source reads one process's shard of a split as a tf.data.Dataset of
+{'image': uint8 (H, W, C), 'label': int} and knows the split's size and class count.
+"""
+
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+FOLDER_PREFIX = 'folder:'
+
+
+class TfdsSource:
+  """A TFDS dataset; each process reads `tfds.even_splits` part of the split."""
+
+  def __init__(self, name: str, data_dir: Optional[str] = None):
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'Unknown dataset {name!r}: use a TFDS name (digits, cifar10, '
+                       f'cifar100, imagenet2012, imagenette, ...) or '
+                       f'"{FOLDER_PREFIX}/path/to/images".') from e
+    _ensure_prepared(self.builder, name)
+    features = self.builder.info.features
+    self.num_classes = features['label'].num_classes
+    self.channels = features['image'].shape[-1]
+    self.image_shape = features['image'].shape
+
+  def read(self, split: str, process_index: int, process_count: int, *,
+           drop_remainder: bool, shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+    part = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_seed is not None,
+                                 read_config=read_config)
+    return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+  def num_examples(self, split: str) -> int:
+    return _cardinality(self.builder.as_dataset(split=split))
+
+
+class FolderSource:
+  """ROOT/<class>/<image> (or ROOT/<split>/<class>/<image>, as tfds's ImageFolder).
+
+  Without split sub-folders, every tenth image (in sorted order) is the 'test' split and
+  the rest is 'train'.
+  """
+
+  def __init__(self, root: str, channels: int = 3):
+    if not os.path.isdir(root):
+      raise ValueError(f'Image folder {root!r} does not exist.')
+    self.root = root
+    self.channels = channels
+    self.image_shape = (None, None, channels)
+    self.classes = self._class_names()
+    self.num_classes = len(self.classes)
+
+  def _has_splits(self):
+    return os.path.isdir(os.path.join(self.root, 'train'))
+
+  def _class_names(self):
+    base = os.path.join(self.root, 'train') if self._has_splits() else self.root
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    if not names:
+      raise ValueError(f'No class sub-folders in {base!r}; expected {base}/<class>/<image>.')
+    return names
+
+  def _files(self, split):
+    base = os.path.join(self.root, split) if self._has_splits() else self.root
+    if not os.path.isdir(base):
+      raise ValueError(f'No split {split!r} in image folder {self.root!r}.')
+    paths, labels = [], []
+    for label, name in enumerate(self.classes):
+      folder = os.path.join(base, name)
+      for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if file.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(folder, file))
+          labels.append(label)
+    if not self._has_splits():
+      held_out = np.arange(len(paths)) % 10 == 0
+      keep = held_out if split == 'test' else ~held_out
+      paths, labels = list(np.array(paths)[keep]), list(np.array(labels)[keep])
+    return np.array(paths), np.array(labels, np.int64)
+
+  def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None):
+    paths, labels = self._files(split)
+    if shuffle_seed is not None:
+      order = np.random.default_rng(shuffle_seed).permutation(len(paths))
+      paths, labels = paths[order], labels[order]
+    if drop_remainder:
+      size = len(paths) // process_count * process_count
+      paths, labels = paths[:size], labels[:size]
+    paths, labels = paths[process_index::process_count], labels[process_index::process_count]
+    channels = self.channels
+
+    def load(path, label):
+      image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                 expand_animations=False)
+      return {'image': image, 'label': label}
+
+    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def num_examples(self, split):
+    return len(self._files(split)[0])
+
+
+def create_source(dataset: str, data_dir: Optional[str] = None):
+  if dataset.startswith(FOLDER_PREFIX):
+    return FolderSource(dataset[len(FOLDER_PREFIX):])
+  return TfdsSource(dataset, data_dir)
+
+
+def _cardinality(ds: tf.data.Dataset) -> int:
+  n = int(ds.cardinality())
+  if n < 0:
+    n = int(ds.reduce(0, lambda count, _: count + 1))
+  return n
+
+
+def _ensure_prepared(builder, name):
+  """Prepares datasets that need no download (digits); otherwise says what to do."""
+  if builder.is_prepared():
+    return
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # a network or manual-download failure: say what to do instead
+    root = builder.data_dir_root
+    manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+    if manual:
+      hint = (f'Dataset {name!r} is not prepared in {root} and needs a manual download:\n'
+              f'{manual.strip()}\nPut those files in {os.path.join(root, "downloads", "manual")} '
+              f'(train.py then prepares it), or pass --config.data_dir=DIR where the dataset is '
+              f'already prepared.')
+    else:
+      reason = (str(e).strip().splitlines() or [''])[0][:200]
+      hint = (f'Dataset {name!r} is not prepared in {root} and could not be downloaded '
+              f'({type(e).__name__}: {reason}). On a machine with network access run '
+              f'`tfds build {name} --data_dir DIR`, copy DIR here and pass '
+              f'--config.data_dir=DIR.')
+    raise RuntimeError(hint) from None

@@ -1,0 +1,39 @@
+"""Random images and labels of any size, for benchmarking without a dataset (no TF)."""
+
+import math
+
+import jax
+import numpy as np
+
+
+class SyntheticPipeline:
+  """The same fixed random batch over and over, so input never limits the speed."""
+
+  def __init__(self, config):
+    self.config = config
+    self.num_classes = config.num_classes
+    self.channels = config.get('in_channels', 3)
+    self.steps_per_epoch = max(1, config.get('synthetic_train_size', 1_281_167)
+                               // config.batch_size)
+
+  def _batch(self, batch_size, seed):
+    rng = np.random.default_rng(seed)
+    size, host = self.config.image_size, batch_size // jax.process_count()
+    return {
+        'image': rng.standard_normal((host, size, size, self.channels), np.float32),
+        'label': rng.integers(0, self.num_classes, host).astype(np.int32),
+    }
+
+  def train_batches(self, start_step: int = 0):
+    del start_step  # every batch is the same
+    batch = self._batch(self.config.batch_size, self.config.seed)
+    while True:
+      yield batch
+
+  def eval_batches(self, split: str, batch_size: int):
+    del split
+    total = self.config.get('synthetic_eval_size', 1024)
+    num_batches = math.ceil(total / batch_size)
+    batch = dict(self._batch(batch_size, self.config.seed + 1),
+                 mask=np.ones(batch_size // jax.process_count(), np.float32))
+    return num_batches, lambda: iter([batch] * num_batches)

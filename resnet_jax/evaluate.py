@@ -1,0 +1,92 @@
+"""Evaluate a checkpoint on a dataset split and print top-1 / top-5.
+
+    python -m resnet_jax.evaluate --workdir DIR [--step N] [--split test]
+    python -m resnet_jax.evaluate --checkpoint CONVERTED_DIR --dataset imagenet2012 \\
+        --split validation --preprocess imagenet --image_size 224
+
+A training workdir brings its own dataset settings (config.json) and model (model.json);
+a converted checkpoint needs the dataset flags.
+"""
+
+import argparse
+import json
+import os
+from typing import Optional
+
+import jax
+from absl import logging
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax.data import create_pipeline
+from resnet_jax.train import checkpoints
+from resnet_jax.train.loop import DATA_AXIS, compile_steps, create_mesh, evaluate_split
+from resnet_jax.train.state import TrainState
+
+DATA_KEYS = ('dataset', 'data_dir', 'preprocess', 'image_size')
+
+
+def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict({
+      'dataset': 'imagenet2012', 'data_dir': '', 'preprocess': 'imagenet', 'image_size': 224,
+      'train_split': 'train', 'eval_split': 'validation', 'eval_batch_size': 256,
+      'batch_size': 1, 'seed': 0, 'num_classes': 1000})
+  if workdir:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+    config.update({k: v for k, v in saved.items() if k in config})
+  config.update({k: v for k, v in overrides.items() if v is not None})
+  return config
+
+
+def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
+             step: Optional[int] = None, split: Optional[str] = None,
+             batch_size: Optional[int] = None, **dataset_overrides) -> dict:
+  """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default latest) or of a
+  converted checkpoint directory, on `split` (default: the run's eval split)."""
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError('Pass exactly one of --workdir (a training run) or --checkpoint '
+                     '(a converted checkpoint directory).')
+  config = _dataset_config(workdir, dataset_overrides)
+  mesh = create_mesh()
+  replicated = NamedSharding(mesh, P())
+  pipeline = create_pipeline(config)
+  if workdir:
+    model, variables = checkpoints.restore_run(workdir, step, replicated)
+  else:
+    from resnet_jax import load_model  # pylint: disable=g-import-not-at-top
+    model, variables = load_model(checkpoint)
+    variables = jax.device_put(variables, replicated)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables['batch_stats'], tx=optax.identity())
+  batch_size = batch_size or config.eval_batch_size
+  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+  _, eval_fn = compile_steps(mesh)
+  return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,
+                        NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--workdir', help='a train.py workdir')
+  source.add_argument('--checkpoint', help='a converted checkpoint directory')
+  parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  parser.add_argument('--split', help='dataset split (default: the run\'s eval split)')
+  parser.add_argument('--batch_size', type=int, help='eval batch size')
+  parser.add_argument('--dataset', help='TFDS name or folder:/path (default: the run\'s)')
+  parser.add_argument('--data_dir', help='TFDS data_dir')
+  parser.add_argument('--preprocess', help='digits, cifar, imagenet or none')
+  parser.add_argument('--image_size', type=int)
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
+  results = evaluate(**vars(args))
+  where = args.workdir or args.checkpoint
+  print(f'{where}: top-1 {results["top1"]:.4f} | top-5 {results["top5"]:.4f} | '
+        f'loss {results["loss"]:.4f} ({int(results["count"])} images)')
+  return results
+
+
+if __name__ == '__main__':
+  main()

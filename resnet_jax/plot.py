@@ -1,0 +1,58 @@
+"""Plot training and eval curves of one or more runs into one PNG.
+
+    python -m resnet_jax.plot WORKDIR [WORKDIR ...] [--out curves.png]
+"""
+
+import argparse
+import os
+from typing import Sequence
+
+PANELS = (('train/loss', 'eval/loss', 'loss'), ('train/accuracy', 'eval/top1', 'top-1 accuracy'))
+
+
+def plot_runs(workdirs: Sequence[str], out: str) -> str:
+  """Loss and accuracy against step, train dashed and eval solid, one color per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4))
+  for i, workdir in enumerate(workdirs):
+    metrics = read_metrics(workdir)
+    name = os.path.basename(os.path.normpath(workdir))
+    color = f'C{i}'
+    for ax, (train_key, eval_key, title) in zip(axes, PANELS):
+      if train_key in metrics:
+        ax.plot(*metrics[train_key], '--', color=color, alpha=0.7, label=f'{name} train')
+      if eval_key in metrics:
+        ax.plot(*metrics[eval_key], 'o-', color=color, label=f'{name} eval')
+      ax.set_title(title)
+      ax.set_xlabel('step')
+  axes[0].set_yscale('log')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('workdirs', nargs='+', help='training run directories (with metrics.jsonl)')
+  parser.add_argument('--out', help='PNG to write (default: WORKDIR/curves.png for one run, '
+                                    'curves.png for several)')
+  args = parser.parse_args(argv)
+  for workdir in args.workdirs:
+    if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      parser.error(f'{workdir} has no metrics.jsonl; pass a train.py --workdir.')
+  out = args.out or (os.path.join(args.workdirs[0], 'curves.png') if len(args.workdirs) == 1
+                     else 'curves.png')
+  print(f'Wrote {plot_runs(args.workdirs, out)}')
+
+
+if __name__ == '__main__':
+  main()

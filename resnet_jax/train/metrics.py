@@ -1,0 +1,81 @@
+"""Where metrics go: console lines, WORKDIR/metrics.jsonl and TensorBoard event files.
+
+Only process 0 writes. Each line of metrics.jsonl is {"step": s, "train/loss": ..., ...};
+a resumed run appends, and readers keep the last value written for a step.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricWriter:
+  """Writes scalars for a step to the console, metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._file = self._tensorboard = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(workdir, flush_secs=30)
+
+  def write(self, step: int, scalars: dict):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._file.flush()
+    for key, value in scalars.items():
+      self._tensorboard.add_scalar(key, value, step)
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> dict:
+  """{key: ([steps], [values])} from WORKDIR/metrics.jsonl, last write per step winning."""
+  rows = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        step = record.pop('step')
+        for key, value in record.items():
+          rows.setdefault(key, {})[step] = value
+  return {key: tuple(zip(*sorted(values.items()))) for key, values in rows.items()}
+
+
+def log(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True, file=sys.stdout)
+
+
+class Progress:
+  """Images/second and ETA between log lines."""
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self._step, self._time = start_step, time.perf_counter()
+    self.rate = 0.0
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = step - self._step
+    steps_per_sec = steps / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    if steps:
+      self.rate = steps_per_sec
+    return {'images_per_sec': self.rate * self.batch_size}
+
+  def eta(self, step: int) -> str:
+    if not self.rate:
+      return '?'
+    seconds = int((self.total_steps - step) / self.rate)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

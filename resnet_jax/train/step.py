@@ -1,0 +1,60 @@
+"""Pure train and eval steps, to be wrapped once in `jax.jit` by the caller.
+
+Under `jax.jit` with the batch sharded over a data axis, BatchNorm statistics cover the
+global batch (synchronized BN) and gradients are averaged over all devices by the
+compiler; there is no explicit collective here.
+"""
+
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax.train.state import TrainState
+
+Batch = Dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SGD step on {'image', 'label'}; returns the new state and loss/accuracy."""
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = state.apply_fn(variables, batch['image'], train=True,
+                                     mutable=['batch_stats'])
+    loss = cross_entropy(logits, batch['label'], state.label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return state, {'loss': loss, 'accuracy': accuracy}
+
+
+def eval_step(state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 hits and example count over the masked batch."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = state.apply_fn(variables, batch['image'], train=False)
+  return eval_metrics(logits, batch['label'], batch['mask'])
+
+
+def eval_metrics(logits, labels, mask) -> Dict[str, jax.Array]:
+  k = min(5, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], -1)
+  # Rank of the true class; ties count against it, so a constant output is not 'correct'.
+  rank = jnp.sum(logits >= label_logit, -1) - 1
+  return {
+      'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+      'top1': jnp.sum((rank < 1) * mask),
+      'top5': jnp.sum((rank < k) * mask),
+      'count': jnp.sum(mask),
+  }

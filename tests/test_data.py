@@ -1,0 +1,101 @@
+"""Tests of resnet_jax.data: the digits builder, resumable order, eval padding, sources."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import tiny_digits_config
+from PIL import Image
+
+from resnet_jax.data import create_pipeline
+from resnet_jax.data.sources import FolderSource, TfdsSource
+
+
+@pytest.fixture(scope='module')
+def digits():
+  return create_pipeline(tiny_digits_config(batch_size=64))
+
+
+def test_digits_builder_ships_all_1797_images(digits):
+  source = digits.source
+  assert (source.num_examples('train'), source.num_examples('test')) == (1437, 360)
+  assert source.num_classes == 10 and source.image_shape == (8, 8, 1)
+  assert digits.in_memory and digits.steps_per_epoch == 1437 // 64
+
+
+def test_resumed_stream_sees_the_same_batches(digits):
+  stream = digits.train_batches(0)
+  start = digits.steps_per_epoch - 1  # the resumed stream crosses an epoch boundary
+  batches = [next(stream) for _ in range(start + 3)]
+  resumed = digits.train_batches(start)
+  for expected in batches[start:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got['image'], expected['image'])
+    np.testing.assert_array_equal(got['label'], expected['label'])
+  assert batches[0]['image'].shape == (64, 8, 8, 1)
+  assert not np.array_equal(batches[0]['label'], batches[digits.steps_per_epoch]['label'])
+
+
+def test_order_is_a_function_of_the_seed(digits):
+  other = create_pipeline(tiny_digits_config(batch_size=64, seed=1))
+  same = create_pipeline(tiny_digits_config(batch_size=64))
+  first = next(digits.train_batches())['label']
+  assert np.array_equal(first, next(same.train_batches())['label'])
+  assert not np.array_equal(first, next(other.train_batches())['label'])
+
+
+def test_eval_counts_every_example_once(digits):
+  num_batches, batches = digits.eval_batches('test', 128)
+  batches = list(batches())
+  assert num_batches == len(batches) == 3  # 360 = 128 + 128 + 104 real examples
+  masks = np.concatenate([b['mask'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])[masks == 1]
+  expected = [int(ex['label']) for ex in tfds.load('digits', split='test').as_numpy_iterator()]
+  assert masks.sum() == 360 and sorted(labels) == sorted(expected)
+
+
+def test_streamed_pipeline_resumes_exactly():
+  """Datasets of variable-size images stream from files through a shuffle buffer."""
+  config = tiny_digits_config(dataset='imagenet2012', preprocess='imagenet', image_size=16,
+                              batch_size=4, shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=12):
+    pipeline = create_pipeline(config)
+    assert not pipeline.in_memory and pipeline.steps_per_epoch == 3
+    stream = pipeline.train_batches(0)
+    batches = [next(stream) for _ in range(5)]
+    resumed = next(pipeline.train_batches(4))
+  np.testing.assert_array_equal(resumed['image'], batches[4]['image'])
+  assert batches[0]['image'].shape == (4, 16, 16, 3)
+
+
+def test_image_folder(tmp_path):
+  rng = np.random.default_rng(0)
+  for label in ('cat', 'dog'):
+    (tmp_path / label).mkdir()
+    for i in range(10):
+      Image.fromarray(rng.integers(0, 255, (12, 10, 3), np.uint8)).save(
+          tmp_path / label / f'{i}.png')
+  source = FolderSource(str(tmp_path))
+  assert source.num_classes == 2
+  assert (source.num_examples('train'), source.num_examples('test')) == (18, 2)
+  config = tiny_digits_config(dataset=f'folder:{tmp_path}', preprocess='cifar', image_size=8,
+                              batch_size=6)
+  pipeline = create_pipeline(config)
+  batch = next(pipeline.train_batches())
+  assert batch['image'].shape == (6, 8, 8, 3) and set(batch['label']) <= {0, 1}
+  _, batches = pipeline.eval_batches('test', 4)
+  assert sum(b['mask'].sum() for b in batches()) == 2
+
+
+def test_missing_dataset_says_what_to_do(tmp_path):
+  with pytest.raises(RuntimeError, match='(?s)manual download.*--config.data_dir'):
+    TfdsSource('imagenet2012', str(tmp_path))
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    TfdsSource('no_such_dataset_xyz', str(tmp_path))
+
+
+def test_synthetic_data_needs_no_dataset():
+  config = tiny_digits_config(dataset='synthetic', image_size=16, batch_size=8)
+  config.in_channels = 3
+  pipeline = create_pipeline(config)
+  batch = next(pipeline.train_batches())
+  assert batch['image'].shape == (8, 16, 16, 3) and batch['label'].max() < 10

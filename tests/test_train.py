@@ -1,0 +1,205 @@
+"""Tests of resnet_jax.train: schedules, the pure steps, and train.py end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
+
+import resnet_jax
+from resnet_jax.train import optim
+from resnet_jax.train.checkpoints import restore_run
+from resnet_jax.train.loop import merge_pretrained, train_and_evaluate
+from resnet_jax.train.metrics import read_metrics
+from resnet_jax.train.state import create_train_state
+from resnet_jax.train.step import eval_metrics, train_step
+
+# Golden value of the first step's loss of `_tiny_state` on `_fixed_batch`. If a deliberate
+# change to the model's initialization, the loss or the step moves it, check the new value
+# and update it here.
+GOLDEN_FIRST_LOSS = 2.658118
+
+
+def _tiny_state(learning_rate=0.1, num_classes=10):
+  model = resnet_jax.create_model('cifar_resnet20', num_classes=num_classes, in_channels=1,
+                                  **TINY_MODEL)
+  tx = optax.sgd(learning_rate, momentum=0.9)
+  init = jax.jit(lambda rng: create_train_state(model, tx, rng, (1, 8, 8, 1)))
+  return init(jax.random.PRNGKey(0))
+
+
+def _fixed_batch(n=16):
+  rng = np.random.default_rng(0)
+  return {'image': rng.standard_normal((n, 8, 8, 1)).astype(np.float32),
+          'label': (np.arange(n) % 10).astype(np.int32)}
+
+
+def test_step_schedule_matches_paper():
+  config = load_config('cifar10_resnet20')
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=390)
+  np.testing.assert_allclose([lr(0), lr(31_999), lr(32_000), lr(47_999), lr(48_000), lr(63_999)],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
+
+
+def test_imagenet_schedule_warms_up_then_cosine():
+  config = load_config('imagenet_resnet50')
+  steps_per_epoch = 1251
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch)
+  peak, warmup = 0.1 * 1024 / 256, 5 * steps_per_epoch
+  assert optim.num_train_steps(config, steps_per_epoch) == 90 * steps_per_epoch
+  np.testing.assert_allclose([lr(0), lr(warmup // 2), lr(warmup)], [0, peak / 2, peak], rtol=1e-3)
+  assert lr(90 * steps_per_epoch) < 1e-6
+
+
+def test_weight_decay_mask_excludes_bn_and_bias():
+  params = _tiny_state().params
+  mask = optim.decay_mask(params, exclude_bn_and_bias=True)
+  assert mask['conv1']['kernel'] and mask['fc']['kernel']
+  assert not mask['bn1']['scale'] and not mask['fc']['bias']
+  assert all(jax.tree.leaves(optim.decay_mask(params, exclude_bn_and_bias=False)))
+
+
+def test_eval_metrics_count_top_k_and_mask():
+  logits = jnp.array([[5., 4, 3, 2, 1, 0], [0., 1, 2, 3, 4, 5], [1., 1, 1, 1, 1, 1]])
+  labels = jnp.array([0, 0, 2])
+  sums = eval_metrics(logits, labels, jnp.array([1., 1., 0.]))
+  assert (float(sums['top1']), float(sums['top5']), float(sums['count'])) == (1, 1, 2)
+
+
+def test_first_step_loss_is_golden():
+  _, metrics = jax.jit(train_step)(_tiny_state(), _fixed_batch())
+  np.testing.assert_allclose(float(metrics['loss']), GOLDEN_FIRST_LOSS, atol=2e-4, err_msg=(
+      'The first training step\'s loss moved. If the model init, loss or step changed on '
+      'purpose, update GOLDEN_FIRST_LOSS.'))
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch():
+  state, batch = _tiny_state(learning_rate=0.05), _fixed_batch()
+  step = jax.jit(train_step)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.3 * losses[0], losses
+  assert int(state.step) == 30
+
+
+def test_merge_pretrained_reinitializes_a_head_of_another_size():
+  pretrained = _tiny_state(num_classes=10)
+  fresh = _tiny_state(num_classes=5)
+  loaded = {'params': pretrained.params, 'batch_stats': pretrained.batch_stats}
+  merged = merge_pretrained({'params': fresh.params, 'batch_stats': fresh.batch_stats},
+                            jax.device_get(loaded), scan=False)
+  np.testing.assert_array_equal(merged['params']['conv1']['kernel'],
+                                pretrained.params['conv1']['kernel'])
+  assert merged['params']['fc']['kernel'].shape == (16, 5)
+  with pytest.raises(ValueError, match='does not fit'):
+    del loaded['params']['layer1']
+    merge_pretrained({'params': fresh.params, 'batch_stats': fresh.batch_stats}, loaded, False)
+
+
+def test_digits_run_writes_the_workdir_contract(trained_workdir):
+  workdir, results = trained_workdir
+  assert results['count'] == 360
+  with open(os.path.join(workdir, 'model.json')) as f:
+    spec = json.load(f)
+  assert spec['name'] == 'cifar_resnet20' and spec['num_classes'] == 10
+  assert spec['in_channels'] == 1
+  for name in ('config.json', 'metrics.jsonl', 'curves.png'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  model, variables = resnet_jax.load_model(workdir)  # the conversion engineer's loader
+  assert variables['params']['fc']['kernel'].shape == (16, 10)
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, trained_workdir):
+  workdir, uninterrupted = trained_workdir  # 4 steps
+  train_and_evaluate(tiny_digits_config(num_train_steps=3), str(tmp_path))
+  resumed = train_and_evaluate(tiny_digits_config(), str(tmp_path))
+  a, b = resnet_jax.load_variables(workdir), resnet_jax.load_variables(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert resumed == uninterrupted
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '4']
+
+
+@pytest.mark.parametrize('dataset, preprocess', [('cifar10', 'cifar'),
+                                                 ('imagenet2012', 'imagenet')])
+def test_trains_on_mock_tfds_data(tmp_path, dataset, preprocess):
+  config = tiny_digits_config(dataset=dataset, preprocess=preprocess, image_size=32,
+                              batch_size=8, eval_batch_size=8, num_train_steps=2,
+                              eval_every_steps=2)
+  with tfds.testing.mock_data(num_examples=20):
+    results = train_and_evaluate(config, str(tmp_path))
+  assert results['count'] == 20
+  with open(tmp_path / 'model.json') as f:
+    assert json.load(f)['num_classes'] == (10 if dataset == 'cifar10' else 1000)
+
+
+def _run(args, env=None, timeout=240):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+         **(env or {})}
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def _eval_metrics(workdir):
+  return {key: values[-1][-1] for key, values in read_metrics(workdir).items()
+          if key.startswith('eval/')}
+
+
+def test_train_py_on_four_devices_matches_one_device(tmp_path, trained_workdir):
+  """The README command, run on 4 simulated CPU devices, against the in-process run."""
+  config_file = tmp_path / 'tiny.py'
+  config_file.write_text(textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(REPO / 'tests')!r})
+      from conftest import tiny_digits_config
+      def get_config():
+        return tiny_digits_config()
+  '''))
+  out = _run(['train.py', '--config', str(config_file), '--workdir', str(tmp_path / 'run'),
+              '--jax_cache_dir', ''],
+             env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert 'step 4/4' in out and 'on 4 device(s)' in out and 'top-1' in out, out
+  workdir, _ = trained_workdir
+  single, multi = _eval_metrics(workdir), _eval_metrics(str(tmp_path / 'run'))
+  assert single.keys() == multi.keys()
+  for key in single:
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # The 4-device checkpoint restores onto this 1-device process.
+  (_, a), (_, b) = restore_run(workdir), restore_run(str(tmp_path / 'run'))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+  # Training resumes from it here too, from the saved step.
+  train_and_evaluate(tiny_digits_config(num_train_steps=5), str(tmp_path / 'run'))
+  assert read_metrics(str(tmp_path / 'run'))['train/loss'][0][-1] == 5
+
+
+def test_init_from_a_trained_run(tmp_path, trained_workdir):
+  workdir, _ = trained_workdir
+  config = tiny_digits_config(init_from=workdir, learning_rate=0.0, weight_decay=0.0,
+                              num_train_steps=1)
+  train_and_evaluate(config, str(tmp_path))
+  (_, start), (_, after) = restore_run(workdir), restore_run(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, start['params'], after['params'])
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+  from resnet_jax.train import checkpoints
+  manager = checkpoints.create_manager(str(tmp_path), keep=2)
+  tree = {'params': {'w': np.zeros(3)}, 'step': np.array(0, np.int32)}
+  for step, top1 in [(1, 0.5), (2, 0.9), (3, None), (4, 0.6), (5, 0.7)]:
+    checkpoints.save(manager, step, tree, {'batches_consumed': step}, top1)
+    manager.wait_until_finished()
+  assert manager.all_steps() == [2, 4, 5]
+  restored, position = checkpoints.restore(manager, tree)
+  assert position['batches_consumed'] == 5

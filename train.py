@@ -1,0 +1,43 @@
+"""Train a ResNet: `python train.py --config configs/NAME.py --workdir DIR [--config.KEY=V]`.
+
+With no flags it trains the offline default (configs/default.py, sklearn digits) in
+./workdirs/default. Running again with the same workdir resumes from its last checkpoint.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
+                                'Training configuration file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics '
+                    '(default: ./workdirs/<config name>).')
+flags.DEFINE_string('jax_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
+                    'Persistent compilation cache, so restarts do not recompile ("" disables).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host pods; '
+                  'coordinator found from the environment: TPU, SLURM, Open MPI, ...).')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # keep the console to progress lines
+    logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  if FLAGS.jax_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.jax_cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
+  workdir = FLAGS.workdir or os.path.join('workdirs', config_name)
+  train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
