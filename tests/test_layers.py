@@ -87,6 +87,16 @@ def test_max_pool_matches_torch(size):
   np.testing.assert_array_equal(layers.max_pool_3x3_s2(jnp.asarray(x)), expected)
 
 
+def test_max_pool_gradient_matches_torch():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)  # continuous: no ties
+  weights = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool_3x3_s2(x) * weights))(jnp.asarray(x))
+  x_torch = _nchw(x).requires_grad_()
+  (torch.nn.MaxPool2d(3, 2, 1)(x_torch) * _nchw(weights)).sum().backward()
+  np.testing.assert_allclose(grad, _nhwc(x_torch.grad), atol=1e-6)
+
+
 @pytest.mark.parametrize('size', [(8, 8), (7, 9), (1, 3)])
 def test_avg_pool_matches_torch_ceil_mode(size):
   x = np.random.default_rng(2).normal(size=(2, *size, 3)).astype(np.float32)
