@@ -8,7 +8,7 @@ from configs import default
 def get_config():
   """torchvision ResNet-50 weights -> Imagenette; the 1000-class head is re-initialized.
 
-  python -m resnet_jax.convert resnet50 --out converted/resnet50   (see the README)
+  python -m resnet_jax.convert --arch resnet50 --input resnet50.pth --output converted/resnet50
   python train.py --config configs/finetune.py --workdir workdirs/finetune \\
       --config.init_from=converted/resnet50
   """
