@@ -5,8 +5,9 @@ import os
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # keep TensorFlow and torch off GPUs
 
-# torch before TensorFlow: importing torch's triton after TensorFlow segfaults.
-import torch  # noqa: E402,F401
+# torchvision (which loads torch's triton) before TensorFlow: loading triton after
+# TensorFlow segfaults, and test modules import both.
+import torchvision  # noqa: E402,F401
 import jax  # noqa: E402
 
 # Compile time dominates these small tests; XLA's heavy passes do not pay off here.
