@@ -5,6 +5,7 @@ With no flags it trains the offline default (configs/default.py, sklearn digits)
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,10 +34,14 @@ def main(argv):
   if FLAGS.jax_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.jax_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  from resnet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
   workdir = FLAGS.workdir or os.path.join('workdirs', config_name)
-  train_and_evaluate(FLAGS.config, workdir)
+  try:
+    train_and_evaluate(FLAGS.config, workdir)
+  except (UserError, FloatingPointError) as e:  # the message says what to fix; no traceback
+    sys.exit(f'Error: {e}')
 
 
 if __name__ == '__main__':

@@ -94,7 +94,10 @@ def _restore_workdir(directory: Path) -> Dict[str, Any]:
     if missing:
       raise ValueError(f'The {STATE_ITEM!r} item of step {step} in {directory} has no '
                        f'{" or ".join(missing)}; it holds {sorted(saved)}.')
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+    # An explicit single-device target: without one orbax would rebuild the saving run's
+    # shardings, which fails ('Topology mismatch') when it had more devices than this one.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           {c: saved[c] for c in ('params', 'batch_stats')})
     restore = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -52,3 +52,17 @@ def trained_workdir(tmp_path_factory):
   from resnet_jax.train.loop import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp('digits_run'))
   return workdir, train_and_evaluate(tiny_digits_config(), workdir)
+
+
+# --- Compilation cache (tests/test_fault_tolerance.py) ------------------------------------
+# Every train_and_evaluate call and every train.py subprocess compiles the same small
+# programs again; a per-session persistent cache makes the repeats cheap. Set before any
+# compilation, so the whole session uses it; removed when the session ends.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+JAX_CACHE_DIR = tempfile.mkdtemp(prefix='resnet_jax_test_cache_')
+atexit.register(shutil.rmtree, JAX_CACHE_DIR, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', JAX_CACHE_DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)

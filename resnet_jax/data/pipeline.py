@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from resnet_jax.data import preprocessing
 from resnet_jax.data.sources import create_source
+from resnet_jax.errors import UserError
 
 # TensorFlow runs on the host only: keep it from reserving accelerator memory.
 tf.config.set_visible_devices([], 'GPU')
@@ -35,7 +36,7 @@ def epoch_seed(seed: int, epoch):
 
 def host_batch_size(batch_size: int) -> int:
   if batch_size % jax.process_count():
-    raise ValueError(f'batch_size={batch_size} is not divisible by the number of processes '
+    raise UserError(f'batch_size={batch_size} is not divisible by the number of processes '
                      f'({jax.process_count()}).')
   return batch_size // jax.process_count()
 
@@ -50,12 +51,12 @@ class Pipeline:
     self.channels = self.source.channels
     self.preprocess = config.get('preprocess', 'none')
     if self.preprocess not in preprocessing.PREPROCESSINGS:
-      raise ValueError(f'preprocess={self.preprocess!r}; choose one of '
+      raise UserError(f'preprocess={self.preprocess!r}; choose one of '
                        f'{preprocessing.PREPROCESSINGS}.')
     self.batch = host_batch_size(config.batch_size)
     self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
     if self.shard_size < self.batch:
-      raise ValueError(f'batch_size={config.batch_size} is larger than the training split '
+      raise UserError(f'batch_size={config.batch_size} is larger than the training split '
                        f'{config.train_split!r} ({self.shard_size} examples per process).')
     self.steps_per_epoch = self.shard_size // self.batch
     shape = self.source.image_shape
@@ -64,13 +65,23 @@ class Pipeline:
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     """Endless stream of training batches, starting after `start_step` batches."""
+    split = self.config.train_split
     if self.in_memory:
-      yield from self._in_memory_stream(start_step).as_numpy_iterator()
+      yield from self._readable(split, lambda: self._in_memory_stream(start_step))
       return
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     while True:
-      yield from self._streamed_epoch(epoch, skip).as_numpy_iterator()
+      yield from self._readable(split, lambda: self._streamed_epoch(epoch, skip))
       epoch, skip = epoch + 1, 0
+
+  def _readable(self, split: str, make_dataset):
+    """The dataset's numpy batches; a file that fails to decode becomes a UserError naming
+    the files to fix instead of a TensorFlow stack trace."""
+    try:
+      yield from make_dataset().as_numpy_iterator()
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.DataLossError) as e:
+      raise UserError(self.source.explain_read_error(split, e)) from None
 
   def _augment(self, ds):
     """(epoch, index in epoch, example) -> augmented batches."""
@@ -129,4 +140,4 @@ class Pipeline:
         'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * batch)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return num_batches, ds.as_numpy_iterator
+    return num_batches, lambda: self._readable(split, lambda: ds)

@@ -12,6 +12,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
+from resnet_jax.errors import UserError
+
+class DatasetNotPreparedError(UserError, RuntimeError):
+  """A TFDS dataset that is neither prepared nor preparable offline (a RuntimeError, as before)."""
+
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 FOLDER_PREFIX = 'folder:'
@@ -24,9 +29,10 @@ class TfdsSource:
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f'Unknown dataset {name!r}: use a TFDS name (digits, cifar10, '
-                       f'cifar100, imagenet2012, imagenette, ...) or '
-                       f'"{FOLDER_PREFIX}/path/to/images".') from e
+      raise UserError(f'Unknown dataset {name!r}. Offline: digits, synthetic, '
+                      f'"{FOLDER_PREFIX}/path/to/images"; TFDS names once prepared in '
+                      f'data_dir: cifar10, cifar100, mnist, imagenet2012, imagenette, ... '
+                      f'(`tfds build NAME --data_dir DIR`, then --config.data_dir=DIR).') from None
     _ensure_prepared(self.builder, name)
     features = self.builder.info.features
     self.num_classes = features['label'].num_classes
@@ -44,6 +50,11 @@ class TfdsSource:
   def num_examples(self, split: str) -> int:
     return _cardinality(self.builder.as_dataset(split=split))
 
+  def explain_read_error(self, split: str, error: Exception) -> str:
+    return (f'Reading split {split!r} of {self.builder.name!r} from {self.builder.data_dir} '
+            f'failed ({_first_line(error)}). The prepared files may be damaged: rebuild them '
+            f'with `tfds build {self.builder.name} --data_dir DIR`.')
+
 
 class FolderSource:
   """ROOT/<class>/<image> (or ROOT/<split>/<class>/<image>, as tfds's ImageFolder).
@@ -54,7 +65,7 @@ class FolderSource:
 
   def __init__(self, root: str, channels: int = 3):
     if not os.path.isdir(root):
-      raise ValueError(f'Image folder {root!r} does not exist.')
+      raise UserError(f'Image folder {root!r} does not exist.')
     self.root = root
     self.channels = channels
     self.image_shape = (None, None, channels)
@@ -68,13 +79,13 @@ class FolderSource:
     base = os.path.join(self.root, 'train') if self._has_splits() else self.root
     names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
     if not names:
-      raise ValueError(f'No class sub-folders in {base!r}; expected {base}/<class>/<image>.')
+      raise UserError(f'No class sub-folders in {base!r}; expected {base}/<class>/<image>.')
     return names
 
   def _files(self, split):
     base = os.path.join(self.root, split) if self._has_splits() else self.root
     if not os.path.isdir(base):
-      raise ValueError(f'No split {split!r} in image folder {self.root!r}.')
+      raise UserError(f'No split {split!r} in image folder {self.root!r}.')
     paths, labels = [], []
     for label, name in enumerate(self.classes):
       folder = os.path.join(base, name)
@@ -82,6 +93,11 @@ class FolderSource:
         if file.lower().endswith(IMAGE_EXTENSIONS):
           paths.append(os.path.join(folder, file))
           labels.append(label)
+    empty = [name for name, count in zip(self.classes, np.bincount(labels, minlength=len(
+        self.classes))) if not count] if not self._has_splits() or split == 'train' else []
+    if empty:
+      raise UserError(f'Class folder(s) {empty[:10]} in {base!r} hold no images '
+                      f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder(s).')
     if not self._has_splits():
       held_out = np.arange(len(paths)) % 10 == 0
       keep = held_out if split == 'test' else ~held_out
@@ -109,6 +125,24 @@ class FolderSource:
 
   def num_examples(self, split):
     return len(self._files(split)[0])
+
+  def explain_read_error(self, split: str, error: Exception) -> str:
+    """Finds the files of `split` that do not decode (only after a read failed)."""
+    bad = []
+    for path in self._files(split)[0]:
+      try:
+        tf.io.decode_image(tf.io.read_file(path), channels=self.channels,
+                           expand_animations=False)
+      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        bad.append(str(path))
+    found = (f'{len(bad)} file(s) are not readable images: {bad[:10]}' if bad else
+             f'reading failed ({_first_line(error)})')
+    return (f'Image folder {self.root!r}, split {split!r}: {found}. Remove or re-save them '
+            f'as JPEG/PNG/BMP/GIF (any of grayscale, RGB, RGBA, CMYK is fine).')
+
+
+def _first_line(error: Exception) -> str:
+  return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
 
 
 def create_source(dataset: str, data_dir: Optional[str] = None):
@@ -144,4 +178,4 @@ def _ensure_prepared(builder, name):
               f'({type(e).__name__}: {reason}). On a machine with network access run '
               f'`tfds build {name} --data_dir DIR`, copy DIR here and pass '
               f'--config.data_dir=DIR.')
-    raise RuntimeError(hint) from None
+    raise DatasetNotPreparedError(hint) from None

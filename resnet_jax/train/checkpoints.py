@@ -8,6 +8,8 @@ on however many devices the restoring run has.
 
 import json
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import jax
@@ -16,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_jax.train.state import create_model_from_spec, initial_variables
+from resnet_jax.load import model_from_config
+from resnet_jax.train.state import initial_variables
 
 BEST_METRIC = 'eval_top1'
 
@@ -61,6 +64,41 @@ def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int
   return restored['state'], restored['data']
 
 
+def unreadable_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints_unreadable')
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdir: str,
+                        log=print):
+  """(state tree, data position) of the newest checkpoint that reads back, or None.
+
+  A checkpoint that fails to restore (truncated or corrupt files, an interrupted save) is
+  reported and moved to WORKDIR/checkpoints_unreadable/, never deleted, so that the run
+  continues from the one before and later saves cannot collide with it.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, target_tree, step)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read: fall back)
+      reason = (str(e).strip().splitlines() or [''])[0][:300]
+      moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
+      log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable '
+          f'({type(e).__name__}: {reason}); moving it to {moved} and falling back to '
+          f'the previous one.')
+      _move_aside(manager, step, moved)
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, destination: str):
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    shutil.move(os.path.join(manager.directory, str(step)), destination)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'move_aside_{step}')
+  manager.reload()
+
+
 def restore_variables(workdir: str, target: Any, step: Optional[int] = None) -> dict:
   """{'params', 'batch_stats'} of a training run's checkpoint, laid out like `target`
   (arrays or ShapeDtypeStructs with shardings); the optimizer state is not read."""
@@ -83,7 +121,7 @@ def restore_run(workdir: str, step: Optional[int] = None, sharding=None):
   scanned if it scans) are placed with `sharding`, by default replicated on all devices.
   """
   with open(os.path.join(workdir, 'model.json')) as f:
-    model = create_model_from_spec(json.load(f))
+    model = model_from_config(json.load(f))
   if sharding is None:
     sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
   size = model.total_stride

@@ -6,7 +6,6 @@ and the state replicated, so the same code runs on one CPU, N devices and multi-
 
 import functools
 import json
-import math
 import os
 import signal
 from typing import Callable
@@ -16,10 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.data import create_pipeline
-from resnet_jax.train import checkpoints, optim
+from resnet_jax.load import model_from_config
+from resnet_jax.train import checkpoints, errors, optim
 from resnet_jax.train.metrics import MetricWriter, Progress, log
-from resnet_jax.train.state import (TrainState, create_model_from_spec, create_train_state,
-                                    model_spec)
+from resnet_jax.train.state import TrainState, create_train_state, model_spec
 from resnet_jax.train.step import eval_step, train_step
 
 DATA_AXIS = 'data'
@@ -35,10 +34,11 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def compile_steps(mesh: Mesh):
+def compile_steps(mesh: Mesh, skip_nonfinite: bool = False):
   """(train_step, eval_step) jitted over `mesh`; train_step donates the old state."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  train = jax.jit(train_step, in_shardings=(replicated, sharded),
+  step = functools.partial(train_step, skip_nonfinite=skip_nonfinite)
+  train = jax.jit(step, in_shardings=(replicated, sharded),
                   out_shardings=(replicated, replicated), donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
   return train, evaluate
@@ -59,10 +59,46 @@ def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
 
 
 def check_config(config, num_devices: int):
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % num_devices:
-      raise ValueError(f'config.{key}={config[key]} must be a multiple of the number of '
-                       f'devices ({num_devices}).')
+  errors.check_config(config, num_devices)
+
+
+# Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
+# whose checkpoints were made with other values is refused rather than mixed.
+RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
+
+
+def check_workdir_matches(workdir: str, config, spec: dict):
+  """Refuses to resume a workdir holding checkpoints of another model or run."""
+  def read(name):
+    try:
+      with open(os.path.join(workdir, name)) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+  saved_spec, saved_config = read('model.json'), read('config.json')
+  fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
+         f'{workdir}.')
+  if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
+    raise errors.UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
+                           f'there, {spec} now. {fix}')
+  for key in RUN_DEFINING_KEYS if saved_config else ():
+    saved, now = saved_config.get(key), config.get(key)
+    if saved is not None and json.loads(json.dumps(now)) != saved:
+      raise errors.UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
+                             f'this config has {key}={now!r}. {fix}')
+
+
+def create_model_checked(spec: dict, image_size: int):
+  """The model of `spec`, or a UserError naming the valid choices."""
+  try:
+    model = model_from_config(spec)
+  except (ValueError, TypeError) as e:
+    raise errors.UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
+  if image_size < model.total_stride:
+    raise errors.UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
+                           f'which downsamples by {model.total_stride}: use image_size >= '
+                           f'{model.total_stride}.')
+  return model
 
 
 def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
@@ -103,30 +139,101 @@ def _write_run_files(workdir: str, config, spec: dict):
 
 
 class _StopRequest:
-  """Turns SIGTERM into a request to save and exit at the next step."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a request to save and exit after this step.
+
+  With several processes the request is shared at log steps only (an all-gather of a
+  flag), so every process saves the same step and none waits forever on the others.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      pass
+    self.signal = None
+    self._previous = {}
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread
+        pass
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+    self.signal = signal.Signals(signum).name  # no printing here: it may interrupt a print
+
+  def requested(self, sync: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if not sync:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.array(self.signal is not None))
+    return bool(np.any(flags))
+
+  def restore_handlers(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+class _Window:
+  """Host copies of the per-step metrics since the last log line.
+
+  Metrics stay on the device until a log or a save reads them, so the host never waits on
+  a step it has just dispatched. Every row is checked for a non-finite loss when read,
+  and a save reads them all first: no checkpoint is written after a non-finite step.
+  The rows go into the checkpoint, so a resumed run logs the same averages.
+  """
+
+  def __init__(self, skip_nonfinite: bool, rows=()):
+    self.skip_nonfinite = skip_nonfinite
+    self.rows = [tuple(r) for r in rows]  # (step, loss, accuracy, finite)
+    self._pending = []
+
+  def add(self, step: int, metrics: dict):
+    self._pending.append((step, metrics))
+
+  def read(self):
+    """Fetches the pending metrics; raises at the first non-finite step unless skipping."""
+    host = jax.device_get([m for _, m in self._pending])
+    for (step, _), m in zip(self._pending, host):
+      finite = bool(m['finite'])
+      if not finite and not self.skip_nonfinite:
+        raise FloatingPointError(
+            f'Non-finite loss ({float(m["loss"])}) or gradients at step {step}; stopping '
+            f'before any checkpoint holds them (the last one is from an earlier step). Lower '
+            f'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True '
+            f'to skip such steps.')
+      if not finite:
+        log(f'WARNING: step {step} had a non-finite loss or gradients; skipped it.')
+      self.rows.append((step, float(m['loss']), float(m['accuracy']), finite))
+    self._pending = []
+
+  def means(self):
+    finite = [r for r in self.rows if r[3]] or self.rows
+    loss = float(np.mean(np.asarray([r[1] for r in finite], np.float64)))
+    accuracy = float(np.mean(np.asarray([r[2] for r in finite], np.float64)))
+    return loss, accuracy, len(self.rows) - sum(r[3] for r in self.rows)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the
-  final eval metrics."""
+  """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns the
+  final eval metrics.
+
+  A workdir is resumed only by the same model and run-defining settings; SIGTERM or Ctrl-C
+  saves the current step and returns; a non-finite step raises FloatingPointError (or is
+  skipped with config.skip_nonfinite_steps) before any checkpoint could hold it.
+  """
   mesh = create_mesh()
   check_config(config, jax.device_count())
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
+  model = create_model_checked(spec, config.image_size)
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+  if manager.all_steps():
+    check_workdir_matches(workdir, config, spec)
   _write_run_files(workdir, config, spec)
-  model = create_model_from_spec(spec)
 
   steps_per_epoch = pipeline.steps_per_epoch
   total_steps = optim.num_train_steps(config, steps_per_epoch)
@@ -137,60 +244,83 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            label_smoothing=config.label_smoothing)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
 
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
-  start_step = 0
-  if manager.latest_step() is not None:
-    tree, data_position = checkpoints.restore(manager, state.to_checkpoint())
+  start_step, window_rows = 0, ()
+  restored = (checkpoints.restore_latest_good(manager, state.to_checkpoint(), workdir, log)
+              if manager.all_steps() else None)
+  if restored is not None:
+    tree, data_position = restored
     state, start_step = state.from_checkpoint(tree), data_position['batches_consumed']
+    window_rows = data_position.get('log_window', ())
     log(f'Resumed from {checkpoints.checkpoint_dir(workdir)} at step {start_step}.')
-  elif config.init_from:
-    from resnet_jax import load_variables  # pylint: disable=g-import-not-at-top
-    merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
-                              load_variables(config.init_from), spec.get('scan_blocks', False))
-    merged = jax.device_put(merged, replicated)
-    state = state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
-    log(f'Initialized from {config.init_from}.')
+  elif manager.all_steps() or os.path.isdir(checkpoints.unreadable_dir(workdir)):
+    log(f'WARNING: no readable checkpoint in {checkpoints.checkpoint_dir(workdir)}; '
+        f'training from step 0.')
+  if restored is None and config.init_from:
+    state = _init_from(config, state, spec, replicated)
 
-  train_fn, eval_fn = compile_steps(mesh)
+  skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))
+  train_fn, eval_fn = compile_steps(mesh, skip_nonfinite)
   writer = MetricWriter(workdir)
   progress = Progress(start_step, total_steps, config.batch_size)
   stop = _StopRequest()
   batches = pipeline.train_batches(start_step)
-  pending, eval_results = [], {}
+  window, eval_results = _Window(skip_nonfinite, window_rows), {}
   log(f'Training {config.model} on {config.dataset}: {total_steps} steps of '
       f'{config.batch_size} images ({steps_per_epoch} per epoch) on {jax.device_count()} '
       f'device(s).')
   step = start_step
-  while step < total_steps:
-    state, metrics = train_fn(state, global_batch(next(batches), sharded))
-    pending.append(metrics)
-    step += 1
-    if step == start_step + 1:  # leave compilation out of images/second and the ETA
-      jax.block_until_ready(metrics)
-      progress = Progress(step, total_steps, config.batch_size)
-    last = step == total_steps or stop.requested
-    if _every(step, config.log_every_steps) or last:
-      _log_train(writer, progress, step, total_steps, pending, learning_rate_fn)
-      pending = []
-    top1 = None
-    if _every(step, config.eval_every_steps) or last:
-      eval_results = evaluate_split(eval_fn, state, pipeline, config.eval_split,
-                                    config.eval_batch_size, sharded)
-      _log_eval(writer, step, eval_results)
-      top1 = eval_results['top1']
-    if _every(step, config.checkpoint_every_steps) or last:
-      position = {'batches_consumed': step, 'batch_size': config.batch_size,
-                  'steps_per_epoch': steps_per_epoch}
-      checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=last)
-    if stop.requested:
-      log(f'SIGTERM: saved step {step}, exiting.')
-      break
-  manager.wait_until_finished()
-  writer.close()
+  try:
+    while step < total_steps:
+      state, metrics = train_fn(state, global_batch(next(batches), sharded))
+      window.add(step + 1, metrics)
+      step += 1
+      if step == start_step + 1:  # leave compilation out of images/second and the ETA
+        jax.block_until_ready(metrics)
+        progress = Progress(step, total_steps, config.batch_size)
+      log_due = _every(step, config.log_every_steps)
+      stopping = stop.requested(sync=log_due or step == total_steps)
+      last = step == total_steps or stopping
+      if log_due or last:
+        window.read()
+        _log_train(writer, progress, step, total_steps, window, learning_rate_fn)
+        if log_due or step == total_steps:  # a stop keeps its rows for the resumed run
+          window = _Window(skip_nonfinite)
+      top1 = None
+      if _every(step, config.eval_every_steps) or step == total_steps:
+        eval_results = evaluate_split(eval_fn, state, pipeline, config.eval_split,
+                                      config.eval_batch_size, sharded)
+        _log_eval(writer, step, eval_results)
+        top1 = eval_results['top1']
+      if _every(step, config.checkpoint_every_steps) or last:
+        window.read()  # raises before saving if a step since the last check was not finite
+        position = {'batches_consumed': step, 'batch_size': config.batch_size,
+                    'steps_per_epoch': steps_per_epoch, 'log_window': window.rows}
+        checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=last)
+      if stopping:
+        log(f'{stop.signal or "Stop request"}: saved step {step}; run the same command to '
+            f'continue.')
+        break
+  finally:
+    stop.restore_handlers()
+    manager.wait_until_finished()
+    writer.close()
   if jax.process_index() == 0 and step == total_steps:
     from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
     plot_runs([workdir], os.path.join(workdir, 'curves.png'))
   return eval_results
+
+
+def _init_from(config, state, spec, replicated):
+  from resnet_jax import load_variables  # pylint: disable=g-import-not-at-top
+  try:
+    loaded = load_variables(config.init_from)
+  except (ValueError, OSError) as e:
+    raise errors.UserError(f'config.init_from={config.init_from!r}: {e}') from None
+  merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
+                            loaded, spec.get('scan_blocks', False))
+  merged = jax.device_put(merged, replicated)
+  log(f'Initialized from {config.init_from}.')
+  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
 
 
 def _every(step: int, period: int) -> bool:
@@ -198,16 +328,13 @@ def _every(step: int, period: int) -> bool:
   return period > 0 and step % period == 0
 
 
-def _log_train(writer, progress, step, total_steps, pending, learning_rate_fn):
-  host = jax.device_get(pending)
-  loss = float(np.mean([m['loss'] for m in host]))
-  accuracy = float(np.mean([m['accuracy'] for m in host]))
-  if not math.isfinite(loss):
-    raise FloatingPointError(f'Loss is {loss} at step {step}; stopping. Lower the learning '
-                             f'rate or check the data.')
+def _log_train(writer, progress, step, total_steps, window, learning_rate_fn):
+  loss, accuracy, skipped = window.means()
   scalars = {'train/loss': loss, 'train/accuracy': accuracy,
              'train/learning_rate': float(learning_rate_fn(step - 1)),
              **{f'train/{k}': v for k, v in progress.update(step).items()}}
+  if window.skip_nonfinite:
+    scalars['train/skipped_steps'] = skipped
   writer.write(step, scalars)
   log(f'step {step}/{total_steps} | loss {loss:.4f} | acc {accuracy:.4f} | '
       f'lr {scalars["train/learning_rate"]:.4g} | '

@@ -52,16 +52,3 @@ def model_spec(config, num_classes: int, in_channels: int) -> dict:
   overrides = config.get('model_overrides', None)
   spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
   return spec
-
-
-def create_model_from_spec(spec: dict) -> nn.Module:
-  """Rebuilds a model from a model.json dict (dtype names become dtypes)."""
-  from resnet_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  kwargs = {k: v for k, v in spec.items() if k != 'name'}
-  for key in ('dtype', 'param_dtype'):
-    if key in kwargs:
-      kwargs[key] = jnp.dtype(kwargs[key])
-  for key in ('stage_sizes', 'stage_widths'):
-    if key in kwargs:
-      kwargs[key] = tuple(kwargs[key])
-  return create_model(spec['name'], **kwargs)

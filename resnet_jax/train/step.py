@@ -24,8 +24,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One SGD step on {'image', 'label'}; returns the new state and loss/accuracy."""
+def train_step(state: TrainState, batch: Batch, skip_nonfinite: bool = False
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SGD step on {'image', 'label'}; returns the new state and loss/accuracy/finite.
+
+  'finite' says whether the loss and the gradients were finite; with `skip_nonfinite`
+  a step where they were not returns `state` unchanged instead of a state holding NaN.
+  """
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -35,9 +40,13 @@ def train_step(state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, j
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # One reduction over the gradients: cheap next to the step, and NaN/inf propagate into it.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  return state, {'loss': loss, 'accuracy': accuracy}
+  return new_state, {'loss': loss, 'accuracy': accuracy, 'finite': finite}
 
 
 def eval_step(state: TrainState, batch: Batch) -> Dict[str, jax.Array]:

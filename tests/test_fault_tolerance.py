@@ -1,0 +1,484 @@
+"""Fault tolerance of training: kills, preemption, bad checkpoints, divergence, bad input,
+changing device counts and several processes, each against an uninterrupted run.
+
+Subprocesses run train.py as a user would (each costs ~10 s of imports); everything that
+does not need a separate process runs in this one.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
+
+import resnet_jax
+from resnet_jax.train import loop
+from resnet_jax.errors import UserError
+from resnet_jax.train.errors import check_config
+from resnet_jax.train.loop import train_and_evaluate
+
+# The kill/preemption run: long enough that a kill after the first checkpoint lands mid-run.
+LONG = dict(num_train_steps=60, log_every_steps=5, checkpoint_every_steps=10,
+            eval_every_steps=0, keep_checkpoints=2)
+LONG_FLAGS = [f'--config.{k}={v}' for k, v in LONG.items()]
+# Metrics that depend on the wall clock, not on the run.
+TIMING_KEYS = ('train/images_per_sec',)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def config_file(tmp_path_factory):
+  """A config file train.py can read: the tiny digits config."""
+  path = tmp_path_factory.mktemp('config') / 'tiny.py'
+  path.write_text(textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(REPO / 'tests')!r})
+      from conftest import tiny_digits_config
+      def get_config():
+        return tiny_digits_config()
+  '''))
+  return str(path)
+
+
+def _env(devices=1, **extra):
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **extra}
+
+
+def _train_py(config_file, workdir, *flags):
+  return [sys.executable, 'train.py', '--config', config_file, '--workdir', str(workdir),
+          '--jax_cache_dir', JAX_CACHE_DIR, *flags]
+
+
+def _run(args, devices=1, timeout=300, check=True):
+  result = subprocess.run(args, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
+  if check:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  return result
+
+
+def _start(args):
+  return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _wait_for_checkpoint(process, workdir, timeout=240):
+  """Waits until the first checkpoint directory appears (the save may still be running)."""
+  deadline = time.monotonic() + timeout
+  while not _steps(workdir):
+    if process.poll() is not None or time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f'No checkpoint appeared; output:\n{process.communicate()[0][-3000:]}')
+    time.sleep(0.02)
+
+
+def read_state(workdir, step=None) -> dict:
+  """A checkpoint's whole 'state' item as numpy arrays (independent of device counts)."""
+  handlers = {'state': ocp.PyTreeCheckpointHandler()}
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                             item_handlers=handlers) as manager:
+    step = manager.latest_step() if step is None else step
+    metadata = manager.item_metadata(step)['state']
+    metadata = getattr(metadata, 'tree', metadata)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args)))['state']
+
+
+def assert_same_state(workdir, reference):
+  """Bit-identical parameters, batch statistics, optimizer state, step and rng."""
+  a, b = read_state(workdir), read_state(reference)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def metric_lines(workdir) -> list:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_metrics_match(workdir, reference):
+  """Every line logged for a step the reference also logged equals the reference's."""
+  expected = {}
+  for row in metric_lines(reference):
+    expected.setdefault(row['step'], []).append(row)
+  checked = 0
+  for row in metric_lines(workdir):
+    if row['step'] in expected:
+      assert row in expected[row['step']], (row, expected[row['step']])
+      checked += 1
+  assert checked >= len(expected), 'the resumed run logged fewer steps than the reference'
+
+
+@pytest.fixture(scope='module')
+def long_reference(tmp_path_factory):
+  """The uninterrupted LONG run, in this process."""
+  workdir = str(tmp_path_factory.mktemp('long_reference'))
+  train_and_evaluate(tiny_digits_config(**LONG), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def six_step_reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('six_step_reference'))
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  return workdir
+
+
+def patch_train_batches(monkeypatch, edit):
+  """Makes the loop's pipeline pass each training batch through edit(step, batch)."""
+  create = loop.create_pipeline
+
+  def create_pipeline(config):
+    pipeline = create(config)
+    stream = pipeline.train_batches
+
+    def train_batches(start_step=0):
+      for step, batch in enumerate(stream(start_step), start_step + 1):
+        yield edit(step, batch)
+
+    pipeline.train_batches = train_batches
+    return pipeline
+
+  monkeypatch.setattr(loop, 'create_pipeline', create_pipeline)
+
+
+# --- exact resume and preemption ----------------------------------------------------------
+
+def test_sigkill_then_same_command_is_bit_identical(tmp_path, config_file, long_reference):
+  """Killed with SIGKILL right after its first checkpoint appears (typically while that
+  save is still being written), the same command finishes the run exactly."""
+  workdir = tmp_path / 'run'
+  command = _train_py(config_file, workdir, *LONG_FLAGS)
+  process = _start(command)
+  _wait_for_checkpoint(process, workdir)
+  process.send_signal(signal.SIGKILL)
+  output = process.communicate()[0]
+  assert process.returncode == -signal.SIGKILL, output
+  assert 'step 60/60' not in output
+  output = _run(command).stdout
+  assert 'Resumed from' in output and 'step 60/60' in output, output
+  assert_same_state(workdir, long_reference)
+  assert_metrics_match(str(workdir), long_reference)
+
+
+def test_sigterm_saves_the_current_step_and_exits(tmp_path, config_file, long_reference):
+  workdir = tmp_path / 'run'
+  process = _start(_train_py(config_file, workdir, *LONG_FLAGS))
+  _wait_for_checkpoint(process, workdir)
+  time.sleep(0.3)  # land between checkpoints
+  process.send_signal(signal.SIGTERM)
+  sent = time.monotonic()
+  output = process.communicate(timeout=60)[0]
+  assert time.monotonic() - sent < 15, 'SIGTERM took too long to save and exit'
+  assert process.returncode == 0, output
+  saved = int(output.split('SIGTERM: saved step ')[1].split(';')[0])
+  assert _steps(workdir)[-1] == saved < 60, (saved, output)
+  # Restarting (here in-process) continues from it and ends where the reference ends.
+  train_and_evaluate(tiny_digits_config(**LONG), str(workdir))
+  assert_same_state(workdir, long_reference)
+  assert_metrics_match(str(workdir), long_reference)
+
+
+def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkeypatch,
+                                                                  six_step_reference):
+  """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
+  over steps 3 and 4 exactly as the uninterrupted run does."""
+  def interrupt_at_3(step, batch):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+  patch_train_batches(monkeypatch, interrupt_at_3)
+  handler = signal.getsignal(signal.SIGINT)
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  assert _steps(tmp_path) == [2, 3]
+  monkeypatch.undo()
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  assert_same_state(tmp_path, six_step_reference)
+  assert_metrics_match(str(tmp_path), six_step_reference)
+  assert signal.getsignal(signal.SIGINT) is handler
+
+
+# --- bad checkpoints ----------------------------------------------------------------------
+
+def _truncate_files(directory):
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, six_step_reference,
+                                                          capsys):
+  workdir = str(tmp_path)
+  train_and_evaluate(tiny_digits_config(), workdir)  # checkpoints 2 and 4
+  _truncate_files(tmp_path / 'checkpoints' / '4' / 'state')
+  # What a crash during an asynchronous save leaves: a temporary directory.
+  shutil.copytree(tmp_path / 'checkpoints' / '2',
+                  tmp_path / 'checkpoints' / '5.orbax-checkpoint-tmp-1234')
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  out = capsys.readouterr().out
+  assert 'checkpoint 4' in out and 'unreadable' in out and 'at step 2' in out, out
+  moved = os.listdir(tmp_path / 'checkpoints_unreadable')
+  assert len(moved) == 1 and moved[0].startswith('4.'), moved
+  assert_same_state(workdir, six_step_reference)
+  # All checkpoints unreadable: it starts over rather than crash-looping.
+  steps = _steps(workdir)
+  for step in steps:
+    _truncate_files(tmp_path / 'checkpoints' / str(step) / 'state')
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  assert_same_state(workdir, six_step_reference)
+  assert len(os.listdir(tmp_path / 'checkpoints_unreadable')) == 1 + len(steps)
+
+
+def test_workdir_of_another_model_or_run_is_refused(trained_workdir):
+  workdir, _ = trained_workdir
+  before = {name: open(os.path.join(workdir, name)).read()
+            for name in ('model.json', 'config.json')}
+  steps = _steps(workdir)
+  with pytest.raises(UserError, match='another model.*new --workdir'):
+    train_and_evaluate(tiny_digits_config(model_overrides={'stage_sizes': (1, 1, 1),
+                                                           'stage_widths': (8, 8, 16)}),
+                       workdir)
+  with pytest.raises(UserError, match='batch_size=32.*batch_size=16'):
+    train_and_evaluate(tiny_digits_config(batch_size=16), workdir)
+  assert _steps(workdir) == steps
+  for name, text in before.items():
+    assert open(os.path.join(workdir, name)).read() == text
+
+
+# --- divergence ---------------------------------------------------------------------------
+
+def _nan_at_step_3(step, batch):
+  if step == 3:
+    batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+  return batch
+
+
+def _all_finite(tree):
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+  patch_train_batches(monkeypatch, _nan_at_step_3)
+  # Logging only at the end: the check before the save at step 4 must catch it.
+  with pytest.raises(FloatingPointError, match='at step 3'):
+    train_and_evaluate(tiny_digits_config(log_every_steps=0), str(tmp_path))
+  assert _steps(tmp_path) == [2]
+  assert _all_finite(read_state(tmp_path))
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path, monkeypatch):
+  patch_train_batches(monkeypatch, _nan_at_step_3)
+  train_and_evaluate(tiny_digits_config(skip_nonfinite_steps=True), str(tmp_path))
+  state = read_state(tmp_path)
+  assert _steps(tmp_path) == [2, 4] and _all_finite(state)
+  assert int(state['step']) == 3  # the optimizer did not count the skipped step
+  last = [row for row in metric_lines(str(tmp_path)) if 'train/loss' in row][-1]
+  assert last['train/skipped_steps'] == 1 and np.isfinite(last['train/loss'])
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(model='resnet_51'), 'Unknown model .*Valid names: .*resnet50'),
+    (dict(dataset='no_such_dataset'), 'Unknown dataset .*digits'),
+    (dict(image_size=2), 'image_size=2 is too small .*image_size >= 4'),
+    (dict(num_train_steps=0), 'num_train_steps=0'),
+    (dict(num_train_steps=-5), 'num_train_steps=-5'),
+    (dict(batch_size=0), 'batch_size=0 must be positive'),
+])
+def test_bad_config_is_one_clear_error(tmp_path, overrides, message):
+  with pytest.raises(UserError, match=message):
+    train_and_evaluate(tiny_digits_config(**overrides), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_config_checks_keys_and_device_divisibility():
+  config = tiny_digits_config()
+  with pytest.raises(UserError, match='multiple of the number of devices \\(3\\).*batch_size=30'):
+    check_config(config, num_devices=3)
+  config.lerning_rate = 0.1
+  with pytest.raises(UserError, match='lerning_rate \\(did you mean learning_rate\\?\\)'):
+    check_config(config, num_devices=1)
+
+
+def test_train_py_prints_the_error_without_a_traceback(tmp_path, config_file):
+  result = _run(_train_py(config_file, tmp_path, '--config.model=resnet_51'), check=False)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr + result.stdout, result.stderr
+  assert "Unknown model 'resnet_51'" in result.stderr, result.stderr
+
+
+# --- changing device counts and several processes -----------------------------------------
+
+def assert_close_state(workdir, reference):
+  a, b = read_state(workdir), read_state(reference)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+
+
+def test_checkpoint_from_4_devices_resumes_on_1_and_on_8(tmp_path, config_file,
+                                                         trained_workdir):
+  reference, _ = trained_workdir  # 4 steps on 1 device
+  four, eight = tmp_path / 'four', tmp_path / 'eight'
+  _run(_train_py(config_file, four, '--config.num_train_steps=2'), devices=4)
+  shutil.copytree(four, eight)
+  # The 4-device checkpoint loads here, on 1 device, and training resumes from it.
+  assert resnet_jax.load_variables(str(four))['params']['fc']['kernel'].shape == (16, 10)
+  train_and_evaluate(tiny_digits_config(), str(four))
+  output = _run(_train_py(config_file, eight), devices=8).stdout
+  assert 'at step 2' in output and 'on 8 device(s)' in output, output
+  assert_close_state(four, reference)
+  assert_close_state(eight, reference)
+
+
+WORKER = '''
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.config.update('jax_disable_most_optimizations', True)
+jax.config.update('jax_compilation_cache_dir', {cache!r})
+port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=process_id)
+sys.path.insert(0, {tests!r})
+from conftest import tiny_digits_config
+from resnet_jax.train.loop import train_and_evaluate
+assert jax.process_count() == 2 and jax.device_count() == 2
+train_and_evaluate(tiny_digits_config(num_train_steps=2), workdir)
+train_and_evaluate(tiny_digits_config(), workdir)  # restores step 2 from disk
+print('worker', process_id, 'done', flush=True)
+'''
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _two_process_batches(monkeypatch):
+  """A pipeline yielding both processes' shards of each global batch, in device order."""
+  from resnet_jax.data import pipeline as pipeline_module
+  current = {'index': 0}
+  fake_jax = type('jax', (), {'process_index': staticmethod(lambda: current['index']),
+                              'process_count': staticmethod(lambda: 2)})
+
+  def shard_stream(index, start_step):
+    """Process `index`'s stream; its shard is read when the first batch is made."""
+    monkeypatch.setattr(pipeline_module, 'jax', fake_jax)
+    current['index'] = index
+    stream = pipeline_module.Pipeline(tiny_digits_config()).train_batches(start_step)
+    first = next(stream)
+    monkeypatch.setattr(pipeline_module, 'jax', jax)
+    yield first
+    yield from stream
+
+  def train_batches(start_step=0):
+    shards = [shard_stream(0, start_step), shard_stream(1, start_step)]
+    for a, b in zip(*shards):
+      yield {key: np.concatenate([a[key], b[key]]) for key in a}
+
+  whole = pipeline_module.Pipeline(tiny_digits_config())
+  whole.steps_per_epoch = (whole.shard_size // 2) // (whole.batch // 2)
+  whole.train_batches = train_batches
+  monkeypatch.setattr(loop, 'create_pipeline', lambda config: whole)
+
+
+def test_two_processes_with_gloo_match_one_process(tmp_path, monkeypatch):
+  worker = tmp_path / 'worker.py'
+  worker.write_text(WORKER.replace('{tests!r}', repr(str(REPO / 'tests'))).replace(
+      '{cache!r}', repr(JAX_CACHE_DIR)))
+  workdir, port = str(tmp_path / 'run'), _free_port()
+  env = _env(devices=1)
+  processes = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), workdir],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(processes, outputs)):
+    assert p.returncode == 0 and f'worker {i} done' in out, out[-3000:]
+  assert 'at step 2' in outputs[0], outputs[0]
+  _two_process_batches(monkeypatch)
+  reference = str(tmp_path / 'reference')
+  train_and_evaluate(tiny_digits_config(), reference)
+  assert_close_state(workdir, reference)
+
+
+# --- bad data -----------------------------------------------------------------------------
+
+def _image_folder(root, modes=('L', 'RGB', 'RGBA', 'CMYK')):
+  """ROOT/<class>/ with 10 small images per class in each of `modes`."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for label in ('cat', 'dog'):
+    os.makedirs(root / label)
+    for i in range(10):
+      mode = modes[i % len(modes)]
+      pixels = rng.integers(0, 255, (9 + i % 3, 10, len(mode)), np.uint8)
+      image = Image.fromarray(pixels[..., 0] if mode == 'L' else pixels, mode)
+      image.save(root / label / f'{i}.{"jpg" if mode == "CMYK" else "png"}')
+  return f'folder:{root}'
+
+
+def _folder_config(dataset):
+  return tiny_digits_config(dataset=dataset, preprocess='cifar', batch_size=4,
+                            eval_batch_size=4, num_train_steps=1, log_every_steps=1,
+                            checkpoint_every_steps=0, eval_every_steps=0)
+
+
+def test_image_folder_of_mixed_modes_trains_and_bad_files_are_named(tmp_path):
+  dataset = _image_folder(tmp_path / 'images')
+  results = train_and_evaluate(_folder_config(dataset), str(tmp_path / 'ok'))
+  assert results['count'] == 2  # every tenth image is held out: 1 per class
+  (tmp_path / 'images' / 'dog' / '3.png').write_bytes(b'not an image')
+  with pytest.raises(UserError, match=r"not readable images: \[.*dog/3.png'\]"):
+    train_and_evaluate(_folder_config(dataset), str(tmp_path / 'bad'))
+  assert not os.listdir(tmp_path / 'bad' / 'checkpoints')
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+  dataset = _image_folder(tmp_path / 'images', modes=('RGB',))
+  os.makedirs(tmp_path / 'images' / 'empty')
+  with pytest.raises(UserError, match=r"\['empty'\] .* hold no images"):
+    train_and_evaluate(_folder_config(dataset), str(tmp_path / 'run'))
+
+
+def test_dataset_not_available_offline_says_how_to_get_it(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  def no_network(self, *args, **kwargs):
+    raise OSError('Network is unreachable')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_network)
+  with pytest.raises(UserError, match="'mnist' is not prepared .*tfds build mnist"):
+    train_and_evaluate(tiny_digits_config(dataset='mnist', data_dir=str(tmp_path)),
+                       str(tmp_path / 'run'))
