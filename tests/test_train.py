@@ -203,3 +203,13 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   assert manager.all_steps() == [2, 4, 5]
   restored, position = checkpoints.restore(manager, tree)
   assert position['batches_consumed'] == 5
+
+
+def test_progress_bar_is_quiet_when_not_a_terminal(capsys):
+  from resnet_jax.train.metrics import log, progress_bar
+  with progress_bar(3) as bar:  # pytest's captured stderr is not a terminal
+    bar.update(3)
+    log('a log line')
+  captured = capsys.readouterr()
+  assert bar.disable
+  assert captured.out == 'a log line\n' and captured.err == ''

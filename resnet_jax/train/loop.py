@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax.data import create_pipeline
 from resnet_jax.load import model_from_config
 from resnet_jax.train import checkpoints, errors, optim
-from resnet_jax.train.metrics import MetricWriter, Progress, log
+from resnet_jax.train.metrics import MetricWriter, Progress, log, progress_bar
 from resnet_jax.train.state import TrainState, create_train_state, model_spec
 from resnet_jax.train.step import eval_step, train_step
 
@@ -47,11 +47,13 @@ def compile_steps(mesh: Mesh, skip_nonfinite: bool = False):
 def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
                    batch_size: int, sharding: NamedSharding) -> dict:
   """Loss, top-1 and top-5 over every example of `split` (padding masked out)."""
-  _, batches = pipeline.eval_batches(split, batch_size)
+  num_batches, batches = pipeline.eval_batches(split, batch_size)
   totals = None
-  for batch in batches():
-    sums = eval_fn(state, global_batch(batch, sharding))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  with progress_bar(num_batches, desc=f'eval {split}', unit='batch') as bar:
+    for batch in batches():
+      sums = eval_fn(state, global_batch(batch, sharding))
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+      bar.update()
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
@@ -269,11 +271,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f'{config.batch_size} images ({steps_per_epoch} per epoch) on {jax.device_count()} '
       f'device(s).')
   step = start_step
+  bar = progress_bar(total_steps, start_step)
   try:
     while step < total_steps:
       state, metrics = train_fn(state, global_batch(next(batches), sharded))
       window.add(step + 1, metrics)
       step += 1
+      bar.update()
       if step == start_step + 1:  # leave compilation out of images/second and the ETA
         jax.block_until_ready(metrics)
         progress = Progress(step, total_steps, config.batch_size)
@@ -301,6 +305,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f'continue.')
         break
   finally:
+    bar.close()
     stop.restore_handlers()
     manager.wait_until_finished()
     writer.close()

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+from tqdm import tqdm
 
 
 class MetricWriter:
@@ -54,7 +55,13 @@ def read_metrics(workdir: str) -> dict:
 
 def log(message: str):
   if jax.process_index() == 0:
-    print(message, flush=True, file=sys.stdout)
+    tqdm.write(message, file=sys.stdout)  # above any progress bar
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = 'train', unit: str = 'step'):
+  """A tqdm bar with ETA on process 0, shown only when stderr is a terminal."""
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
+              dynamic_ncols=True, disable=None if jax.process_index() == 0 else True)
 
 
 class Progress:
