@@ -157,7 +157,7 @@ def main():
   print(f'jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), '
         f'torch {torch.__version__} ({device}, {torch.get_num_threads()} threads), '
         f'dtype {args.dtype}')
-  print(f'| model | batch | image | JAX img/s | PyTorch img/s | JAX / PyTorch |')
+  print('| model | batch | image | JAX img/s | PyTorch img/s | JAX / PyTorch |')
   print('|---|---:|---:|---:|---:|---:|')
   for name in args.models:
     size = 32 if name.startswith('cifar') else 224

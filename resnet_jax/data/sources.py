@@ -28,7 +28,7 @@ class TfdsSource:
   def __init__(self, name: str, data_dir: Optional[str] = None):
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f'Unknown dataset {name!r}. Offline: digits, synthetic, '
                       f'"{FOLDER_PREFIX}/path/to/images"; TFDS names once prepared in '
                       f'data_dir: cifar10, cifar100, mnist, imagenet2012, imagenette, ... '

@@ -4,7 +4,6 @@ A block gets its `conv` and `norm` constructors from the parent (already carryin
 BatchNorm mode and momentum), so it never decides precision or train/eval itself.
 """
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
