@@ -8,14 +8,19 @@ import resnet_jax
 from resnet_jax.train import loop, optim, state as train_state
 
 
-def abstract_train_state(name, batch, size, **overrides):
-  """(model, state shapes) for the project's SGD train state, without allocating it."""
+def train_state_factory(name, batch, size, **overrides):
+  """(model, a function making the project's SGD train state) for `name`."""
   model = resnet_jax.create_model(name, **overrides)
   config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False))
   tx = optim.create_optimizer(config, lambda step: 0.1)
-  state = jax.eval_shape(lambda: train_state.create_train_state(
-      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3)))
-  return model, state
+  return model, lambda: train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))
+
+
+def abstract_train_state(name, batch, size, **overrides):
+  """(model, state shapes), without allocating the state."""
+  model, make_state = train_state_factory(name, batch, size, **overrides)
+  return model, jax.eval_shape(make_state)
 
 
 def lowered_train_step(name, batch, size, **overrides):

@@ -17,14 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
-import resnet_jax
-from resnet_jax.train import loop, optim, state as train_state
+from common import train_state_factory
+from resnet_jax.train import loop
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
 
@@ -76,10 +75,8 @@ def torch_model(name):
 
 def jax_runner(name, batch, size, dtype):
   """A closure running `steps` of the project's jitted train step."""
-  model = resnet_jax.create_model(name, dtype=jnp.dtype(dtype))
-  config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False))
-  tx = optim.create_optimizer(config, lambda step: 0.1)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))
+  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
+  state = make_state()
   mesh = loop.create_mesh()
   train_fn, _ = loop.compile_steps(mesh)
   rng = np.random.default_rng(0)

@@ -60,10 +60,6 @@ def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
           'top5': float(totals['top5']) / count, 'count': count}
 
 
-def check_config(config, num_devices: int):
-  errors.check_config(config, num_devices)
-
-
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
 # whose checkpoints were made with other values is refused rather than mixed.
 RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
@@ -227,7 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   skipped with config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
   mesh = create_mesh()
-  check_config(config, jax.device_count())
+  errors.check_config(config, jax.device_count())
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
