@@ -18,6 +18,8 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metric
                     '(default: ./workdirs/<config name>).')
 flags.DEFINE_string('jax_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
                     'Persistent compilation cache, so restarts do not recompile ("" disables).')
+flags.DEFINE_bool('keep_freed_memory', True, 'On CPU-only hosts, keep freed memory in the '
+                  'process (glibc malloc settings): XLA:CPU steps run up to 25% faster.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host pods; '
                   'coordinator found from the environment: TPU, SLURM, Open MPI, ...).')
 FLAGS = flags.FLAGS
@@ -28,6 +30,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # keep the console to progress lines
     logging.set_verbosity(logging.WARNING)
+  from resnet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
+  if FLAGS.keep_freed_memory and host_memory.cpu_only_host():
+    host_memory.keep_freed_memory()  # before JAX starts its CPU client
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()

@@ -23,7 +23,7 @@ import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
 from common import train_state_factory
-from resnet_jax.train import loop
+from resnet_jax.train import host_memory, loop
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
 
@@ -148,6 +148,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--torch-compile', action='store_true', help='also torch.compile')
   args = parser.parse_args()
+  if host_memory.cpu_only_host():
+    host_memory.keep_freed_memory()  # as train.py does; PyTorch runs in this process too
 
   device = 'cuda' if torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
   torch.set_num_threads(os.cpu_count())

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.models import convolution
+
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
@@ -20,11 +22,8 @@ class Conv(nn.Module):
 
   'SAME' padding would put the extra row of a stride-2 window at the end, which shifts
   every output on even input sizes and breaks parity with PyTorch weights. The kernel is
-  HWIO, named 'kernel' as in `nn.Conv`.
-
-  Feature maps smaller than the kernel (a 3x3 conv on the 2x2 or 1x1 maps of the last
-  stage at small image sizes) run as one matrix multiply over extracted patches:
-  XLA:CPU's convolution is tens of times slower on them.
+  HWIO, named 'kernel' as in `nn.Conv`. `convolution.conv2d` computes it in the
+  formulations XLA:CPU runs fast.
   """
   features: int
   kernel_size: int
@@ -39,23 +38,7 @@ class Conv(nn.Module):
     kernel = self.param('kernel', conv_kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    pad = ((k // 2, k // 2),) * 2
-    if self.groups == 1 and k > 1 and min(x.shape[1:3]) < k:
-      return _conv_as_matmul(x, kernel, self.strides, pad)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (self.strides,) * 2, pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.groups)
-
-
-def _conv_as_matmul(x, kernel, strides, pad):
-  """The same convolution as patches @ kernel (im2col)."""
-  k = kernel.shape[0]
-  x = jnp.pad(x, ((0, 0), *pad, (0, 0)))
-  out_h, out_w = (x.shape[1] - k) // strides + 1, (x.shape[2] - k) // strides + 1
-  patches = jnp.concatenate([
-      x[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
-      for i in range(k) for j in range(k)], axis=-1)
-  return patches @ kernel.reshape(-1, kernel.shape[-1])
+    return convolution.conv2d(x, kernel, self.strides, ((k // 2, k // 2),) * 2, self.groups)
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, groups: int = 1,
