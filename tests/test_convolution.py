@@ -9,28 +9,35 @@ import torch
 from resnet_jax.models import convolution
 
 
+def _pad(kernel_size):
+  return ((kernel_size // 2,) * 2,) * 2
+
+
 def _grads(conv, x, kernel, strides, cotangent):
-  pad = ((kernel.shape[0] // 2,) * 2,) * 2
+  pad = _pad(kernel.shape[0])
   y, vjp = jax.vjp(lambda x, kernel: conv(x, kernel, strides, pad), x, kernel)
   return (y, *vjp(cotangent))
 
 
-@pytest.mark.parametrize('kernel_size, strides, size, in_features', [
-    (3, 1, (9, 9), 16),   # per-tap matmuls (16 or more input channels)
-    (3, 2, (10, 7), 16),
-    (1, 2, (6, 7), 24),
-    (7, 2, (16, 15), 3),  # the stem: one matmul over gathered patches
-    (3, 1, (5, 6), 4),
-    (3, 1, (2, 2), 16),   # maps smaller than the kernel: the im2col forward
+@pytest.mark.parametrize('conv, kernel_size, strides, size, in_features', [
+    # Per-tap matmuls (16 or more input channels).
+    (convolution.conv_with_matmul_kernel_grad, 3, 1, (9, 9), 16),
+    (convolution.conv_with_matmul_kernel_grad, 3, 2, (10, 7), 16),
+    (convolution.conv_with_matmul_kernel_grad, 1, 2, (6, 7), 24),
+    # One matmul over gathered patches (few input channels: the stem).
+    (convolution.conv_with_matmul_kernel_grad, 7, 2, (16, 15), 3),
+    (convolution.conv_with_matmul_kernel_grad, 3, 1, (5, 6), 4),
+    # Maps smaller than the kernel: the im2col forward; and XLA's own.
+    (convolution.conv2d, 3, 1, (2, 2), 16),
+    (convolution.conv2d, 3, 2, (9, 9), 16),
 ])
-def test_conv_gradients_match_torch(kernel_size, strides, size, in_features):
+def test_conv_gradients_match_torch(conv, kernel_size, strides, size, in_features):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *size, in_features)).astype(np.float32)
   kernel = rng.normal(size=(kernel_size, kernel_size, in_features, 8)).astype(np.float32)
-  y_shape = jax.eval_shape(lambda: convolution.conv2d(
-      x, kernel, strides, ((kernel_size // 2,) * 2,) * 2)).shape
+  y_shape = jax.eval_shape(lambda: conv(x, kernel, strides, _pad(kernel_size))).shape
   cotangent = rng.normal(size=y_shape).astype(np.float32)
-  y, dx, dkernel = _grads(convolution.conv2d, x, kernel, strides, cotangent)
+  y, dx, dkernel = _grads(conv, x, kernel, strides, cotangent)
 
   x_t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
   k_t = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
@@ -47,21 +54,24 @@ def test_bfloat16_kernel_gradient_keeps_dtype_and_sums_in_float32():
   x = jnp.asarray(rng.normal(size=(8, 12, 12, 16)), jnp.bfloat16)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.bfloat16)
   cotangent = jnp.ones((8, 12, 12, 16), jnp.bfloat16)
-  _, _, dkernel = _grads(convolution.conv2d, x, kernel, 1, cotangent)
-  _, _, reference = _grads(convolution.conv2d, x.astype(jnp.float32),
+  _, _, dkernel = _grads(convolution.conv_with_matmul_kernel_grad, x, kernel, 1, cotangent)
+  _, _, reference = _grads(convolution.conv_with_matmul_kernel_grad, x.astype(jnp.float32),
                            kernel.astype(jnp.float32), 1, cotangent.astype(jnp.float32))
   assert dkernel.dtype == jnp.bfloat16
   np.testing.assert_allclose(dkernel.astype(jnp.float32), reference, rtol=2e-2, atol=0.5)
 
 
-def _lowered_ops(platform):
-  x, kernel = jnp.zeros((2, 8, 8, 16)), jnp.zeros((3, 3, 16, 16))
-  grad = jax.jit(jax.grad(lambda kernel: convolution.conv2d(x, kernel, 1, ((1, 1), (1, 1))).sum()))
+def _kernel_grad_ops(batch, platform='cpu'):
+  x, kernel = jnp.zeros((batch, 16, 16, 16)), jnp.zeros((3, 3, 16, 16))
+  grad = jax.jit(jax.grad(lambda kernel: convolution.conv2d(x, kernel, 1, _pad(3)).sum()))
   return grad.trace(kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_matmul_kernel_gradient_is_cpu_only():
-  # On CPU the kernel gradient is matmuls; elsewhere XLA's convolution (cuDNN on GPU).
-  cpu, cuda = _lowered_ops('cpu'), _lowered_ops('cuda')
+def test_matmul_kernel_gradient_is_for_large_convolutions_on_cpu_only():
+  large = -(-convolution.MIN_MATMUL_GRAD_FLOPS // (2 * 16 * 16 * 3 * 3 * 16 * 16))
+  cpu, cuda = _kernel_grad_ops(large), _kernel_grad_ops(large, 'cuda')
   assert 'dot_general' in cpu and 'convolution' not in cpu
+  # Elsewhere XLA's convolution (cuDNN's on GPU), as for small convolutions on CPU.
   assert 'dot_general' not in cuda and cuda.count('stablehlo.convolution') == 1
+  small = _kernel_grad_ops(large - 1)
+  assert 'dot_general' not in small and small.count('stablehlo.convolution') == 1

@@ -5,11 +5,13 @@ XLA's own convolution is used everywhere except where XLA:CPU is known to be slo
 * Feature maps smaller than the kernel (a 3x3 conv on the 2x2 or 1x1 maps of the last
   stage at small image sizes) run as one matrix multiply over extracted patches; XLA:CPU's
   convolution is tens of times slower on them.
-* The kernel gradient on CPU is a sum of one matrix multiply per kernel tap,
-  dy^T @ x[tap], instead of XLA:CPU's convolution with the batch as its feature axis,
-  which runs 1.5-4x slower and makes XLA transpose the activations and the incoming
-  gradient. Other backends keep XLA's kernel gradient (cuDNN's on GPU), chosen at
-  lowering time by `jax.lax.platform_dependent`.
+* The kernel gradient on CPU is one matrix multiply per kernel tap, dy^T @ x[tap]
+  (or one over gathered patches when there are few input channels), instead of
+  XLA:CPU's convolution with the batch as its feature axis, which runs 1.5-4x slower
+  and makes XLA transpose the activations and the incoming gradient. Small
+  convolutions (under MIN_MATMUL_GRAD_FLOPS) keep XLA's, which costs little there and
+  compiles faster. Other backends keep XLA's kernel
+  gradient (cuDNN's on GPU), chosen at lowering time by `jax.lax.platform_dependent`.
 """
 
 import functools
@@ -20,6 +22,7 @@ import numpy as np
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+MIN_MATMUL_GRAD_FLOPS = 10**8  # of the kernel gradient; about a millisecond on a CPU core
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
@@ -28,8 +31,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
   k = kernel.shape[0]
   if groups == 1 and k > 1 and min(x.shape[1:3]) < k:
     return _conv_as_matmul(x, kernel, strides, padding)
-  if groups == 1:
-    return _conv_tap_kernel_grad(x, kernel, strides, padding)
+  out_h, out_w = _output_shape(x, k, strides, padding)
+  kernel_grad_flops = 2 * x.shape[0] * out_h * out_w * kernel.size
+  if groups == 1 and kernel_grad_flops >= MIN_MATMUL_GRAD_FLOPS:
+    return conv_with_matmul_kernel_grad(x, kernel, strides, padding)
   return _xla_conv(x, kernel, strides, padding, groups)
 
 
@@ -37,6 +42,10 @@ def _xla_conv(x, kernel, strides, padding, groups=1):
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), padding, dimension_numbers=DIMENSION_NUMBERS,
       feature_group_count=groups)
+
+
+def _output_shape(x, kernel_size, strides, padding):
+  return tuple((x.shape[1 + d] + sum(padding[d]) - kernel_size) // strides + 1 for d in (0, 1))
 
 
 def _patches(x, kernel_size, strides, padding, out_shape):
@@ -65,14 +74,15 @@ def _matmul(a, b):
 def _conv_as_matmul(x, kernel, strides, padding):
   """The same convolution as patches @ kernel (im2col)."""
   k = kernel.shape[0]
-  out_h = (x.shape[1] + sum(padding[0]) - k) // strides + 1
-  out_w = (x.shape[2] + sum(padding[1]) - k) // strides + 1
-  patches = jnp.concatenate(_patches(x, k, strides, padding, (out_h, out_w)), axis=-1)
+  views = _patches(x, k, strides, padding, _output_shape(x, k, strides, padding))
+  patches = jnp.concatenate(views, axis=-1)
   return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_kernel_grad(x, kernel, strides, padding):
+def conv_with_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, strides: int,
+                                 padding: Padding) -> jax.Array:
+  """XLA's convolution, whose kernel gradient on CPU is computed by matrix multiplies."""
   return _xla_conv(x, kernel, strides, padding)
 
 
@@ -108,4 +118,4 @@ def _matmul_kernel_grad(x, dy, kernel_shape, strides, padding):
   return grad.reshape(k, k, out_features, in_features).transpose(0, 1, 3, 2)
 
 
-_conv_tap_kernel_grad.defvjp(_forward, _backward)
+conv_with_matmul_kernel_grad.defvjp(_forward, _backward)
