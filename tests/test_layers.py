@@ -52,6 +52,26 @@ def test_batch_norm_matches_torch(bn_case, train):
   np.testing.assert_allclose(updated['batch_stats']['var'], torch_bn.running_var, atol=1e-6)
 
 
+@pytest.mark.parametrize('group_size', [None, 3])
+def test_batch_norm_gradient_matches_torch(bn_case, group_size):
+  x, stats, variables = bn_case
+  weights = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
+
+  def loss(params, x):
+    y, _ = layers.BatchNorm(group_size=group_size).apply(
+        {**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(y * weights)
+
+  grads = jax.grad(loss, argnums=(0, 1))(variables['params'], jnp.asarray(x))
+  x_torch = _nchw(x).requires_grad_()
+  bn = _torch_bn(x, *stats).train()
+  groups = x_torch.split(group_size or len(x))
+  (torch.cat([bn(g) for g in groups]) * _nchw(weights)).sum().backward()
+  np.testing.assert_allclose(grads[1], _nhwc(x_torch.grad), atol=1e-5)
+  np.testing.assert_allclose(grads[0]['scale'], bn.weight.grad, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(grads[0]['bias'], bn.bias.grad, rtol=1e-5, atol=1e-4)
+
+
 def test_biased_running_var_matches_flax(bn_case):
   x, _, variables = bn_case
   ours = layers.BatchNorm(unbiased_running_var=False)

@@ -89,7 +89,7 @@ class Pipeline:
 
     def augment(epoch, index, example):
       example_seed = tf.stack([epoch_seed(seed, epoch), index])
-      return preprocessing.preprocess_train(example, example_seed, kind, size)
+      return preprocessing.preprocess_train(example, example_seed, kind, size, self.channels)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -115,8 +115,11 @@ class Pipeline:
 
   def _streamed_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
     seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0] >> 1)
+    # The inception crop decodes only its window of a JPEG, so it gets the encoded files
+    # (which also keeps the shuffle buffer small).
     ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
-                          drop_remainder=True, shuffle_seed=seed)
+                          drop_remainder=True, shuffle_seed=seed,
+                          encoded=self.preprocess == 'imagenet')
     ds = ds.take(self.steps_per_epoch * self.batch)
     ds = ds.shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip_batches * self.batch)

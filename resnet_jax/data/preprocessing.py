@@ -35,13 +35,44 @@ def _pad_and_crop(image, pad, seed):
   return tf.image.stateless_random_crop(padded, shape, seed=seed)
 
 
-def _inception_crop(image, size, seed):
-  """Random 8%-100% area, 3/4-4/3 aspect crop resized to size (Szegedy et al. 2015)."""
+def _inception_crop_window(image_shape, seed):
+  """(begin, size) of a random 8%-100% area, 3/4-4/3 aspect crop (Szegedy et al. 2015)."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
+      image_shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
       seed=seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
       area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return begin, crop_size
+
+
+def _inception_crop(image, size, seed):
+  begin, crop_size = _inception_crop_window(tf.shape(image), seed)
   return _resize(tf.slice(image, begin, crop_size), size)
+
+
+def decode(encoded, channels: int):
+  """uint8 (H, W, channels) pixels of an encoded JPEG, PNG, BMP or GIF (first frame)."""
+  return tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+
+
+def _decode_and_inception_crop(encoded, size, seed, channels):
+  """`_inception_crop` of the decoded image, decoding only the crop window of a JPEG.
+
+  The window depends only on the image size and the seed, so the pixels are those of a
+  full decode followed by the crop, except that libjpeg upsamples a color JPEG's chroma
+  differently along the window's edges; a JPEG skips decoding the rest of the image.
+  """
+
+  def crop_jpeg():
+    begin, crop_size = _inception_crop_window(tf.image.extract_jpeg_shape(encoded), seed)
+    window = tf.concat([begin[:2], crop_size[:2]], 0)
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
+
+  def crop_other():
+    image = decode(encoded, channels)
+    begin, crop_size = _inception_crop_window(tf.shape(image), seed)
+    return tf.slice(image, begin, crop_size)
+
+  return _resize(tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_other), size)
 
 
 def _resize_and_center_crop(image, size):
@@ -60,17 +91,26 @@ def _maybe_resize(image, size):
   return _resize(image, size)
 
 
-def preprocess_train(example, seed, kind: str, image_size: int):
-  """Augments one {'image', 'label'} example; seed is a [2] int64 tensor."""
+def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 3):
+  """Augments one {'image', 'label'} example; seed is a [2] int64 tensor.
+
+  'image' is uint8 pixels or, for the 'imagenet' augmentation, may be the encoded file
+  (a string tensor decoded to `channels` channels), of which only the crop is decoded.
+  """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = example['image']
+  if image.dtype == tf.string and kind != 'imagenet':
+    image = decode(image, channels)
   if kind == 'digits':  # shift by up to one pixel; never flip a digit
     image = _maybe_resize(_pad_and_crop(image, 1, crop_seed), image_size)
   elif kind == 'cifar':
     image = _maybe_resize(_pad_and_crop(image, 4, crop_seed), image_size)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   elif kind == 'imagenet':
-    image = _inception_crop(image, image_size, crop_seed)
+    if image.dtype == tf.string:
+      image = _decode_and_inception_crop(image, image_size, crop_seed, channels)
+    else:
+      image = _inception_crop(image, image_size, crop_seed)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
     image = _maybe_resize(image, image_size)

@@ -1,7 +1,8 @@
 """Where examples come from: a TFDS dataset by name, or a folder of images per class.
 
 A source reads one process's shard of a split as a tf.data.Dataset of
-{'image': uint8 (H, W, C), 'label': int} and knows the split's size and class count.
+{'image': uint8 (H, W, C), 'label': int} (or the encoded image file, for the preprocessing to
+decode) and knows the split's size and class count.
 """
 
 import os
@@ -12,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
+from resnet_jax.data import preprocessing
 from resnet_jax.errors import UserError
 
 class DatasetNotPreparedError(UserError, RuntimeError):
@@ -40,11 +42,14 @@ class TfdsSource:
     self.image_shape = features['image'].shape
 
   def read(self, split: str, process_index: int, process_count: int, *,
-           drop_remainder: bool, shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+           drop_remainder: bool, shuffle_seed: Optional[int] = None,
+           encoded: bool = False) -> tf.data.Dataset:
+    """This process's part of `split`; with `encoded`, 'image' is the encoded file."""
     part = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    decoders = {'image': tfds.decode.SkipDecoding()} if encoded else None
     ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_seed is not None,
-                                 read_config=read_config)
+                                 read_config=read_config, decoders=decoders)
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
   def num_examples(self, split: str) -> int:
@@ -104,7 +109,8 @@ class FolderSource:
       paths, labels = list(np.array(paths)[keep]), list(np.array(labels)[keep])
     return np.array(paths), np.array(labels, np.int64)
 
-  def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None):
+  def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None,
+           encoded=False):
     paths, labels = self._files(split)
     if shuffle_seed is not None:
       order = np.random.default_rng(shuffle_seed).permutation(len(paths))
@@ -116,9 +122,9 @@ class FolderSource:
     channels = self.channels
 
     def load(path, label):
-      image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                                 expand_animations=False)
-      return {'image': image, 'label': label}
+      image = tf.io.read_file(path)
+      return {'image': image if encoded else preprocessing.decode(image, channels),
+              'label': label}
 
     return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -131,8 +137,7 @@ class FolderSource:
     bad = []
     for path in self._files(split)[0]:
       try:
-        tf.io.decode_image(tf.io.read_file(path), channels=self.channels,
-                           expand_animations=False)
+        preprocessing.decode(tf.io.read_file(path), self.channels)
       except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
         bad.append(str(path))
     found = (f'{len(bad)} file(s) are not readable images: {bad[:10]}' if bad else

@@ -113,11 +113,15 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       return self._normalize(x, running_mean.value, running_var.value, scale, bias)
 
-    groups = self._split_groups(x.astype(jnp.float32))
-    axes = tuple(range(1, groups.ndim - 1))
-    mean = self._cross_device_mean(groups.mean(axes))
-    var = self._cross_device_mean(jnp.square(groups - mean[:, None, None, None]).mean(axes))
+    groups = self._split_groups(x)
+    mean, var = _group_statistics(groups, self._cross_device_mean)
+    if self.axis_name is None:  # the fused gradient; XLA computes the statistics once
+      y = normalize_with_batch_statistics(groups, scale, bias, self.epsilon, self.dtype)
+    else:
+      y = self._normalize(groups, mean, var, scale, bias)
     if not self.is_initializing():
+      # Running statistics take no gradient; one (mean, var) per group.
+      mean, var = jax.lax.stop_gradient((mean.reshape(-1, channels), var.reshape(-1, channels)))
       count = groups[0].size // channels
       if self.axis_name is not None:
         count *= jax.lax.psum(1, self.axis_name)
@@ -125,7 +129,6 @@ class BatchNorm(nn.Module):
       m = self.momentum
       running_mean.value = m * running_mean.value + (1 - m) * mean.mean(0)
       running_var.value = m * running_var.value + (1 - m) * batch_var.mean(0)
-    y = self._normalize(groups, mean[:, None, None, None], var[:, None, None, None], scale, bias)
     return y.reshape(x.shape)
 
   def _split_groups(self, x):
@@ -140,10 +143,60 @@ class BatchNorm(nn.Module):
     return value if self.axis_name is None else jax.lax.pmean(value, self.axis_name)
 
   def _normalize(self, x, mean, var, scale, bias):
-    # Fold the statistics into one multiply-add per element, computed in float32.
-    multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-    offset = bias.astype(jnp.float32) - mean * multiplier
-    return x.astype(self.dtype) * multiplier.astype(self.dtype) + offset.astype(self.dtype)
+    return _scale_and_shift(x, mean, jax.lax.rsqrt(var + self.epsilon), scale, bias,
+                            self.dtype)
+
+
+def _scale_and_shift(x, mean, inv_std, scale, bias, dtype):
+  """(x - mean) * inv_std * scale + bias as one multiply-add per element, in `dtype`."""
+  multiplier = scale.astype(jnp.float32) * inv_std
+  offset = bias.astype(jnp.float32) - mean * multiplier
+  return x.astype(dtype) * multiplier.astype(dtype) + offset.astype(dtype)
+
+
+def _group_statistics(x, cross_device_mean=lambda value: value):
+  """Float32 mean and biased variance of (G, S, H, W, C) groups, shaped (G, 1, 1, 1, C)."""
+  x = x.astype(jnp.float32)
+  axes = tuple(range(1, x.ndim - 1))
+  mean = cross_device_mean(x.mean(axes, keepdims=True))
+  return mean, cross_device_mean(jnp.square(x - mean).mean(axes, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_with_batch_statistics(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                                    epsilon: float, dtype: Dtype) -> jax.Array:
+  """Train-mode batch normalization of (G, S, H, W, C) groups, each with its own statistics.
+
+  Its gradient is the textbook fused one (two per-channel sums of the incoming gradient,
+  then one elementwise pass) rather than autodiff through the mean and variance, which
+  makes XLA emit several more reductions and passes over the activations.
+  """
+  mean, var = _group_statistics(x)
+  return _scale_and_shift(x, mean, jax.lax.rsqrt(var + epsilon), scale, bias, dtype)
+
+
+def _normalize_forward(x, scale, bias, epsilon, dtype):
+  mean, var = _group_statistics(x)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  y = _scale_and_shift(x, mean, inv_std, scale, bias, dtype)
+  return y, (x, mean, inv_std, scale, bias)
+
+
+def _normalize_backward(epsilon, dtype, residuals, dy):
+  del epsilon, dtype
+  x, mean, inv_std, scale, bias = residuals
+  dy = dy.astype(jnp.float32)
+  axes = tuple(range(1, x.ndim - 1))
+  count = np.prod([x.shape[axis] for axis in axes])
+  x_hat = (x.astype(jnp.float32) - mean) * inv_std
+  sum_dy = dy.sum(axes, keepdims=True)
+  sum_dy_x_hat = (dy * x_hat).sum(axes, keepdims=True)
+  dx = scale.astype(jnp.float32) * inv_std * (dy - (sum_dy + x_hat * sum_dy_x_hat) / count)
+  per_channel = lambda value, like: value.reshape(-1, like.shape[-1]).sum(0).astype(like.dtype)
+  return dx.astype(x.dtype), per_channel(sum_dy_x_hat, scale), per_channel(sum_dy, bias)
+
+
+normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)
 
 
 def batch_norm_partial(train: bool, **kwargs) -> ModuleDef:
