@@ -52,13 +52,13 @@ def test_batch_norm_matches_torch(bn_case, train):
   np.testing.assert_allclose(updated['batch_stats']['var'], torch_bn.running_var, atol=1e-6)
 
 
-@pytest.mark.parametrize('group_size', [None, 3])
-def test_batch_norm_gradient_matches_torch(bn_case, group_size):
+@pytest.mark.parametrize('group_size, fused', [(None, True), (3, True), (None, False)])
+def test_batch_norm_gradient_matches_torch(bn_case, group_size, fused):
   x, stats, variables = bn_case
   weights = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
 
   def loss(params, x):
-    y, _ = layers.BatchNorm(group_size=group_size).apply(
+    y, _ = layers.BatchNorm(group_size=group_size, fused_gradient=fused).apply(
         {**variables, 'params': params}, x, mutable=['batch_stats'])
     return jnp.sum(y * weights)
 

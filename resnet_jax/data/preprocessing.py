@@ -99,8 +99,6 @@ def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 
   """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = example['image']
-  if image.dtype == tf.string and kind != 'imagenet':
-    image = decode(image, channels)
   if kind == 'digits':  # shift by up to one pixel; never flip a digit
     image = _maybe_resize(_pad_and_crop(image, 1, crop_seed), image_size)
   elif kind == 'cifar':

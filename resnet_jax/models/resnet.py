@@ -123,7 +123,8 @@ class ResNet(nn.Module):
     norm = layers.batch_norm_partial(
         train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         unbiased_running_var=self.bn_unbiased_running_var, group_size=self.bn_group_size,
-        axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
+        fused_gradient=not self.remat)
     features = {}
     x = features['stem'] = self._stem(x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
