@@ -26,14 +26,19 @@ def abstract_train_state(name, batch, size, **overrides):
 def lowered_train_step(name, batch, size, **overrides):
   """The train step train.py compiles, lowered for `name` at (batch, size, size, 3)."""
   model, state = abstract_train_state(name, batch, size, **overrides)
-  train_fn, _ = loop.compile_steps(loop.create_mesh())
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  train_fn, _ = loop.compile_steps(loop.create_mesh(), preprocess(name))
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return train_fn.lower(state, {'image': images, 'label': labels})
 
 
 def image_size(name):
   return 32 if name.startswith('cifar') else 224
+
+
+def preprocess(name):
+  """The preprocessing (and so the normalization in the step) that `name` trains with."""
+  return 'cifar' if name.startswith('cifar') else 'imagenet'
 
 
 def versions():

@@ -5,9 +5,11 @@
 
 Both frameworks train the same architecture (torchvision's for the ImageNet family, a
 PyTorch CIFAR ResNet defined below for the CIFAR nets) with SGD + momentum on the same
-synthetic batch, size and precision, using the same threads. After warm-up the two are
-timed in alternating rounds; the table gives the median of each and the ratio
-JAX / PyTorch (above 1: JAX is faster).
+synthetic batch, size and precision, using the same threads. The JAX step normalizes
+uint8 pixels on the device, as in train.py; PyTorch gets float images, normalized before
+the step as its DataLoader workers would. After warm-up the two are timed in alternating
+rounds; the table gives the median of each and the ratio JAX / PyTorch (above 1: JAX is
+faster).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
-from common import train_state_factory
+from common import preprocess, train_state_factory
 from resnet_jax.train import host_memory, loop
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
@@ -78,9 +80,9 @@ def jax_runner(name, batch, size, dtype):
   model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
   state = make_state()
   mesh = loop.create_mesh()
-  train_fn, _ = loop.compile_steps(mesh)
+  train_fn, _ = loop.compile_steps(mesh, preprocess(name))
   rng = np.random.default_rng(0)
-  host_batch = {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+  host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
                 'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
   sharding = NamedSharding(mesh, PartitionSpec(loop.DATA_AXIS))
   device_batch = loop.global_batch(host_batch, sharding)

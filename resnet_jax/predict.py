@@ -15,8 +15,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from resnet_jax.data.normalization import NORMALIZATION
+
+IMAGENET_MEAN, IMAGENET_STD = (np.array(v, np.float32) for v in NORMALIZATION['imagenet'])
 RESIZE_SIZE = 256
 CROP_SIZE = 224
 CLASS_NAMES_FILE = Path(__file__).with_name('imagenet_classes.txt')

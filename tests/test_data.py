@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from conftest import tiny_digits_config
 from PIL import Image
 
-from resnet_jax.data import create_pipeline, preprocessing
+from resnet_jax.data import create_pipeline, normalization, preprocessing
 from resnet_jax.data.sources import FolderSource, TfdsSource
 
 
@@ -36,6 +36,17 @@ def test_resumed_stream_sees_the_same_batches(digits):
     np.testing.assert_array_equal(got['label'], expected['label'])
   assert batches[0]['image'].shape == (64, 8, 8, 1)
   assert not np.array_equal(batches[0]['label'], batches[digits.steps_per_epoch]['label'])
+
+
+def test_batches_are_uint8_pixels_normalized_as_torchvision_does(digits):
+  train, (_, eval_batches) = next(digits.train_batches()), digits.eval_batches('test', 128)
+  assert train['image'].dtype == next(eval_batches())['image'].dtype == np.uint8
+  from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+  mean, std = normalization.NORMALIZATION['imagenet']
+  expected = transforms.Normalize(mean, std)(transforms.ToTensor()(pixels))
+  np.testing.assert_allclose(normalization.normalize(pixels, 'imagenet'),
+                             expected.numpy().transpose(1, 2, 0), atol=1e-6)
 
 
 def test_order_is_a_function_of_the_seed(digits):
@@ -86,11 +97,12 @@ def test_imagenet_crop_of_encoded_file_equals_crop_of_decoded_pixels(mode, file_
     reference = preprocessing.preprocess_train({'image': decoded, 'label': 0}, seed,
                                                'imagenet', 24)
     assert crop['image'].shape == (24, 24, 3)
+    assert crop['image'].dtype == tf.uint8
     if (mode, file_format) == ('RGB', 'JPEG'):  # chroma is upsampled apart at window edges
-      levels = np.abs(crop['image'] - reference['image']) * 255 * 0.226
-      assert np.mean(levels > 0.5) < 0.1 and np.mean(levels) < 1
+      levels = np.abs(crop['image'].numpy().astype(int) - reference['image'].numpy())
+      assert np.mean(levels > 0) < 0.1 and np.mean(levels) < 1
     else:
-      np.testing.assert_allclose(crop['image'], reference['image'], atol=1e-5)
+      np.testing.assert_array_equal(crop['image'], reference['image'])
 
 
 def test_image_folder(tmp_path):

@@ -273,7 +273,7 @@ def test_workdir_of_another_model_or_run_is_refused(trained_workdir):
 
 def _nan_at_step_3(step, batch):
   if step == 3:
-    batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+    batch = {**batch, 'image': np.full(batch['image'].shape, np.nan, np.float32)}
   return batch
 
 

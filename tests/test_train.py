@@ -1,5 +1,6 @@
 """Tests of resnet_jax.train: schedules, the pure steps, and train.py end to end."""
 
+import functools
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from resnet_jax.train.checkpoints import restore_run
 from resnet_jax.train.loop import merge_pretrained, train_and_evaluate
 from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.state import create_train_state
-from resnet_jax.train.step import eval_metrics, train_step
+from resnet_jax.train.step import eval_metrics, eval_step, train_step
 
 # Golden value of the first step's loss of `_tiny_state` on `_fixed_batch`. If a deliberate
 # change to the model's initialization, the loss or the step moves it, check the new value
@@ -79,6 +80,22 @@ def test_first_step_loss_is_golden():
   np.testing.assert_allclose(float(metrics['loss']), GOLDEN_FIRST_LOSS, atol=2e-4, err_msg=(
       'The first training step\'s loss moved. If the model init, loss or step changed on '
       'purpose, update GOLDEN_FIRST_LOSS.'))
+
+
+def test_steps_normalize_uint8_pixels_like_the_host_would():
+  """The pipelines' uint8 pixels, normalized in the step, train and evaluate exactly as
+  the same pixels normalized beforehand."""
+  rng = np.random.default_rng(1)
+  pixels = {'image': rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
+            'label': (np.arange(16) % 10).astype(np.int32), 'mask': np.ones(16, np.float32)}
+  floats = dict(pixels, image=(pixels['image'] / np.float32(255) - 0.3) / 0.4)  # 'digits'
+  state = _tiny_state()
+  _, on_device = jax.jit(functools.partial(train_step, preprocess='digits'))(state, pixels)
+  _, on_host = jax.jit(train_step)(state, floats)
+  eval_on_device = jax.jit(functools.partial(eval_step, preprocess='digits'))(state, pixels)
+  eval_on_host = jax.jit(eval_step)(state, floats)
+  for got, expected in ((on_device, on_host), (eval_on_device, eval_on_host)):
+    np.testing.assert_allclose(float(got['loss']), float(expected['loss']), rtol=1e-5)
 
 
 def test_loss_falls_when_overfitting_a_fixed_batch():

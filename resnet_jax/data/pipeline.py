@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from resnet_jax.data import preprocessing
+from resnet_jax.data import normalization, preprocessing
 from resnet_jax.data.sources import create_source
 from resnet_jax.errors import UserError
 
@@ -42,17 +42,15 @@ def host_batch_size(batch_size: int) -> int:
 
 
 class Pipeline:
-  """Train and eval streams of one dataset for this process (host-local numpy batches)."""
+  """Train and eval streams of one dataset for this process (host-local numpy batches of
+  uint8 pixels, for the steps to normalize as `preprocess` says)."""
 
   def __init__(self, config):
     self.config = config
     self.source = create_source(config.dataset, config.get('data_dir') or None)
     self.num_classes = self.source.num_classes
     self.channels = self.source.channels
-    self.preprocess = config.get('preprocess', 'none')
-    if self.preprocess not in preprocessing.PREPROCESSINGS:
-      raise UserError(f'preprocess={self.preprocess!r}; choose one of '
-                       f'{preprocessing.PREPROCESSINGS}.')
+    self.preprocess = normalization.checked(config.get('preprocess', 'none'))
     self.batch = host_batch_size(config.batch_size)
     self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
     if self.shard_size < self.batch:
@@ -139,7 +137,7 @@ class Pipeline:
     ds = ds.map(lambda ex: preprocessing.preprocess_eval(ex, kind, size),
                 num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros((size, size, self.channels), tf.float32),
+        'image': tf.zeros((size, size, self.channels), tf.uint8),
         'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * batch)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

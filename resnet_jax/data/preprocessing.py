@@ -1,5 +1,8 @@
 """Per-example preprocessing in TensorFlow: augmentation for training, resizing for eval.
 
+Images stay uint8 (a resize rounds back to uint8, as torchvision's PIL transforms do); the
+train and eval steps normalize them on the device (`normalization.py`).
+
 Every random choice is a stateless op seeded by (epoch seed, index of the example in the
 epoch), so an example's augmentation depends on nothing but the seed and its position:
 a resumed run sees exactly the pixels an uninterrupted run would have seen.
@@ -7,25 +10,13 @@ a resumed run sees exactly the pixels an uninterrupted run would have seen.
 
 import tensorflow as tf
 
-# Per-channel mean and standard deviation of pixel values in [0, 1].
-NORMALIZATION = {
-    'digits': ((0.30,), (0.40,)),
-    'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's
-    'none': ((0.5,), (0.5,)),
-}
-PREPROCESSINGS = tuple(NORMALIZATION)
 EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to size / 0.875 (256 for 224), crop
 
 
-def _normalize(image, kind):
-  mean, std = NORMALIZATION[kind]
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(mean)) / tf.constant(std)
-
-
-def _resize(image, size):
-  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+def _resize(image, shape):
+  """Antialiased bilinear resize (as PIL's) to `shape`, rounded back to uint8."""
+  resized = tf.image.resize(image, shape, method='bilinear', antialias=True)
+  return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
 def _pad_and_crop(image, pad, seed):
@@ -46,7 +37,7 @@ def _inception_crop_window(image_shape, seed):
 
 def _inception_crop(image, size, seed):
   begin, crop_size = _inception_crop_window(tf.shape(image), seed)
-  return _resize(tf.slice(image, begin, crop_size), size)
+  return _resize(tf.slice(image, begin, crop_size), (size, size))
 
 
 def decode(encoded, channels: int):
@@ -72,14 +63,14 @@ def _decode_and_inception_crop(encoded, size, seed, channels):
     begin, crop_size = _inception_crop_window(tf.shape(image), seed)
     return tf.slice(image, begin, crop_size)
 
-  return _resize(tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_other), size)
+  return _resize(tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_other), (size, size))
 
 
 def _resize_and_center_crop(image, size):
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = (size / EVAL_CROP_FRACTION) / tf.reduce_min(shape)
   resized_shape = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, resized_shape, method='bilinear', antialias=True)
+  image = _resize(image, resized_shape)
   top = (resized_shape[0] - size) // 2
   left = (resized_shape[1] - size) // 2
   return image[top:top + size, left:left + size]
@@ -87,12 +78,12 @@ def _resize_and_center_crop(image, size):
 
 def _maybe_resize(image, size):
   if image.shape[0] == size and image.shape[1] == size:
-    return tf.cast(image, tf.float32)
-  return _resize(image, size)
+    return image
+  return _resize(image, (size, size))
 
 
 def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 3):
-  """Augments one {'image', 'label'} example; seed is a [2] int64 tensor.
+  """Augments one {'image', 'label'} example to uint8 pixels; seed is a [2] int64 tensor.
 
   'image' is uint8 pixels or, for the 'imagenet' augmentation, may be the encoded file
   (a string tensor decoded to `channels` channels), of which only the crop is decoded.
@@ -112,15 +103,15 @@ def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
     image = _maybe_resize(image, image_size)
-  return {'image': _normalize(image, kind), 'label': tf.cast(example['label'], tf.int32)}
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
 
 def preprocess_eval(example, kind: str, image_size: int):
-  """Deterministic eval transform; adds mask=1 (padding examples get mask=0)."""
+  """Deterministic eval transform to uint8 pixels; adds mask=1 (padding gets mask=0)."""
   image = example['image']
   if kind == 'imagenet':
     image = _resize_and_center_crop(image, image_size)
   else:
     image = _maybe_resize(image, image_size)
-  return {'image': _normalize(image, kind), 'label': tf.cast(example['label'], tf.int32),
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32),
           'mask': tf.constant(1.0)}

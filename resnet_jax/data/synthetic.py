@@ -5,14 +5,18 @@ import math
 import jax
 import numpy as np
 
+from resnet_jax.data import normalization
+
 
 class SyntheticPipeline:
-  """The same fixed random batch over and over, so input never limits the speed."""
+  """The same fixed batch of random pixels over and over, so input never limits the speed."""
 
   def __init__(self, config):
     self.config = config
     self.num_classes = config.num_classes
     self.channels = config.get('in_channels', 3)
+    # Of the preprocessing only the normalization applies (in the steps).
+    self.preprocess = normalization.checked(config.get('preprocess', 'none'))
     self.steps_per_epoch = max(1, config.get('synthetic_train_size', 1_281_167)
                                // config.batch_size)
 
@@ -20,7 +24,7 @@ class SyntheticPipeline:
     rng = np.random.default_rng(seed)
     size, host = self.config.image_size, batch_size // jax.process_count()
     return {
-        'image': rng.standard_normal((host, size, size, self.channels), np.float32),
+        'image': rng.integers(0, 256, (host, size, size, self.channels), np.uint8),
         'label': rng.integers(0, self.num_classes, host).astype(np.int32),
     }
 

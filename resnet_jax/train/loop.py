@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import signal
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -34,13 +34,17 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def compile_steps(mesh: Mesh, skip_nonfinite: bool = False):
-  """(train_step, eval_step) jitted over `mesh`; train_step donates the old state."""
+def compile_steps(mesh: Mesh, preprocess: Optional[str] = None, skip_nonfinite: bool = False):
+  """(train_step, eval_step) jitted over `mesh`; train_step donates the old state.
+
+  Both normalize uint8 pixels as `preprocess` says (None: images go to the model as they are).
+  """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  step = functools.partial(train_step, skip_nonfinite=skip_nonfinite)
+  step = functools.partial(train_step, preprocess=preprocess, skip_nonfinite=skip_nonfinite)
   train = jax.jit(step, in_shardings=(replicated, sharded),
                   out_shardings=(replicated, replicated), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+  evaluate = jax.jit(functools.partial(eval_step, preprocess=preprocess),
+                     in_shardings=(replicated, sharded), out_shardings=replicated)
   return train, evaluate
 
 
@@ -257,7 +261,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = _init_from(config, state, spec, replicated)
 
   skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))
-  train_fn, eval_fn = compile_steps(mesh, skip_nonfinite)
+  train_fn, eval_fn = compile_steps(mesh, pipeline.preprocess, skip_nonfinite)
   writer = MetricWriter(workdir)
   progress = Progress(start_step, total_steps, config.batch_size)
   stop = _StopRequest()

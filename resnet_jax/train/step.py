@@ -3,14 +3,19 @@
 Under `jax.jit` with the batch sharded over a data axis, BatchNorm statistics cover the
 global batch (synchronized BN) and gradients are averaged over all devices by the
 compiler; there is no explicit collective here.
+
+Both steps take the pipelines' uint8 pixels and normalize them with the mean and std of
+`preprocess` (see `resnet_jax.data.normalization`); `preprocess=None` feeds 'image' to the
+model as it is.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax.data.normalization import normalize
 from resnet_jax.train.state import TrainState
 
 Batch = Dict[str, jax.Array]
@@ -24,18 +29,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch: Batch, skip_nonfinite: bool = False
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def model_input(batch: Batch, preprocess: Optional[str]) -> jax.Array:
+  """The batch's images as the model takes them."""
+  return batch['image'] if preprocess is None else normalize(batch['image'], preprocess)
+
+
+def train_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None,
+               skip_nonfinite: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One SGD step on {'image', 'label'}; returns the new state and loss/accuracy/finite.
 
   'finite' says whether the loss and the gradients were finite; with `skip_nonfinite`
   a step where they were not returns `state` unchanged instead of a state holding NaN.
   """
 
+  images = model_input(batch, preprocess)
+
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = state.apply_fn(variables, batch['image'], train=True,
-                                     mutable=['batch_stats'])
+    logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'])
     loss = cross_entropy(logits, batch['label'], state.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
@@ -49,10 +60,11 @@ def train_step(state: TrainState, batch: Batch, skip_nonfinite: bool = False
   return new_state, {'loss': loss, 'accuracy': accuracy, 'finite': finite}
 
 
-def eval_step(state: TrainState, batch: Batch) -> Dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None
+              ) -> Dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and example count over the masked batch."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, batch['image'], train=False)
+  logits = state.apply_fn(variables, model_input(batch, preprocess), train=False)
   return eval_metrics(logits, batch['label'], batch['mask'])
 
 
