@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,16 @@ def test_weight_decay_mask_excludes_bn_and_bias():
   assert mask['conv1']['kernel'] and mask['fc']['kernel']
   assert not mask['bn1']['scale'] and not mask['fc']['bias']
   assert all(jax.tree.leaves(optim.decay_mask(params, exclude_bn_and_bias=False)))
+  # Scanned blocks stack their parameters: a BN scale is 2-D there, and still excluded.
+  model = resnet_jax.create_model('cifar_resnet20', scan_blocks=True,
+                                  **{**TINY_MODEL, 'stage_sizes': (2, 2, 2)})
+  scanned = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  flat = flax.traverse_util.flatten_dict(
+      optim.decay_mask(scanned['params'], exclude_bn_and_bias=True), sep='/')
+  stacked = [k for k, v in flax.traverse_util.flatten_dict(scanned['params'], sep='/').items()
+             if v.ndim == 2 and k.endswith('scale')]
+  assert stacked and not any(flat[k] for k in stacked)
+  assert all(v == k.endswith('kernel') for k, v in flat.items())
 
 
 def test_eval_metrics_count_top_k_and_mask():

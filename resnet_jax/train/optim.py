@@ -45,8 +45,10 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def decay_mask(params, exclude_bn_and_bias: bool):
-  """True for the parameters that weight decay applies to."""
-  return jax.tree.map(lambda p: not (exclude_bn_and_bias and p.ndim <= 1), params)
+  """True for the parameters that weight decay applies to: all, or only the kernels of
+  convolutions and of the head (by name, so stacked parameters of scanned blocks too)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not exclude_bn_and_bias or path[-1].key == 'kernel', params)
 
 
 def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
