@@ -204,12 +204,21 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
                                                                   six_step_reference):
   """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
   over steps 3 and 4 exactly as the uninterrupted run does."""
-  def interrupt_at_3(step, batch):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-    return batch
+  compile_steps = loop.compile_steps
 
-  patch_train_batches(monkeypatch, interrupt_at_3)
+  def compile_interrupted_steps(*args, **kwargs):
+    train_fn, eval_fn = compile_steps(*args, **kwargs)
+    calls = []
+
+    def train_fn_interrupted_at_3(state, batch):
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)  # while step 3 runs
+      return train_fn(state, batch)
+
+    return train_fn_interrupted_at_3, eval_fn
+
+  monkeypatch.setattr(loop, 'compile_steps', compile_interrupted_steps)
   handler = signal.getsignal(signal.SIGINT)
   train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
   assert _steps(tmp_path) == [2, 3]

@@ -14,12 +14,14 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
 
 import resnet_jax
 from resnet_jax.train import optim
 from resnet_jax.train.checkpoints import restore_run
-from resnet_jax.train.loop import merge_pretrained, train_and_evaluate
+from resnet_jax.train.loop import (DATA_AXIS, create_mesh, device_batches, merge_pretrained,
+                                   train_and_evaluate)
 from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.state import create_train_state
 from resnet_jax.train.step import eval_metrics, eval_step, train_step
@@ -118,6 +120,22 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.3 * losses[0], losses
   assert int(state.step) == 30
+
+
+def test_device_batches_copy_ahead_in_order():
+  pulled = []
+
+  def host_batches():
+    for i in range(5):
+      pulled.append(i)
+      yield {'image': np.full((8, 2), i, np.uint8)}
+
+  mesh = create_mesh()
+  stream = device_batches(host_batches(), NamedSharding(mesh, P(DATA_AXIS)), ahead=2)
+  first = next(stream)
+  assert isinstance(first['image'], jax.Array) and len(pulled) == 3  # two copies ahead
+  rest = [int(b['image'][0, 0]) for b in stream]
+  assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
 
 
 def test_merge_pretrained_reinitializes_a_head_of_another_size():

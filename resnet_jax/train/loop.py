@@ -4,11 +4,12 @@ The step is compiled once over a Mesh of all devices with the batch sharded alon
 and the state replicated, so the same code runs on one CPU, N devices and multi-host pods.
 """
 
+import collections
 import functools
 import json
 import os
 import signal
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -34,6 +35,18 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def device_batches(batches: Iterator[dict], sharding: NamedSharding,
+                   ahead: int = 2) -> Iterator[dict]:
+  """`global_batch` of each host batch, copied to the devices `ahead` batches before the
+  step that takes it, so the copies overlap with the steps still running."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(global_batch(batch, sharding))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  yield from queue
+
+
 def compile_steps(mesh: Mesh, preprocess: Optional[str] = None, skip_nonfinite: bool = False):
   """(train_step, eval_step) jitted over `mesh`; train_step donates the old state.
 
@@ -54,8 +67,8 @@ def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
   num_batches, batches = pipeline.eval_batches(split, batch_size)
   totals = None
   with progress_bar(num_batches, desc=f'eval {split}', unit='batch') as bar:
-    for batch in batches():
-      sums = eval_fn(state, global_batch(batch, sharding))
+    for batch in device_batches(batches(), sharding):
+      sums = eval_fn(state, batch)
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
       bar.update()
   totals = jax.device_get(totals)
@@ -265,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   progress = Progress(start_step, total_steps, config.batch_size)
   stop = _StopRequest()
-  batches = pipeline.train_batches(start_step)
+  batches = device_batches(pipeline.train_batches(start_step), sharded)
   window, eval_results = _Window(skip_nonfinite, window_rows), {}
   log(f'Training {config.model} on {config.dataset}: {total_steps} steps of '
       f'{config.batch_size} images ({steps_per_epoch} per epoch) on {jax.device_count()} '
@@ -274,7 +287,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bar = progress_bar(total_steps, start_step)
   try:
     while step < total_steps:
-      state, metrics = train_fn(state, global_batch(next(batches), sharded))
+      state, metrics = train_fn(state, next(batches))
       window.add(step + 1, metrics)
       step += 1
       bar.update()
