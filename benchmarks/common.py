@@ -1,8 +1,13 @@
-"""What the benchmarks share: the project's jitted train step on an abstract state."""
+"""What the benchmarks share: the project's jitted train step on an abstract state, and
+folders of real JPEG files."""
+
+import io
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 import resnet_jax
 from resnet_jax.train import loop, optim, state as train_state
@@ -46,3 +51,34 @@ def versions():
   return (f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, '
           f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), '
           f'torch {torch.__version__}')
+
+
+def write_jpegs(root, count, classes=4, distinct=64):
+  """`count` 500x375 JPEGs (quality 90) in `classes` class folders under `root`: smooth
+  synthetic content plus noise, so that decoding costs what a photo costs; `distinct` of
+  them differ, the others repeat them."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  y, x = np.mgrid[0:375, 0:500]
+  encoded = []
+  for _ in range(min(count, distinct)):
+    fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6)]
+    channels = [127 + 120 * np.sin(fx * x * (c + 1) + fy * y + phase + c) for c in range(3)]
+    image = np.stack(channels, -1) + rng.normal(0, 8, (375, 500, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, 'JPEG', quality=90)
+    encoded.append(buffer.getvalue())
+  for i in range(count):
+    folder = os.path.join(root, f'class{i % classes}')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
+      f.write(encoded[i % len(encoded)])
+
+
+def folder_pipeline(root, batch, size):
+  """The project's ImageNet training pipeline (decode, inception crop, flip, resize) over
+  the image folder `root`."""
+  from resnet_jax.data.pipeline import Pipeline  # TensorFlow: only once torch is imported
+  return Pipeline(ml_collections.ConfigDict(dict(
+      dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
+      image_size=size, batch_size=batch, seed=0, shuffle_buffer=1024)))

@@ -14,34 +14,15 @@ import os
 import tempfile
 import time
 
-import ml_collections
-import numpy as np
 import torch  # before TensorFlow: importing triton after TensorFlow segfaults
 import torchvision
-from PIL import Image
 from torchvision import transforms
 
-from resnet_jax.data.pipeline import Pipeline
-
-
-def write_jpegs(root, count, classes=4):
-  rng = np.random.default_rng(0)
-  y, x = np.mgrid[0:375, 0:500]
-  for i in range(count):
-    folder = os.path.join(root, f'class{i % classes}')
-    os.makedirs(folder, exist_ok=True)
-    fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6)]
-    channels = [127 + 120 * np.sin(fx * x * (c + 1) + fy * y + phase + c) for c in range(3)]
-    image = np.stack(channels, -1) + rng.normal(0, 8, (375, 500, 3))
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+from common import folder_pipeline, write_jpegs
 
 
 def time_project(root, batch, batches):
-  config = ml_collections.ConfigDict(dict(
-      dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
-      image_size=224, batch_size=batch, seed=0, shuffle_buffer=1024))
-  stream = Pipeline(config).train_batches()
+  stream = folder_pipeline(root, batch, 224).train_batches()
   next(stream)  # warm-up: builds the graph and fills the prefetch buffer
   start = time.perf_counter()
   for _ in range(batches):

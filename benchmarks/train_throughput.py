@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py                      # CPU defaults
     python benchmarks/train_throughput.py --models resnet50 --batch 256 --dtype bfloat16
+    python benchmarks/train_throughput.py --models resnet50 --batch 256 --dtype bfloat16 \
+        --real-data   # also the JAX step fed by the real input pipeline
 
 Both frameworks train the same architecture (torchvision's for the ImageNet family, a
 PyTorch CIFAR ResNet defined below for the CIFAR nets) with SGD + momentum on the same
@@ -9,12 +11,17 @@ synthetic batch, size and precision, using the same threads. The JAX step normal
 uint8 pixels on the device, as in train.py; PyTorch gets float images, normalized before
 the step as its DataLoader workers would. After warm-up the two are timed in alternating
 rounds; the table gives the median of each and the ratio JAX / PyTorch (above 1: JAX is
-faster).
+faster). With --real-data the JAX step is also timed fed by the project's ImageNet
+training pipeline (decode JPEG, inception crop, flip, resize; copies two steps ahead, as
+train.py does) over JPEG files the script writes: if that figure falls short of the
+synthetic one, the input pipeline is the bottleneck.
 """
 
 import argparse
+import itertools
 import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -24,7 +31,7 @@ import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
-from common import preprocess, train_state_factory
+from common import folder_pipeline, preprocess, train_state_factory, write_jpegs
 from resnet_jax.train import host_memory, loop
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
@@ -75,22 +82,27 @@ def torch_model(name):
 # --- the two timed loops ----------------------------------------------------------------
 
 
-def jax_runner(name, batch, size, dtype):
-  """A closure running `steps` of the project's jitted train step."""
+def jax_runner(name, batch, size, dtype, image_folder=None):
+  """A closure running `steps` of the project's jitted train step, on one synthetic batch
+  or on the input pipeline's batches of `image_folder`."""
   model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
   state = make_state()
   mesh = loop.create_mesh()
   train_fn, _ = loop.compile_steps(mesh, preprocess(name))
-  rng = np.random.default_rng(0)
-  host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-                'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
   sharding = NamedSharding(mesh, PartitionSpec(loop.DATA_AXIS))
-  device_batch = loop.global_batch(host_batch, sharding)
+  if image_folder:
+    batches = loop.device_batches(folder_pipeline(image_folder, batch, size).train_batches(),
+                                  sharding)
+  else:
+    rng = np.random.default_rng(0)
+    host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+                  'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
+    batches = itertools.repeat(loop.global_batch(host_batch, sharding))
   holder = [state]
 
   def run(steps):
     for _ in range(steps):
-      holder[0], metrics = train_fn(holder[0], device_batch)
+      holder[0], metrics = train_fn(holder[0], next(batches))
     jax.block_until_ready(metrics)
 
   return run
@@ -149,6 +161,8 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='steps per timed round')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--torch-compile', action='store_true', help='also torch.compile')
+  parser.add_argument('--real-data', action='store_true',
+                      help='also JAX fed by the input pipeline over JPEG files (224x224 models)')
   args = parser.parse_args()
   if host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # as train.py does; PyTorch runs in this process too
@@ -160,17 +174,26 @@ def main():
         f'dtype {args.dtype}')
   print('| model | batch | image | JAX img/s | PyTorch img/s | JAX / PyTorch |')
   print('|---|---:|---:|---:|---:|---:|')
-  for name in args.models:
-    size = 32 if name.startswith('cifar') else 224
-    batch = args.batch or DEFAULT_BATCH.get(name, 32)
-    runners = {'jax': jax_runner(name, batch, size, args.dtype),
-               'torch': torch_runner(name, batch, size, args.dtype, device, False)}
-    if args.torch_compile:
-      runners['torch.compile'] = torch_runner(name, batch, size, args.dtype, device, True)
-    result = measure(runners, batch, args.steps, args.rounds)
-    for label in [k for k in result if k != 'jax']:
-      print(f'| {name} ({label}) | {batch} | {size} | {result["jax"]:.1f} | '
-            f'{result[label]:.1f} | {result["jax"] / result[label]:.2f} |', flush=True)
+  with tempfile.TemporaryDirectory() as scratch:  # JPEG files for --real-data
+    for name in args.models:
+      size = 32 if name.startswith('cifar') else 224
+      batch = args.batch or DEFAULT_BATCH.get(name, 32)
+      runners = {'jax': jax_runner(name, batch, size, args.dtype),
+                 'torch': torch_runner(name, batch, size, args.dtype, device, False)}
+      if args.torch_compile:
+        runners['torch.compile'] = torch_runner(name, batch, size, args.dtype, device, True)
+      if args.real_data and size == 224:  # one epoch for all rounds; a tenth is held out
+        image_folder = os.path.join(scratch, name)
+        write_jpegs(image_folder, batch * (args.steps * args.rounds + 4) * 10 // 9 + 10)
+        runners['jax, real data'] = jax_runner(name, batch, size, args.dtype, image_folder)
+      result = measure(runners, batch, args.steps, args.rounds)
+      for label in [k for k in result if not k.startswith('jax')]:
+        print(f'| {name} ({label}) | {batch} | {size} | {result["jax"]:.1f} | '
+              f'{result[label]:.1f} | {result["jax"] / result[label]:.2f} |', flush=True)
+      if 'jax, real data' in result:
+        print(f'| {name} (JAX fed by the input pipeline) | {batch} | {size} | '
+              f'{result["jax, real data"]:.1f} | | {result["jax, real data"] / result["jax"]:.2f}'
+              f' of synthetic |', flush=True)
 
 
 if __name__ == '__main__':
