@@ -31,7 +31,8 @@ import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
-from common import folder_pipeline, preprocess, train_state_factory, write_jpegs
+from common import (folder_pipeline, image_size, preprocess, train_state_factory,
+                    write_jpegs)
 from resnet_jax.train import host_memory, loop
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
@@ -152,6 +153,28 @@ def measure(runners, batch, steps, rounds):
   return {label: statistics.median(r) for label, r in results.items()}
 
 
+def compare(name, args, device, image_folder):
+  """Times `name` in JAX and PyTorch (and fed by the input pipeline over JPEG files
+  written to `image_folder`, with --real-data) and prints its table rows."""
+  size = image_size(name)
+  batch = args.batch or DEFAULT_BATCH.get(name, 32)
+  runners = {'jax': jax_runner(name, batch, size, args.dtype),
+             'torch': torch_runner(name, batch, size, args.dtype, device, False)}
+  if args.torch_compile:
+    runners['torch.compile'] = torch_runner(name, batch, size, args.dtype, device, True)
+  if args.real_data and size == 224:  # one epoch for all rounds; a tenth is held out
+    write_jpegs(image_folder, batch * (args.steps * args.rounds + 4) * 10 // 9 + 10)
+    runners['jax, real data'] = jax_runner(name, batch, size, args.dtype, image_folder)
+  result = measure(runners, batch, args.steps, args.rounds)
+  for label in [k for k in result if not k.startswith('jax')]:
+    print(f'| {name} ({label}) | {batch} | {size} | {result["jax"]:.1f} | '
+          f'{result[label]:.1f} | {result["jax"] / result[label]:.2f} |', flush=True)
+  if 'jax, real data' in result:
+    print(f'| {name} (JAX fed by the input pipeline) | {batch} | {size} | '
+          f'{result["jax, real data"]:.1f} | | {result["jax, real data"] / result["jax"]:.2f}'
+          f' of synthetic |', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', nargs='+',
@@ -176,25 +199,7 @@ def main():
   print('|---|---:|---:|---:|---:|---:|')
   with tempfile.TemporaryDirectory() as scratch:  # JPEG files for --real-data
     for name in args.models:
-      size = 32 if name.startswith('cifar') else 224
-      batch = args.batch or DEFAULT_BATCH.get(name, 32)
-      runners = {'jax': jax_runner(name, batch, size, args.dtype),
-                 'torch': torch_runner(name, batch, size, args.dtype, device, False)}
-      if args.torch_compile:
-        runners['torch.compile'] = torch_runner(name, batch, size, args.dtype, device, True)
-      if args.real_data and size == 224:  # one epoch for all rounds; a tenth is held out
-        image_folder = os.path.join(scratch, name)
-        write_jpegs(image_folder, batch * (args.steps * args.rounds + 4) * 10 // 9 + 10)
-        runners['jax, real data'] = jax_runner(name, batch, size, args.dtype, image_folder)
-      result = measure(runners, batch, args.steps, args.rounds)
-      for label in [k for k in result if not k.startswith('jax')]:
-        print(f'| {name} ({label}) | {batch} | {size} | {result["jax"]:.1f} | '
-              f'{result[label]:.1f} | {result["jax"] / result[label]:.2f} |', flush=True)
-      if 'jax, real data' in result:
-        print(f'| {name} (JAX fed by the input pipeline) | {batch} | {size} | '
-              f'{result["jax, real data"]:.1f} | | {result["jax, real data"] / result["jax"]:.2f}'
-              f' of synthetic |', flush=True)
-
+      compare(name, args, device, os.path.join(scratch, name))
 
 if __name__ == '__main__':
   main()

@@ -35,9 +35,10 @@ def _inception_crop_window(image_shape, seed):
   return begin, crop_size
 
 
-def _inception_crop(image, size, seed):
+def _inception_crop(image, seed):
+  """The pixels of `image` in its random inception crop window (not resized)."""
   begin, crop_size = _inception_crop_window(tf.shape(image), seed)
-  return _resize(tf.slice(image, begin, crop_size), (size, size))
+  return tf.slice(image, begin, crop_size)
 
 
 def decode(encoded, channels: int):
@@ -45,7 +46,7 @@ def decode(encoded, channels: int):
   return tf.io.decode_image(encoded, channels=channels, expand_animations=False)
 
 
-def _decode_and_inception_crop(encoded, size, seed, channels):
+def _decode_and_inception_crop(encoded, seed, channels):
   """`_inception_crop` of the decoded image, decoding only the crop window of a JPEG.
 
   The window depends only on the image size and the seed, so the pixels are those of a
@@ -58,12 +59,8 @@ def _decode_and_inception_crop(encoded, size, seed, channels):
     window = tf.concat([begin[:2], crop_size[:2]], 0)
     return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
 
-  def crop_other():
-    image = decode(encoded, channels)
-    begin, crop_size = _inception_crop_window(tf.shape(image), seed)
-    return tf.slice(image, begin, crop_size)
-
-  return _resize(tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_other), (size, size))
+  return tf.cond(tf.io.is_jpeg(encoded), crop_jpeg,
+                 lambda: _inception_crop(decode(encoded, channels), seed))
 
 
 def _resize_and_center_crop(image, size):
@@ -97,9 +94,10 @@ def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   elif kind == 'imagenet':
     if image.dtype == tf.string:
-      image = _decode_and_inception_crop(image, image_size, crop_seed, channels)
+      image = _decode_and_inception_crop(image, crop_seed, channels)
     else:
-      image = _inception_crop(image, image_size, crop_seed)
+      image = _inception_crop(image, crop_seed)
+    image = _resize(image, (image_size, image_size))
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
     image = _maybe_resize(image, image_size)
