@@ -23,8 +23,8 @@ from resnet_jax.train.checkpoints import restore_run
 from resnet_jax.train.loop import (DATA_AXIS, create_mesh, device_batches, merge_pretrained,
                                    train_and_evaluate)
 from resnet_jax.train.metrics import read_metrics
-from resnet_jax.train.state import create_train_state
-from resnet_jax.train.step import eval_metrics, eval_step, train_step
+from resnet_jax.train.state import TrainState, create_train_state
+from resnet_jax.train.step import all_finite, eval_metrics, eval_step, train_step
 
 # Golden value of the first step's loss of `_tiny_state` on `_fixed_batch`. If a deliberate
 # change to the model's initialization, the loss or the step moves it, check the new value
@@ -120,6 +120,29 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.3 * losses[0], losses
   assert int(state.step) == 30
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 'opposite infinities'])
+def test_all_finite_sees_any_nan_or_infinity(bad):
+  tree = {'a': np.full((3, 4), 1e30, np.float32), 'b': [np.zeros(5, jnp.bfloat16)]}
+  assert bool(all_finite(tree))
+  if bad == 'opposite infinities':
+    tree['a'][0, 0], tree['a'][2, 3] = np.inf, -np.inf
+  else:
+    tree['a'][1, 2] = bad
+  assert not bool(all_finite(tree))
+
+
+def test_step_with_a_finite_loss_but_infinite_gradients_is_not_finite():
+  def apply_fn(variables, images, train, mutable):  # sqrt at 0: finite, infinite slope
+    logits = jnp.sqrt(variables['params']['w']) + jnp.zeros((images.shape[0], 10))
+    return logits, {'batch_stats': {}}
+  state = TrainState.create(apply_fn=apply_fn, params={'w': jnp.zeros(10)},
+                            tx=optax.sgd(0.1), batch_stats={})
+  new_state, metrics = jax.jit(functools.partial(train_step, skip_nonfinite=True))(
+      state, _fixed_batch())
+  assert np.isfinite(float(metrics['loss'])) and not bool(metrics['finite'])
+  assert int(new_state.step) == 0 and np.all(np.asarray(new_state.params['w']) == 0)
 
 
 def test_device_batches_copy_ahead_in_order():

@@ -52,12 +52,20 @@ def train_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  # One reduction over the gradients: cheap next to the step, and NaN/inf propagate into it.
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  finite = jnp.isfinite(loss) & all_finite(grads)
   if skip_nonfinite:
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   return new_state, {'loss': loss, 'accuracy': accuracy, 'finite': finite}
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether no leaf of `tree` holds a NaN or an infinity.
+
+  One plain sum per leaf, which NaN and infinities propagate into (opposite infinities
+  make NaN): fewer XLA fusions to compile than a norm or an elementwise isfinite.
+  """
+  return jnp.isfinite(sum(jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)))
 
 
 def eval_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None
