@@ -21,15 +21,22 @@ from torchvision import transforms
 from common import folder_pipeline, write_jpegs
 
 
-def time_project(root, batch, batches):
-  stream = folder_pipeline(root, batch, 224).train_batches()
-  next(stream)  # warm-up: builds the graph and fills the prefetch buffer
+def images_per_second(stream, batch, batches):
+  """Steady-state rate: the first batches, made while the workers started up side by side
+  and ready at once, are not timed."""
+  for _ in range(os.cpu_count()):
+    next(stream)
   start = time.perf_counter()
   for _ in range(batches):
     next(stream)
-  seconds = time.perf_counter() - start
+  return batches * batch / (time.perf_counter() - start)
+
+
+def time_project(root, batch, batches):
+  stream = folder_pipeline(root, batch, 224).train_batches()
+  rate = images_per_second(stream, batch, batches)
   stream.close()
-  return batches * batch / seconds
+  return rate
 
 
 def time_torchvision(root, batch, batches):
@@ -42,11 +49,7 @@ def time_torchvision(root, batch, batches):
                                             num_workers=os.cpu_count(), persistent_workers=True,
                                             # fork after TensorFlow's threads start crashes
                                             multiprocessing_context='spawn'))
-  next(loader)
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(loader)
-  return batches * batch / (time.perf_counter() - start)
+  return images_per_second(loader, batch, batches)
 
 
 def main():

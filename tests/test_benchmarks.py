@@ -1,0 +1,60 @@
+"""The benchmark scripts run and print their tables (at toy sizes: the figures themselves
+are measured by hand and recorded in benchmarks/RESULTS.md, never asserted here)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+NUMBER = r'(\d+(?:\.\d+)?)'
+
+
+def run_benchmark(script, *args):
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='true')  # compile fast, as the tests do
+  result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / script), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def table_rows(output, label):
+  """The numbers of each table row whose first cell starts with `label`."""
+  rows = [line.split('|')[2:-1] for line in output.splitlines()
+          if line.startswith(f'| {label}')]
+  return [[float(cell) for cell in re.findall(NUMBER, ' '.join(row))] for row in rows]
+
+
+def test_train_throughput_compares_with_pytorch_and_times_the_input_pipeline():
+  output = run_benchmark('train_throughput.py', '--models', 'cifar_resnet20', 'resnet18',
+                         '--batch', '2', '--steps', '1', '--rounds', '1',
+                         '--dtype', 'bfloat16', '--real-data')
+  for name, size in (('cifar_resnet20', 32), ('resnet18', 224)):
+    [(batch, image, jax_rate, torch_rate, ratio)] = table_rows(output, f'{name} (torch)')
+    assert (batch, image) == (2, size) and jax_rate > 0 and torch_rate > 0
+    assert ratio == pytest.approx(jax_rate / torch_rate, rel=0.05)  # rates rounded
+  [(_, _, fed_rate, fraction)] = table_rows(output, 'resnet18 (JAX fed by the input pipeline)')
+  assert fed_rate > 0 and fraction > 0
+
+
+def test_compile_time_and_memory_tables():
+  compile_rows = table_rows(run_benchmark('compile_time.py', '--models', 'cifar_resnet20',
+                                          '--batch', '2'), 'cifar_resnet20')
+  [(unrolled_trace, unrolled, scan_trace, scan, speedup)] = compile_rows
+  assert min(unrolled_trace, unrolled, scan_trace, scan) > 0
+  assert speedup == pytest.approx((unrolled_trace + unrolled) / (scan_trace + scan), abs=0.06)
+  memory_rows = table_rows(run_benchmark('memory.py', '--models', 'cifar_resnet20', '--batch', '2'),
+                           'cifar_resnet20')
+  [(plain, remat, ratio, _, _)] = memory_rows
+  assert 0 < remat <= plain and 0 < ratio <= 1  # remat never needs more
+
+
+def test_input_pipeline_compares_with_torchvision():
+  output = run_benchmark('input_pipeline.py', '--images', '16', '--batch', '4',
+                         '--batches', '2')
+  [(ours, ours_per_core)] = table_rows(output, 'resnet_jax')
+  [(theirs, _)] = table_rows(output, f'torchvision DataLoader ({os.cpu_count()} workers)')
+  assert ours > 0 and theirs > 0
+  assert ours_per_core == pytest.approx(ours / os.cpu_count(), abs=1)
