@@ -28,9 +28,11 @@ def abstract_train_state(name, batch, size, **overrides):
   return model, jax.eval_shape(make_state)
 
 
-def lowered_train_step(name, batch, size, **overrides):
-  """The train step train.py compiles, lowered for `name` at (batch, size, size, 3)."""
-  model, state = abstract_train_state(name, batch, size, **overrides)
+def lowered_train_step(name, batch, size, state=None, **overrides):
+  """The train step train.py compiles, lowered for `name` at (batch, size, size, 3), on
+  `state` (the shapes of `abstract_train_state`, made here if None)."""
+  if state is None:
+    _, state = abstract_train_state(name, batch, size, **overrides)
   train_fn, _ = loop.compile_steps(loop.create_mesh(), preprocess(name))
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
