@@ -12,10 +12,10 @@ channels_last with cuDNN's autotuning on, as XLA autotunes its convolutions. The
 normalizes uint8 pixels on the device, as in train.py; PyTorch gets float images,
 normalized before the step as its DataLoader workers would. After warm-up the two are
 timed in alternating rounds; the table gives the median of each and the ratio
-JAX / PyTorch (above 1: JAX is faster). With --real-data the JAX step is also timed fed by the project's ImageNet
-training pipeline (decode JPEG, inception crop, flip, resize; copies two steps ahead, as
-train.py does) over JPEG files the script writes: if that figure falls short of the
-synthetic one, the input pipeline is the bottleneck.
+JAX / PyTorch (above 1: JAX is faster). With --real-data the JAX step is also timed fed
+by the project's ImageNet training pipeline (decode JPEG, inception crop, flip, resize;
+copies two steps ahead, as train.py does) over JPEG files the script writes: if that
+figure falls short of the synthetic one, the input pipeline is the bottleneck.
 """
 
 import argparse
