@@ -19,6 +19,7 @@ figure falls short of the synthetic one, the input pipeline is the bottleneck.
 """
 
 import argparse
+import importlib.util
 import itertools
 import os
 import statistics
@@ -188,6 +189,9 @@ def main():
   parser.add_argument('--real-data', action='store_true',
                       help='also JAX fed by the input pipeline over JPEG files (224x224 models)')
   args = parser.parse_args()
+  if args.real_data and importlib.util.find_spec('tensorflow') is None:
+    parser.error("--real-data times the project's tf.data pipeline, which needs TensorFlow: "
+                 "pip install -e '.[train]', or leave --real-data out.")
   if host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # as train.py does; PyTorch runs in this process too
 
