@@ -27,16 +27,21 @@ def table_rows(output, label):
   return [[float(cell) for cell in re.findall(NUMBER, ' '.join(row))] for row in rows]
 
 
-def test_train_throughput_compares_with_pytorch_and_times_the_input_pipeline():
-  output = run_benchmark('train_throughput.py', '--models', 'cifar_resnet20', 'resnet18',
-                         '--batch', '2', '--steps', '1', '--rounds', '1',
-                         '--dtype', 'bfloat16', '--real-data')
-  for name, size in (('cifar_resnet20', 32), ('resnet18', 224)):
-    [(batch, image, jax_rate, torch_rate, ratio)] = table_rows(output, f'{name} (torch)')
-    assert (batch, image) == (2, size) and jax_rate > 0 and torch_rate > 0
-    assert ratio == pytest.approx(jax_rate / torch_rate, rel=0.05)  # rates rounded
-  [(_, _, fed_rate, fraction)] = table_rows(output, 'resnet18 (JAX fed by the input pipeline)')
-  assert fed_rate > 0 and fraction > 0
+@pytest.mark.parametrize('name, size, options', [
+    ('cifar_resnet20', 32, ['--dtype', 'bfloat16']),
+    ('resnet18', 224, ['--real-data']),  # JPEG files through the ImageNet pipeline
+])
+def test_train_throughput_compares_with_pytorch(name, size, options):
+  output = run_benchmark('train_throughput.py', '--models', name, '--batch', '2',
+                         '--steps', '1', '--rounds', '1', *options)
+  [(batch, image, jax_rate, torch_rate, ratio)] = table_rows(output, f'{name} (torch)')
+  assert (batch, image) == (2, size) and jax_rate > 0 and torch_rate > 0
+  # The rates are printed to 0.05 and the ratio to 0.005.
+  low, high = (jax_rate - 0.05) / (torch_rate + 0.05), (jax_rate + 0.05) / (torch_rate - 0.05)
+  assert low - 0.005 <= ratio <= high + 0.005
+  if '--real-data' in options:
+    [(_, _, fed_rate, fraction)] = table_rows(output, f'{name} (JAX fed by the input pipeline)')
+    assert fed_rate > 0 and fraction > 0
 
 
 def test_compile_time_and_memory_tables():
