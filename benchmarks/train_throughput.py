@@ -207,5 +207,6 @@ def main():
     for name in args.models:
       compare(name, args, device, os.path.join(scratch, name))
 
+
 if __name__ == '__main__':
   main()

@@ -2,9 +2,9 @@
 
   python -m resnet_jax.predict --checkpoint ckpt/ cat.jpg dog.png
 
-Preprocessing is torchvision's ImageNet evaluation transform done with PIL and numpy:
-resize the shorter side to 256 (bilinear), center-crop 224, scale to [0, 1] and
-normalize with the ImageNet mean and std.
+Preprocessing is torchvision's ImageNet evaluation transform: resize the shorter side to
+256 (bilinear) and center-crop 224 with PIL, then scale to [0, 1] and normalize with the
+ImageNet mean and std, as the train and eval steps do (`normalization.normalize`).
 """
 
 import argparse
@@ -15,9 +15,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from resnet_jax.data.normalization import NORMALIZATION
+from resnet_jax.data.normalization import normalize
 
-IMAGENET_MEAN, IMAGENET_STD = (np.array(v, np.float32) for v in NORMALIZATION['imagenet'])
 RESIZE_SIZE = 256
 CROP_SIZE = 224
 CLASS_NAMES_FILE = Path(__file__).with_name('imagenet_classes.txt')
@@ -44,8 +43,7 @@ def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE
   top = int(round((size[1] - crop_size) / 2.0))
   left = int(round((size[0] - crop_size) / 2.0))
   image = image.crop((left, top, left + crop_size, top + crop_size))
-  pixels = np.asarray(image, np.float32) / 255.0
-  return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+  return np.asarray(normalize(np.asarray(image), 'imagenet'))
 
 
 def read_image(path: Path) -> np.ndarray:
