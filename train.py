@@ -12,8 +12,18 @@ from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
-                                'Training configuration file.', lock_config=True)
+
+def _exit_unknown_key(error: Exception):
+  """ml_collections' AttributeError for a --config.KEY the config lacks, as one message."""
+  from resnet_jax.train.config_schema import unknown_override  # pylint: disable=g-import-not-at-top
+  sys.exit(f'Error: {unknown_override(sys.argv) or error}')
+
+
+try:  # ml_collections applies the default config's --config.KEY overrides here already
+  config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
+                                  'Training configuration file.', lock_config=True)
+except (AttributeError, KeyError) as e:
+  _exit_unknown_key(e)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics '
                     '(default: ./workdirs/<config name>).')
 flags.DEFINE_string('jax_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
@@ -23,6 +33,16 @@ flags.DEFINE_bool('keep_freed_memory', True, 'On CPU-only hosts, keep freed memo
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host pods; '
                   'coordinator found from the environment: TPU, SLURM, Open MPI, ...).')
 FLAGS = flags.FLAGS
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one message for a bad flag, value or config key."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'Error: {e}\nPass --helpfull to see the flags.')
+  except (AttributeError, KeyError) as e:
+    _exit_unknown_key(e)
 
 
 def main(argv):
@@ -39,15 +59,17 @@ def main(argv):
   if FLAGS.jax_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.jax_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from resnet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
   workdir = FLAGS.workdir or os.path.join('workdirs', config_name)
   try:
     train_and_evaluate(FLAGS.config, workdir)
-  except (UserError, FloatingPointError) as e:  # the message says what to fix; no traceback
+  except UserError as e:  # the message says what to fix; no traceback
     sys.exit(f'Error: {e}')
+  except Interrupted as e:  # saved; not 0, so that a scheduler requeues the job
+    sys.exit(e.exit_status)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

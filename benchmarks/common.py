@@ -16,7 +16,8 @@ from resnet_jax.train import loop, optim, state as train_state
 def train_state_factory(name, batch, size, **overrides):
   """(model, a function making the project's SGD train state) for `name`."""
   model = resnet_jax.create_model(name, **overrides)
-  config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False))
+  config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False,
+                                          weight_decay_exclude_bn_and_bias=False))
   tx = optim.create_optimizer(config, lambda step: 0.1)
   return model, lambda: train_state.create_train_state(
       model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))

@@ -14,6 +14,7 @@ def get_config():
   config.model = 'cifar_resnet20'
   config.model_overrides = ml_collections.ConfigDict()
   config.num_classes = 10  # classes of the dataset (used by synthetic data; TFDS knows its own)
+  config.in_channels = 3  # image channels (used by synthetic data; datasets know their own)
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params/BN stats stay f32
   config.bn_group_size = 0  # 0: BN statistics over the global batch; N: over groups of N
   # Data.
@@ -24,6 +25,8 @@ def get_config():
   config.preprocess = 'digits'  # augmentation: 'digits', 'cifar', 'imagenet' or 'none'
   config.image_size = 8
   config.shuffle_buffer = 2048  # examples; >= the split size shuffles fully
+  config.synthetic_train_size = 1_281_167  # dataset='synthetic': images per epoch
+  config.synthetic_eval_size = 1024  # dataset='synthetic': images per evaluation
   # Optimization.
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 360
@@ -32,7 +35,8 @@ def get_config():
   config.learning_rate = 0.1
   config.learning_rate_batch_base = 0  # if > 0, lr is scaled by batch_size / this
   config.schedule = 'cosine'  # 'constant', 'cosine' or 'step'
-  config.warmup_steps = 25
+  config.warmup_steps = 25  # linear warmup from 0 (or warmup_epochs, when this is 0)
+  config.warmup_epochs = 0.0
   config.lr_boundaries = ()  # steps where 'step' multiplies the lr by lr_decay_factor
   config.lr_decay_factor = 0.1
   config.momentum = 0.9
@@ -47,4 +51,5 @@ def get_config():
   config.checkpoint_every_steps = 250
   config.keep_checkpoints = 2  # the latest N, plus the best by eval top-1
   config.init_from = ''  # a converted or trained checkpoint to start from
+  config.skip_nonfinite_steps = False  # True: skip steps with a non-finite loss, not stop
   return config

@@ -20,7 +20,6 @@ def get_config():
   config.in_channels = 3
   config.image_size = 224
   config.preprocess = 'none'
-  config.synthetic_eval_size = 1024  # eval images
   config.batch_size = 256
   config.eval_batch_size = 256
   config.num_train_steps = 100

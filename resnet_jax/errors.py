@@ -1,4 +1,6 @@
-"""The error for mistakes that are the user's to fix: CLIs print its message alone."""
+"""The exceptions that the command-line tools turn into one message and an exit status."""
+
+import signal
 
 
 class UserError(ValueError):
@@ -6,3 +8,21 @@ class UserError(ValueError):
 
   It subclasses ValueError, so callers that catch ValueError keep working.
   """
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """Training diverged: a step had a non-finite loss or gradients (no checkpoint holds it)."""
+
+
+class Interrupted(Exception):
+  """Training stopped at a stop request (SIGTERM, Ctrl-C) after saving its current step.
+
+  `exit_status` is the shell's convention for a process ended by that signal (143 for
+  SIGTERM, 130 for Ctrl-C): not 0, so a scheduler requeues the job instead of marking it
+  complete; running the same command resumes it.
+  """
+
+  def __init__(self, signal_name: str, step: int):
+    self.signal_name, self.step = signal_name, step
+    self.exit_status = 128 + signal.Signals[signal_name].value
+    super().__init__(f'{signal_name}: saved step {step}; run the same command to continue.')

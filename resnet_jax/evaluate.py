@@ -31,7 +31,8 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
   config = ml_collections.ConfigDict({
       'dataset': 'imagenet2012', 'data_dir': '', 'preprocess': 'imagenet', 'image_size': 224,
       'train_split': 'train', 'eval_split': 'validation', 'eval_batch_size': 256,
-      'batch_size': 1, 'seed': 0, 'num_classes': 1000})
+      'batch_size': 1, 'seed': 0, 'num_classes': 1000, 'in_channels': 3,
+      'shuffle_buffer': 1, 'synthetic_train_size': 1, 'synthetic_eval_size': 1024})
   if workdir:
     with open(os.path.join(workdir, 'config.json')) as f:
       saved = json.load(f)

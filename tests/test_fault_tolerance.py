@@ -23,8 +23,8 @@ from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
 import resnet_jax
 from resnet_jax.train import loop
-from resnet_jax.errors import UserError
-from resnet_jax.train.errors import check_config
+from resnet_jax.errors import Interrupted, UserError
+from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
 
 # The kill/preemption run: long enough that a kill after the first checkpoint lands mid-run.
@@ -191,7 +191,7 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path, config_file, long_re
   sent = time.monotonic()
   output = process.communicate(timeout=60)[0]
   assert time.monotonic() - sent < 15, 'SIGTERM took too long to save and exit'
-  assert process.returncode == 0, output
+  assert process.returncode == 128 + signal.SIGTERM, output  # not 0: a scheduler requeues
   saved = int(output.split('SIGTERM: saved step ')[1].split(';')[0])
   assert _steps(workdir)[-1] == saved < 60, (saved, output)
   # Restarting (here in-process) continues from it and ends where the reference ends.
@@ -220,7 +220,9 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
 
   monkeypatch.setattr(loop, 'compile_steps', compile_interrupted_steps)
   handler = signal.getsignal(signal.SIGINT)
-  train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  with pytest.raises(Interrupted, match='SIGINT: saved step 3') as interrupted:
+    train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  assert interrupted.value.exit_status == 130
   assert _steps(tmp_path) == [2, 3]
   monkeypatch.undo()
   train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))

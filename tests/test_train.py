@@ -255,7 +255,8 @@ def test_train_py_on_four_devices_matches_one_device(tmp_path, trained_workdir):
 
 def test_init_from_a_trained_run(tmp_path, trained_workdir):
   workdir, _ = trained_workdir
-  config = tiny_digits_config(init_from=workdir, learning_rate=0.0, weight_decay=0.0,
+  # The warmup's first step has a learning rate of 0: the parameters stay as loaded.
+  config = tiny_digits_config(init_from=workdir, warmup_steps=5, weight_decay=0.0,
                               num_train_steps=1)
   train_and_evaluate(config, str(tmp_path))
   (_, start), (_, after) = restore_run(workdir), restore_run(str(tmp_path))

@@ -47,10 +47,10 @@ class Pipeline:
 
   def __init__(self, config):
     self.config = config
-    self.source = create_source(config.dataset, config.get('data_dir') or None)
+    self.source = create_source(config.dataset, config.data_dir or None)
     self.num_classes = self.source.num_classes
     self.channels = self.source.channels
-    self.preprocess = normalization.checked(config.get('preprocess', 'none'))
+    self.preprocess = normalization.checked(config.preprocess)
     self.batch = host_batch_size(config.batch_size)
     self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
     if self.shard_size < self.batch:

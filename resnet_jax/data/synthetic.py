@@ -14,10 +14,10 @@ class SyntheticPipeline:
   def __init__(self, config):
     self.config = config
     self.num_classes = config.num_classes
-    self.channels = config.get('in_channels', 3)
+    self.channels = config.in_channels
     # Of the preprocessing only the normalization applies (in the steps).
-    self.preprocess = normalization.checked(config.get('preprocess', 'none'))
-    self.steps_per_epoch = max(1, config.get('synthetic_train_size', 1_281_167)
+    self.preprocess = normalization.checked(config.preprocess)
+    self.steps_per_epoch = max(1, config.synthetic_train_size
                                // config.batch_size)
 
   def _batch(self, batch_size, seed):
@@ -36,7 +36,7 @@ class SyntheticPipeline:
 
   def eval_batches(self, split: str, batch_size: int):
     del split
-    total = self.config.get('synthetic_eval_size', 1024)
+    total = self.config.synthetic_eval_size
     num_batches = math.ceil(total / batch_size)
     batch = dict(self._batch(batch_size, self.config.seed + 1),
                  mask=np.ones(batch_size // jax.process_count(), np.float32))

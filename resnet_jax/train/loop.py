@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import signal
+import tempfile
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -17,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.data import create_pipeline
 from resnet_jax.load import model_from_config
-from resnet_jax.train import checkpoints, errors, optim
+from resnet_jax.errors import Interrupted, NonFiniteLossError, UserError
+from resnet_jax.train import checkpoints, config_schema, optim
 from resnet_jax.train.metrics import MetricWriter, Progress, log, progress_bar
 from resnet_jax.train.state import TrainState, create_train_state, model_spec
 from resnet_jax.train.step import eval_step, train_step
@@ -94,12 +96,12 @@ def check_workdir_matches(workdir: str, config, spec: dict):
   fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
          f'{workdir}.')
   if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
-    raise errors.UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
+    raise UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
                            f'there, {spec} now. {fix}')
   for key in RUN_DEFINING_KEYS if saved_config else ():
-    saved, now = saved_config.get(key), config.get(key)
+    saved, now = saved_config.get(key), config[key]
     if saved is not None and json.loads(json.dumps(now)) != saved:
-      raise errors.UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
+      raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
                              f'this config has {key}={now!r}. {fix}')
 
 
@@ -108,9 +110,9 @@ def create_model_checked(spec: dict, image_size: int):
   try:
     model = model_from_config(spec)
   except (ValueError, TypeError) as e:
-    raise errors.UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
+    raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
   if image_size < model.total_stride:
-    raise errors.UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
+    raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
                            f'which downsamples by {model.total_stride}: use image_size >= '
                            f'{model.total_stride}.')
   return model
@@ -129,18 +131,30 @@ def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
     extra = sorted(set(loaded_flat) - set(fresh_flat))
     missing_body = [k for k in missing if not k.startswith('fc/')]
     if missing_body or [k for k in extra if not k.startswith('fc/')]:
-      raise ValueError(f'init_from checkpoint does not fit the model ({collection}): missing '
+      raise UserError(f'init_from checkpoint does not fit the model ({collection}): missing '
                        f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
     out = {}
     for key, value in fresh_flat.items():
       old = loaded_flat.get(key)
       keep_fresh = old is None or (key.startswith('fc/') and np.shape(old) != value.shape)
       if not keep_fresh and np.shape(old) != value.shape:
-        raise ValueError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
+        raise UserError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
                          f'expects {value.shape}.')
       out[key] = value if keep_fresh else np.asarray(old, value.dtype)
     merged[collection] = traverse_util.unflatten_dict(out, sep='/')
   return merged
+
+
+def check_writable(workdir: str):
+  """Creates `workdir` if needed and proves it takes files, or one UserError saying why not
+  (a read-only or missing mount, a file in the way), before any work that would be lost."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test.'):
+      pass
+  except OSError as e:
+    raise UserError(f'Cannot write to workdir {workdir!r} ({type(e).__name__}: '
+                    f'{e.strerror or e}); pass a writable --workdir.') from None
 
 
 def _write_run_files(workdir: str, config, spec: dict):
@@ -214,7 +228,7 @@ class _Window:
     for (step, _), m in zip(self._pending, host):
       finite = bool(m['finite'])
       if not finite and not self.skip_nonfinite:
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f'Non-finite loss ({float(m["loss"])}) or gradients at step {step}; stopping '
             f'before any checkpoint holds them (the last one is from an earlier step). Lower '
             f'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True '
@@ -236,11 +250,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   final eval metrics.
 
   A workdir is resumed only by the same model and run-defining settings; SIGTERM or Ctrl-C
-  saves the current step and returns; a non-finite step raises FloatingPointError (or is
-  skipped with config.skip_nonfinite_steps) before any checkpoint could hold it.
+  saves the current step and raises `Interrupted`; a non-finite step raises
+  NonFiniteLossError (or is skipped with config.skip_nonfinite_steps) before any checkpoint
+  could hold it.
   """
   mesh = create_mesh()
-  errors.check_config(config, jax.device_count())
+  config_schema.check_config(config, jax.device_count())
+  if jax.process_index() == 0:
+    check_writable(workdir)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
@@ -273,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is None and config.init_from:
     state = _init_from(config, state, spec, replicated)
 
-  skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))
+  skip_nonfinite = config.skip_nonfinite_steps
   train_fn, eval_fn = compile_steps(mesh, pipeline.preprocess, skip_nonfinite)
   writer = MetricWriter(workdir)
   progress = Progress(start_step, total_steps, config.batch_size)
@@ -314,15 +331,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     'steps_per_epoch': steps_per_epoch, 'log_window': window.rows}
         checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=last)
       if stopping:
-        log(f'{stop.signal or "Stop request"}: saved step {step}; run the same command to '
-            f'continue.')
         break
   finally:
     bar.close()
     stop.restore_handlers()
     manager.wait_until_finished()
     writer.close()
-  if jax.process_index() == 0 and step == total_steps:
+  if step < total_steps:
+    interrupted = Interrupted(stop.signal or 'SIGTERM', step)
+    log(str(interrupted))
+    raise interrupted
+  if jax.process_index() == 0:
     from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
     plot_runs([workdir], os.path.join(workdir, 'curves.png'))
   return eval_results
@@ -333,7 +352,7 @@ def _init_from(config, state, spec, replicated):
   try:
     loaded = load_variables(config.init_from)
   except (ValueError, OSError) as e:
-    raise errors.UserError(f'config.init_from={config.init_from!r}: {e}') from None
+    raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
   merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
                             loaded, spec.get('scan_blocks', False))
   merged = jax.device_put(merged, replicated)

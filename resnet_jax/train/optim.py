@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from resnet_jax.errors import UserError
+
 SCHEDULES = ('constant', 'cosine', 'step')
 
 
@@ -10,14 +12,14 @@ def num_train_steps(config, steps_per_epoch: int) -> int:
   """`num_train_steps` if positive, else `num_epochs` epochs."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  if config.get('num_epochs', 0) <= 0:
-    raise ValueError('Set config.num_train_steps or config.num_epochs to a positive number.')
+  if config.num_epochs <= 0:
+    raise UserError('Set config.num_train_steps or config.num_epochs to a positive number.')
   return int(config.num_epochs * steps_per_epoch)
 
 
 def base_learning_rate(config) -> float:
   """`learning_rate`, scaled linearly by batch_size / learning_rate_batch_base if set."""
-  base = config.get('learning_rate_batch_base', 0)
+  base = config.learning_rate_batch_base
   return config.learning_rate * (config.batch_size / base if base else 1.0)
 
 
@@ -29,7 +31,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
   """
   lr = base_learning_rate(config)
   total = num_train_steps(config, steps_per_epoch)
-  warmup = config.get('warmup_steps', 0) or int(config.get('warmup_epochs', 0) * steps_per_epoch)
+  warmup = config.warmup_steps or int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'constant':
     main = optax.constant_schedule(lr)
   elif config.schedule == 'cosine':
@@ -38,7 +40,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
     main = optax.piecewise_constant_schedule(
         lr, {int(b) - warmup: config.lr_decay_factor for b in config.lr_boundaries})
   else:
-    raise ValueError(f'schedule={config.schedule!r}; choose one of {SCHEDULES}.')
+    raise UserError(f'config.schedule={config.schedule!r}; choose one of {SCHEDULES}.')
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -53,7 +55,7 @@ def decay_mask(params, exclude_bn_and_bias: bool):
 
 def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum and coupled L2 weight decay, as torch.optim.SGD does it."""
-  exclude = config.get('weight_decay_exclude_bn_and_bias', False)
+  exclude = config.weight_decay_exclude_bn_and_bias
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay,
                                 mask=lambda params: decay_mask(params, exclude)),

@@ -45,10 +45,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 def model_spec(config, num_classes: int, in_channels: int) -> dict:
   """The `create_model` arguments of a run, as written to WORKDIR/model.json."""
   spec = {'name': config.model, 'num_classes': num_classes, 'in_channels': in_channels}
-  if config.get('dtype', 'float32') != 'float32':
+  if config.dtype != 'float32':
     spec['dtype'] = config.dtype
-  if config.get('bn_group_size', 0):
+  if config.bn_group_size:
     spec['bn_group_size'] = config.bn_group_size
-  overrides = config.get('model_overrides', None)
+  overrides = config.model_overrides
   spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
   return spec

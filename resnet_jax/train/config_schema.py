@@ -1,0 +1,129 @@
+"""The training config's keys, and the checks that turn a bad config into one UserError.
+
+`KEYS` is the one table of what the code reads from a config: every config file defines
+each of these keys (configs/default.py is the base, with a comment per key), the code reads
+them as attributes (never `config.get(key, default)`, which would hide a key no user can
+set), and the tests check both against the table.
+"""
+
+import difflib
+from typing import Callable, Dict, Optional, Sequence
+
+from resnet_jax.data.normalization import PREPROCESSINGS
+from resnet_jax.errors import UserError
+from resnet_jax.train.optim import SCHEDULES
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _any(value) -> Optional[str]:
+  del value
+
+
+def _positive(value) -> Optional[str]:
+  return None if value > 0 else 'must be positive'
+
+
+def _non_negative(value) -> Optional[str]:
+  return None if value >= 0 else 'must be 0 or more'
+
+
+def _unit_interval(value) -> Optional[str]:
+  return None if 0 <= value < 1 else 'must be in [0, 1)'
+
+
+def _one_of(choices: Sequence[str]) -> Callable:
+  return lambda value: None if value in choices else f'must be one of {", ".join(choices)}'
+
+
+def _boundaries(value) -> Optional[str]:
+  steps = list(value)
+  if any(int(b) != b or b <= 0 for b in steps) or steps != sorted(set(steps)):
+    return 'must be increasing positive step numbers, e.g. (32000, 48000)'
+  return None
+
+
+def _decay_factor(value) -> Optional[str]:
+  return None if 0 < value <= 1 else 'must be in (0, 1]'
+
+
+# Every key the code reads, with the check of its value.
+KEYS: Dict[str, Callable] = {
+    # Model.
+    'model': _any, 'model_overrides': _any, 'num_classes': _positive, 'in_channels': _positive,
+    'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
+    # Data.
+    'dataset': _any, 'data_dir': _any, 'train_split': _any, 'eval_split': _any,
+    'preprocess': _one_of(PREPROCESSINGS), 'image_size': _positive,
+    'shuffle_buffer': _positive, 'synthetic_train_size': _positive,
+    'synthetic_eval_size': _positive,
+    # Optimization.
+    'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
+    'num_epochs': _any, 'learning_rate': _positive, 'learning_rate_batch_base': _non_negative,
+    'schedule': _one_of(SCHEDULES), 'warmup_steps': _non_negative,
+    'warmup_epochs': _non_negative, 'lr_boundaries': _boundaries,
+    'lr_decay_factor': _decay_factor, 'momentum': _unit_interval, 'nesterov': _any,
+    'weight_decay': _non_negative, 'weight_decay_exclude_bn_and_bias': _any,
+    'label_smoothing': _unit_interval,
+    # Run.
+    'seed': _non_negative, 'log_every_steps': _any, 'eval_every_steps': _any,
+    'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
+    'skip_nonfinite_steps': _any,
+}
+
+
+def _with_suggestion(key: str) -> str:
+  close = difflib.get_close_matches(key, KEYS, n=1)
+  return f'{key} (did you mean {close[0]}?)' if close else key
+
+
+def check_keys(config):
+  """Refuses keys the code does not read (typos, stale keys) and keys a config lacks."""
+  unknown = sorted(set(config.keys()) - set(KEYS))
+  if unknown:
+    raise UserError(f'Unknown config key(s): {", ".join(map(_with_suggestion, unknown))}. '
+                    f'Valid keys: {", ".join(sorted(KEYS))}.')
+  missing = sorted(set(KEYS) - set(config.keys()))
+  if missing:
+    raise UserError(f'The config lacks key(s) {", ".join(missing)}: build it on '
+                    f'configs/default.py (`config = default.get_config()`), which defines '
+                    f'every key with its default.')
+
+
+def check_config(config, num_devices: int):
+  """Checks everything that can be checked before any data is read or model built."""
+  check_keys(config)
+  for key, check in KEYS.items():
+    problem = check(config[key])
+    if problem:
+      raise UserError(f'config.{key}={config[key]!r} {problem}.')
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise UserError(f'config.{key}={config[key]} must be a multiple of the number of '
+                      f'devices ({num_devices}); use e.g. {key}='
+                      f'{max(1, config[key] // num_devices) * num_devices}.')
+  steps, epochs = config.num_train_steps, config.num_epochs
+  if steps == 0 or steps < -1 or (steps == -1 and not epochs > 0):
+    raise UserError(f'config.num_train_steps={steps}, num_epochs={epochs}: set '
+                    f'num_train_steps to a positive number, or to -1 with a positive '
+                    f'num_epochs.')
+
+
+def unknown_override(argv: Sequence[str], config_keys: Sequence[str] = tuple(KEYS),
+                     flag: str = 'config') -> Optional[str]:
+  """The message for the first `--config.KEY=VALUE` in `argv` that names no key of the
+  config (ml_collections raises an AttributeError with a traceback for it), or None."""
+  prefix = f'--{flag}.'
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split('=', 1)[0]
+    key, _, sub_key = path.partition('.')
+    if key not in config_keys:
+      return (f'Unknown config key in {arg}: {_with_suggestion(key)}. Valid keys: '
+              f'{", ".join(sorted(KEYS))}.')
+    if sub_key:
+      return (f'{arg}: config.{key} has no key {sub_key!r}, and the command line can only '
+              f'change keys a config file defines. Set it in a config file, e.g. '
+              f'config.{key} = ml_collections.ConfigDict({{{sub_key!r}: ...}}).')
+  return None

@@ -1,0 +1,144 @@
+"""The training config: every key the code reads is settable, README options parse and
+validate, and a bad key or value is one message."""
+
+import re
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+from conftest import REPO, load_config, tiny_digits_config
+from ml_collections import config_flags
+
+from resnet_jax.errors import UserError
+from resnet_jax.train.config_schema import KEYS, check_config
+from resnet_jax.train.loop import train_and_evaluate
+
+CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_every_config_file_defines_exactly_the_keys_the_code_reads(name):
+  config = load_config(name)
+  assert set(config.keys()) == set(KEYS), set(config.keys()) ^ set(KEYS)
+  check_config(config, num_devices=1)
+
+
+class _RecordingConfig(ml_collections.ConfigDict):
+  """A ConfigDict that remembers every key read from it (attribute, item or `get`)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    object.__setattr__(self, 'read_keys', set())
+
+  def __getitem__(self, key):
+    self.read_keys.add(key)
+    return super().__getitem__(key)
+
+
+@pytest.mark.parametrize('overrides', [
+    {},  # digits, in memory
+    dict(dataset='synthetic', image_size=8, in_channels=1, synthetic_train_size=64,
+         synthetic_eval_size=32, preprocess='none'),
+])
+def test_training_reads_only_keys_of_the_table(tmp_path, overrides):
+  config = _RecordingConfig(tiny_digits_config(num_train_steps=2, **overrides).to_dict())
+  train_and_evaluate(config, str(tmp_path))
+  assert config.read_keys and config.read_keys <= set(KEYS), config.read_keys - set(KEYS)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('learning_rate', -1.0, 'learning_rate=-1.0 must be positive'),
+    ('learning_rate', 0.0, 'must be positive'),
+    ('momentum', 1.0, r'momentum=1.0 must be in \[0, 1\)'),
+    ('weight_decay', -1e-4, 'weight_decay=-0.0001 must be 0 or more'),
+    ('label_smoothing', 1.0, r'label_smoothing=1.0 must be in \[0, 1\)'),
+    ('dtype', 'int8', "dtype='int8' must be one of float32, bfloat16, float16"),
+    ('schedule', 'linear', "schedule='linear' must be one of constant, cosine, step"),
+    ('lr_boundaries', (20, 10), 'lr_boundaries=.* must be increasing'),
+    ('keep_checkpoints', 0, 'keep_checkpoints=0 must be positive'),
+])
+def test_impossible_values_are_refused_before_training(tmp_path, key, value, message):
+  with pytest.raises(UserError, match=message):
+    train_and_evaluate(tiny_digits_config(**{key: value}), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_unwritable_workdir_is_one_message(tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  with pytest.raises(UserError, match='Cannot write to workdir .*pass a writable --workdir'):
+    train_and_evaluate(tiny_digits_config(), str(tmp_path / 'file' / 'run'))
+
+
+def _train_py(*args):
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize('args, message', [
+    (['--config.learnig_rate=0.1'], 'learnig_rate (did you mean learning_rate'),
+    (['--config', 'configs/synthetic.py', '--config.momentun=0'], 'did you mean momentum'),
+    (['--config.model_overrides.zero_init_residual=True'],
+     "config.model_overrides has no key 'zero_init_residual'"),
+    (['--config.learning_rate=fast'], "could not convert string to float: 'fast'"),
+])
+def test_train_py_bad_key_or_type_is_one_message(args, message):
+  result = _train_py('--workdir', '/nonexistent/never/written', *args)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr and message in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+# --- Every --config.KEY=VALUE the README shows ---------------------------------------------
+
+def _readme_commands():
+  """(config file, [--config.KEY=VALUE, ...]) for each train.py command of the README and
+  each override its prose names (against the default config)."""
+  text = (REPO / 'README.md').read_text()
+  blocks = re.findall(r'```bash\n(.*?)```', text, re.S)
+  commands = []
+  for block in blocks:
+    for command in block.replace('\\\n', ' ').splitlines():
+      if 'train.py' in command:
+        config = re.search(r'--config (\S+)', command)
+        commands.append((config.group(1) if config else 'configs/default.py',
+                         re.findall(r'--config\.[a-z_]+=\S+', command)))
+  prose = re.sub(r'```.*?```', '', text, flags=re.S)
+  commands += [('configs/default.py', [override])
+               for override in re.findall(r'--config\.[a-z_]+=[^\s`]+', prose)]
+  return commands
+
+
+def _parse(config_file, overrides):
+  """The config train.py would build from these command-line arguments."""
+  argv = ['train.py', f'--config={REPO / config_file}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+README_COMMANDS = _readme_commands()
+# Overrides that the default digits config runs in seconds: those run to completion.
+QUICK = {'skip_nonfinite_steps', 'bn_group_size', 'num_train_steps', 'dtype'}
+
+
+def test_readme_shows_config_overrides():
+  assert len([o for _, overrides in README_COMMANDS for o in overrides]) >= 10
+
+
+@pytest.mark.parametrize('config_file, overrides', README_COMMANDS,
+                         ids=[' '.join(o) for _, o in README_COMMANDS])
+def test_readme_config_overrides_parse_validate_and_quick_ones_run(tmp_path, config_file,
+                                                                   overrides):
+  config = _parse(config_file, overrides)
+  check_config(config, num_devices=1)
+  keys = {o.split('=')[0][len('--config.'):] for o in overrides}
+  if config_file == 'configs/default.py' and keys <= QUICK:
+    quick = tiny_digits_config(**{k: config[k] for k in keys})
+    quick.num_train_steps = min(config.num_train_steps, 4)
+    results = train_and_evaluate(quick, str(tmp_path))
+    assert 0 <= results['top1'] <= 1
