@@ -243,6 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   errors.check_config(config, jax.device_count())
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
+  pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
   model = create_model_checked(spec, config.image_size)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
