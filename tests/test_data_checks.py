@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_digits_config
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 from resnet_jax.data import create_pipeline, sources
 from resnet_jax.data.sources import FolderSource
 from resnet_jax.errors import UserError
-from resnet_jax.train import loop
+from resnet_jax.train import checkpoints, loop
 
 
 def _split_folder(root, per_class=4):
@@ -98,3 +99,19 @@ def test_the_20000_pixel_square_png_is_refused_at_the_default_limit(tmp_path):
                                       r"\(400,000,000 pixels\).*large.png \(10000x10000\)'\]"):
     FolderSource(str(tmp_path)).check_files(('train', 'test'))
 
+
+def test_eval_failure_after_training_keeps_that_steps_checkpoint(tmp_path):
+  """A truncated JPEG passes the header check and fails only when the evaluation decodes
+  it; the step evaluated is saved first, so a rerun does not train it again."""
+  dataset = _split_folder(tmp_path / 'images')
+  jpeg = tmp_path / 'images' / 'test' / 'cat' / '9.jpg'
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(jpeg)
+  jpeg.write_bytes(jpeg.read_bytes()[:-1000])  # past the header: only its pixels are lost
+  assert sources.header_problem(str(jpeg)) is None
+  workdir = str(tmp_path / 'run')
+  config = _folder_config(dataset, num_train_steps=2, log_every_steps=1, eval_every_steps=0,
+                          checkpoint_every_steps=0)
+  with pytest.raises(UserError, match=r"not readable images: \['.*test/cat/9.jpg'\]"):
+    loop.train_and_evaluate(config, workdir)
+  manager = ocp.CheckpointManager(checkpoints.checkpoint_dir(workdir))
+  assert manager.all_steps() == [2]
