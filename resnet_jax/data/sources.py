@@ -30,7 +30,7 @@ FOLDER_PREFIX = 'folder:'
 # Images of more pixels are refused before training. This is PIL's default
 # Image.MAX_IMAGE_PIXELS (its guard against decompression bombs): such an image decodes to
 # 268 MB of RGB and about 1 GB of float32 in a resize, for each image tf.data has in flight,
-# while any photo of up to ~12000x7500 passes. A 20000x20000 PNG of 438 KB took a training
+# while a 4:3 photo of up to 10900x8200 passes. A 20000x20000 PNG of 438 KB took a training
 # run's host memory from 1.6 to 4.1 GB.
 MAX_IMAGE_PIXELS = 89_478_485
 # PIL's names of the formats tf.io.decode_image reads (MPO: a camera's multi-picture JPEG).
