@@ -61,6 +61,11 @@ class Pipeline:
     self.in_memory = None not in shape and (
         self.shard_size * int(np.prod(shape)) <= IN_MEMORY_LIMIT_BYTES)
 
+  def check_files(self, splits):
+    """Refuses unreadable or oversized image files of `splits` before any step reads them
+    (image folders; TFDS checked its records when preparing them)."""
+    self.source.check_files(splits)
+
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     """Endless stream of training batches, starting after `start_step` batches."""
     split = self.config.train_split

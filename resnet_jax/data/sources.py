@@ -6,11 +6,15 @@ decode) and knows the split's size and class count.
 """
 
 import os
-from typing import Optional
+import re
+import warnings
+from concurrent import futures
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
 from resnet_jax.data import preprocessing
@@ -22,6 +26,16 @@ class DatasetNotPreparedError(UserError, RuntimeError):
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 FOLDER_PREFIX = 'folder:'
+
+# Images of more pixels are refused before training. This is PIL's default
+# Image.MAX_IMAGE_PIXELS (its guard against decompression bombs): such an image decodes to
+# 268 MB of RGB and about 1 GB of float32 in a resize, for each image tf.data has in flight,
+# while a 4:3 photo of up to 10900x8200 passes. A 20000x20000 PNG of 438 KB took a training
+# run's host memory from 1.6 to 4.1 GB.
+MAX_IMAGE_PIXELS = 89_478_485
+# PIL's names of the formats tf.io.decode_image reads (MPO: a camera's multi-picture JPEG).
+DECODABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
+UNREADABLE, TOO_LARGE = 'unreadable', 'too large'
 
 
 class TfdsSource:
@@ -54,6 +68,10 @@ class TfdsSource:
 
   def num_examples(self, split: str) -> int:
     return _cardinality(self.builder.as_dataset(split=split))
+
+  def check_files(self, splits: Sequence[str]):
+    """Nothing to check: TFDS checked the records when it prepared them."""
+    del splits
 
   def explain_read_error(self, split: str, error: Exception) -> str:
     return (f'Reading split {split!r} of {self.builder.name!r} from {self.builder.data_dir} '
@@ -93,11 +111,9 @@ class FolderSource:
       raise UserError(f'No split {split!r} in image folder {self.root!r}.')
     paths, labels = [], []
     for label, name in enumerate(self.classes):
-      folder = os.path.join(base, name)
-      for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if file.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(folder, file))
-          labels.append(label)
+      for path in _image_files(os.path.join(base, name)):
+        paths.append(path)
+        labels.append(label)
     empty = [name for name, count in zip(self.classes, np.bincount(labels, minlength=len(
         self.classes))) if not count] if not self._has_splits() or split == 'train' else []
     if empty:
@@ -132,18 +148,94 @@ class FolderSource:
   def num_examples(self, split):
     return len(self._files(split)[0])
 
+  def check_files(self, splits: Sequence[str]):
+    """Refuses, before any training step, the files of `splits` that TensorFlow cannot
+    decode or that exceed MAX_IMAGE_PIXELS.
+
+    Reads only each file's header (format and size, in threads), not its pixels: a
+    one-time cost at the start of each run (benchmarks/RESULTS.md). A file damaged past
+    its header (truncated) is found only when read, by `explain_read_error`.
+    """
+    paths = sorted({str(p) for split in dict.fromkeys(splits) for p in self._files(split)[0]})
+    bad = _find_problems(paths, header_problem)
+    if bad:
+      raise UserError(self._bad_files_message(', '.join(map(repr, dict.fromkeys(splits))),
+                                              bad))
+
   def explain_read_error(self, split: str, error: Exception) -> str:
     """Finds the files of `split` that do not decode (only after a read failed)."""
-    bad = []
-    for path in self._files(split)[0]:
-      try:
-        preprocessing.decode(tf.io.read_file(path), self.channels)
-      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
-        bad.append(str(path))
-    found = (f'{len(bad)} file(s) are not readable images: {bad[:10]}' if bad else
-             f'reading failed ({_first_line(error)})')
-    return (f'Image folder {self.root!r}, split {split!r}: {found}. Remove or re-save them '
-            f'as JPEG/PNG/BMP/GIF (any of grayscale, RGB, RGBA, CMYK is fine).')
+    bad = _find_problems([str(p) for p in self._files(split)[0]],
+                         lambda path: decode_problem(path, self.channels))
+    if bad:
+      return self._bad_files_message(repr(split), bad)
+    return (f'Image folder {self.root!r}, split {split!r}: reading failed '
+            f'({_first_line(error)}).')
+
+  def _bad_files_message(self, splits: str, bad: list) -> str:
+    """One message naming the first 10 files of each kind of problem and what to do."""
+    unreadable = [path for path, kind, _ in bad if kind == UNREADABLE]
+    large = [f'{path} ({size})' if size else path for path, kind, size in bad
+             if kind == TOO_LARGE]
+    found = []
+    if unreadable:
+      found.append(f'{len(unreadable)} file(s) are not readable images: {unreadable[:10]}. '
+                   f'Remove or re-save them as JPEG/PNG/BMP/GIF (any of grayscale, RGB, '
+                   f'RGBA, CMYK is fine).')
+    if large:
+      found.append(f'{len(large)} file(s) have more than {MAX_IMAGE_PIXELS:,} pixels, too '
+                   f'many to decode within host memory: {large[:10]}. Downscale them (e.g. '
+                   f'PIL\'s Image.thumbnail) or remove them.')
+    return f'Image folder {self.root!r}, split(s) {splits}: ' + ' '.join(found)
+
+
+def _image_files(folder: str) -> list:
+  """Sorted paths of the image files in `folder`; sub-folders (even one named x.jpg) and
+  other entries that are not files are not images."""
+  if not os.path.isdir(folder):
+    return []
+  with os.scandir(folder) as entries:
+    return sorted(entry.path for entry in entries
+                  if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file())
+
+
+def header_problem(path: str) -> Optional[tuple]:
+  """(UNREADABLE or TOO_LARGE, size) of the image file `path` from its header alone, or
+  None when TensorFlow can decode it within MAX_IMAGE_PIXELS."""
+  try:
+    with Image.open(path) as image:
+      image_format, (width, height) = image.format, image.size
+  except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL will not open it
+    pixels = re.search(r'\((\d+) pixels\)', str(e))
+    return TOO_LARGE, pixels and f'{int(pixels[1]):,} pixels'
+  except Exception:  # pylint: disable=broad-except  (PIL raises many kinds on a bad file)
+    return UNREADABLE, None
+  if image_format not in DECODABLE_FORMATS:
+    return UNREADABLE, None
+  if width * height > MAX_IMAGE_PIXELS:
+    return TOO_LARGE, f'{width}x{height}'
+  return None
+
+
+def decode_problem(path: str, channels: int) -> Optional[tuple]:
+  """(UNREADABLE, None) when TensorFlow fails to decode the file `path`, else None."""
+  try:
+    preprocessing.decode(tf.io.read_file(path), channels)
+  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+    return UNREADABLE, None
+  return None
+
+
+def _find_problems(paths: Sequence[str], problem: Callable, chunk: int = 256) -> list:
+  """[(path, kind, detail)] of the `paths` for which `problem` says something, checked in
+  a thread pool (file reads and TensorFlow's decoding release the GIL), in order."""
+  def check(start):
+    return [(path, *found) for path in paths[start:start + chunk]
+            for found in [problem(path)] if found]
+
+  with warnings.catch_warnings():  # PIL warns of large images; the message names them
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    with futures.ThreadPoolExecutor(max_workers=32) as pool:
+      return [bad for part in pool.map(check, range(0, len(paths), chunk)) for bad in part]
 
 
 def _first_line(error: Exception) -> str:

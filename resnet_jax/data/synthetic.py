@@ -28,6 +28,9 @@ class SyntheticPipeline:
         'label': rng.integers(0, self.num_classes, host).astype(np.int32),
     }
 
+  def check_files(self, splits):
+    del splits  # no files
+
   def train_batches(self, start_step: int = 0):
     del start_step  # every batch is the same
     batch = self._batch(self.config.batch_size, self.config.seed)

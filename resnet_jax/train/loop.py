@@ -260,6 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     check_writable(workdir)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
+  pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
   model = create_model_checked(spec, config.image_size)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
@@ -321,15 +322,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
           window = _Window(skip_nonfinite)
       top1 = None
       if _every(step, config.eval_every_steps) or step == total_steps:
-        eval_results = evaluate_split(eval_fn, state, pipeline, config.eval_split,
-                                      config.eval_batch_size, sharded)
+        try:
+          eval_results = evaluate_split(eval_fn, state, pipeline, config.eval_split,
+                                        config.eval_batch_size, sharded)
+        except Exception:  # an evaluation failure must not cost the steps trained
+          _save(manager, step, state, window, config, steps_per_epoch, force=True)
+          log(f'Evaluation at step {step} failed; saved step {step} first, so the same '
+              f'command does not train it again (`python -m resnet_jax.evaluate --workdir '
+              f'{workdir}` evaluates it).')
+          raise
         _log_eval(writer, step, eval_results)
         top1 = eval_results['top1']
       if _every(step, config.checkpoint_every_steps) or last:
-        window.read()  # raises before saving if a step since the last check was not finite
-        position = {'batches_consumed': step, 'batch_size': config.batch_size,
-                    'steps_per_epoch': steps_per_epoch, 'log_window': window.rows}
-        checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=last)
+        _save(manager, step, state, window, config, steps_per_epoch, top1, force=last)
       if stopping:
         break
   finally:
@@ -345,6 +350,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
     plot_runs([workdir], os.path.join(workdir, 'curves.png'))
   return eval_results
+
+
+def _save(manager, step, state, window, config, steps_per_epoch, top1=None, force=False):
+  """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
+  window.read()  # raises before saving if a step since the last check was not finite
+  position = {'batches_consumed': step, 'batch_size': config.batch_size,
+              'steps_per_epoch': steps_per_epoch, 'log_window': window.rows}
+  checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=force)
 
 
 def _init_from(config, state, spec, replicated):
