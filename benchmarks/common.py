@@ -34,7 +34,7 @@ def lowered_train_step(name, batch, size, state=None, **overrides):
   `state` (the shapes of `abstract_train_state`, made here if None)."""
   if state is None:
     _, state = abstract_train_state(name, batch, size, **overrides)
-  train_fn, _ = loop.compile_steps(loop.create_mesh(), preprocess(name))
+  train_fn, _ = loop.compile_steps(loop.create_mesh(), normalization(name))
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return train_fn.lower(state, {'image': images, 'label': labels})
@@ -44,8 +44,8 @@ def image_size(name):
   return 32 if name.startswith('cifar') else 224
 
 
-def preprocess(name):
-  """The preprocessing (and so the normalization in the step) that `name` trains with."""
+def normalization(name):
+  """The normalization statistics that `name` trains with (in the step)."""
   return 'cifar' if name.startswith('cifar') else 'imagenet'
 
 

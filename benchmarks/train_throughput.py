@@ -33,7 +33,7 @@ import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
-from common import (folder_pipeline, image_size, preprocess, train_state_factory,
+from common import (folder_pipeline, image_size, normalization, train_state_factory,
                     write_jpegs)
 from resnet_jax.train import host_memory, loop
 
@@ -91,7 +91,7 @@ def jax_runner(name, batch, size, dtype, image_folder=None):
   model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
   state = make_state()
   mesh = loop.create_mesh()
-  train_fn, _ = loop.compile_steps(mesh, preprocess(name))
+  train_fn, _ = loop.compile_steps(mesh, normalization(name))
   sharding = NamedSharding(mesh, PartitionSpec(loop.DATA_AXIS))
   if image_folder:
     batches = loop.device_batches(folder_pipeline(image_folder, batch, size).train_batches(),

@@ -63,7 +63,7 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                             batch_stats=variables['batch_stats'], tx=optax.identity())
   batch_size = batch_size or config.eval_batch_size
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
-  _, eval_fn = compile_steps(mesh, pipeline.preprocess)
+  _, eval_fn = compile_steps(mesh, pipeline.normalization)
   return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,
                         NamedSharding(mesh, P(DATA_AXIS)))
 

@@ -43,7 +43,7 @@ def test_batches_are_uint8_pixels_normalized_as_torchvision_does(digits):
   assert train['image'].dtype == next(eval_batches())['image'].dtype == np.uint8
   from torchvision import transforms  # pylint: disable=g-import-not-at-top
   pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
-  mean, std = normalization.NORMALIZATION['imagenet']
+  mean, std = normalization.STATISTICS['imagenet']
   expected = transforms.Normalize(mean, std)(transforms.ToTensor()(pixels))
   np.testing.assert_allclose(normalization.normalize(pixels, 'imagenet'),
                              expected.numpy().transpose(1, 2, 0), atol=1e-6)
@@ -93,8 +93,8 @@ def test_imagenet_crop_of_encoded_file_equals_crop_of_decoded_pixels(mode, file_
   decoded = preprocessing.decode(encoded, 3)
   for index in range(4):
     seed = tf.constant([7, index], tf.int64)
-    crop = preprocessing.preprocess_train({'image': encoded, 'label': 0}, seed, 'imagenet', 24)
-    reference = preprocessing.preprocess_train({'image': decoded, 'label': 0}, seed,
+    crop = preprocessing.train_transform({'image': encoded, 'label': 0}, seed, 'imagenet', 24)
+    reference = preprocessing.train_transform({'image': decoded, 'label': 0}, seed,
                                                'imagenet', 24)
     assert crop['image'].shape == (24, 24, 3)
     assert crop['image'].dtype == tf.uint8

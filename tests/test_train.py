@@ -103,9 +103,9 @@ def test_steps_normalize_uint8_pixels_like_the_host_would():
             'label': (np.arange(16) % 10).astype(np.int32), 'mask': np.ones(16, np.float32)}
   floats = dict(pixels, image=(pixels['image'] / np.float32(255) - 0.3) / 0.4)  # 'digits'
   state = _tiny_state()
-  _, on_device = jax.jit(functools.partial(train_step, preprocess='digits'))(state, pixels)
+  _, on_device = jax.jit(functools.partial(train_step, normalization='digits'))(state, pixels)
   _, on_host = jax.jit(train_step)(state, floats)
-  eval_on_device = jax.jit(functools.partial(eval_step, preprocess='digits'))(state, pixels)
+  eval_on_device = jax.jit(functools.partial(eval_step, normalization='digits'))(state, pixels)
   eval_on_host = jax.jit(eval_step)(state, floats)
   for got, expected in ((on_device, on_host), (eval_on_device, eval_on_host)):
     np.testing.assert_allclose(float(got['loss']), float(expected['loss']), rtol=1e-5)

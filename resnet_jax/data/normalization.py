@@ -10,25 +10,28 @@ import jax.numpy as jnp
 
 from resnet_jax.errors import UserError
 
-# Per-channel mean and standard deviation of pixel values in [0, 1].
-NORMALIZATION = {
+# Per-channel mean and standard deviation of pixel values in [0, 1], by name.
+STATISTICS = {
     'digits': ((0.30,), (0.40,)),
     'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's
-    'none': ((0.5,), (0.5,)),
+    'centered': ((0.5,), (0.5,)),  # pixels to [-1, 1]
 }
-PREPROCESSINGS = tuple(NORMALIZATION)
+# The statistics each preprocessing recipe (config.preprocess) normalizes with.
+RECIPE_STATISTICS = {'digits': 'digits', 'cifar': 'cifar', 'imagenet': 'imagenet',
+                     'none': 'centered'}
+RECIPES = tuple(RECIPE_STATISTICS)
 
 
-def checked(preprocess: str) -> str:
-  """`preprocess`, or a UserError naming the choices."""
-  if preprocess not in NORMALIZATION:
-    raise UserError(f'preprocess={preprocess!r}; choose one of {PREPROCESSINGS}.')
-  return preprocess
+def checked_recipe(recipe: str) -> str:
+  """`recipe`, or a UserError naming the choices."""
+  if recipe not in RECIPE_STATISTICS:
+    raise UserError(f'preprocess={recipe!r}; choose one of {RECIPES}.')
+  return recipe
 
 
-def normalize(pixels, preprocess: str) -> jax.Array:
+def normalize(pixels, statistics: str) -> jax.Array:
   """Pixels in [0, 255] (any dtype, channels last) -> float32 (pixels / 255 - mean) / std,
-  with the mean and std of `preprocess`, as torchvision's ToTensor + Normalize."""
-  mean, std = NORMALIZATION[preprocess]
+  with the mean and std named `statistics`, as torchvision's ToTensor + Normalize."""
+  mean, std = STATISTICS[statistics]
   return (jnp.asarray(pixels, jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)

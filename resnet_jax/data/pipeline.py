@@ -43,14 +43,15 @@ def host_batch_size(batch_size: int) -> int:
 
 class Pipeline:
   """Train and eval streams of one dataset for this process (host-local numpy batches of
-  uint8 pixels, for the steps to normalize as `preprocess` says)."""
+  uint8 pixels, for the steps to normalize with the `normalization` statistics)."""
 
   def __init__(self, config):
     self.config = config
     self.source = create_source(config.dataset, config.data_dir or None)
     self.num_classes = self.source.num_classes
     self.channels = self.source.channels
-    self.preprocess = normalization.checked(config.preprocess)
+    self.recipe = normalization.checked_recipe(config.preprocess)
+    self.normalization = normalization.RECIPE_STATISTICS[self.recipe]
     self.batch = host_batch_size(config.batch_size)
     self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
     if self.shard_size < self.batch:
@@ -88,11 +89,11 @@ class Pipeline:
 
   def _augment(self, ds):
     """(epoch, index in epoch, example) -> augmented batches."""
-    kind, size, seed = self.preprocess, self.config.image_size, self.config.seed
+    recipe, size, seed = self.recipe, self.config.image_size, self.config.seed
 
     def augment(epoch, index, example):
       example_seed = tf.stack([epoch_seed(seed, epoch), index])
-      return preprocessing.preprocess_train(example, example_seed, kind, size, self.channels)
+      return preprocessing.train_transform(example, example_seed, recipe, size, self.channels)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -122,7 +123,7 @@ class Pipeline:
     # (which also keeps the shuffle buffer small).
     ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
                           drop_remainder=True, shuffle_seed=seed,
-                          encoded=self.preprocess == 'imagenet')
+                          encoded=self.recipe == 'imagenet')
     ds = ds.take(self.steps_per_epoch * self.batch)
     ds = ds.shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip_batches * self.batch)
@@ -138,8 +139,8 @@ class Pipeline:
     total = self.source.num_examples(split)
     num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch)
     ds = self.source.read(split, jax.process_index(), jax.process_count(), drop_remainder=False)
-    kind, size = self.preprocess, self.config.image_size
-    ds = ds.map(lambda ex: preprocessing.preprocess_eval(ex, kind, size),
+    recipe, size = self.recipe, self.config.image_size
+    ds = ds.map(lambda ex: preprocessing.eval_transform(ex, recipe, size),
                 num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors({
         'image': tf.zeros((size, size, self.channels), tf.uint8),

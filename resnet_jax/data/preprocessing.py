@@ -1,4 +1,4 @@
-"""Per-example preprocessing in TensorFlow: augmentation for training, resizing for eval.
+"""Per-example transforms in TensorFlow: each recipe's training augmentation and eval resize.
 
 Images stay uint8 (a resize rounds back to uint8, as torchvision's PIL transforms do); the
 train and eval steps normalize them on the device (`normalization.py`).
@@ -79,20 +79,21 @@ def _maybe_resize(image, size):
   return _resize(image, (size, size))
 
 
-def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 3):
-  """Augments one {'image', 'label'} example to uint8 pixels; seed is a [2] int64 tensor.
+def train_transform(example, seed, recipe: str, image_size: int, channels: int = 3):
+  """Augments one {'image', 'label'} example by `recipe` (config.preprocess: 'digits',
+  'cifar', 'imagenet' or 'none') to uint8 pixels; seed is a [2] int64 tensor.
 
   'image' is uint8 pixels or, for the 'imagenet' augmentation, may be the encoded file
   (a string tensor decoded to `channels` channels), of which only the crop is decoded.
   """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = example['image']
-  if kind == 'digits':  # shift by up to one pixel; never flip a digit
+  if recipe == 'digits':  # shift by up to one pixel; never flip a digit
     image = _maybe_resize(_pad_and_crop(image, 1, crop_seed), image_size)
-  elif kind == 'cifar':
+  elif recipe == 'cifar':
     image = _maybe_resize(_pad_and_crop(image, 4, crop_seed), image_size)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  elif kind == 'imagenet':
+  elif recipe == 'imagenet':
     if image.dtype == tf.string:
       image = _decode_and_inception_crop(image, crop_seed, channels)
     else:
@@ -104,10 +105,10 @@ def preprocess_train(example, seed, kind: str, image_size: int, channels: int = 
   return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
 
-def preprocess_eval(example, kind: str, image_size: int):
+def eval_transform(example, recipe: str, image_size: int):
   """Deterministic eval transform to uint8 pixels; adds mask=1 (padding gets mask=0)."""
   image = example['image']
-  if kind == 'imagenet':
+  if recipe == 'imagenet':
     image = _resize_and_center_crop(image, image_size)
   else:
     image = _maybe_resize(image, image_size)

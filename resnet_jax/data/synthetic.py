@@ -15,8 +15,9 @@ class SyntheticPipeline:
     self.config = config
     self.num_classes = config.num_classes
     self.channels = config.in_channels
-    # Of the preprocessing only the normalization applies (in the steps).
-    self.preprocess = normalization.checked(config.preprocess)
+    # Of the preprocessing recipe only the normalization applies (in the steps).
+    self.recipe = normalization.checked_recipe(config.preprocess)
+    self.normalization = normalization.RECIPE_STATISTICS[self.recipe]
     self.steps_per_epoch = max(1, config.synthetic_train_size
                                // config.batch_size)
 

@@ -9,7 +9,7 @@ set), and the tests check both against the table.
 import difflib
 from typing import Callable, Dict, Optional, Sequence
 
-from resnet_jax.data.normalization import PREPROCESSINGS
+from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
 from resnet_jax.train.optim import SCHEDULES
 
@@ -54,7 +54,7 @@ KEYS: Dict[str, Callable] = {
     'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
     # Data.
     'dataset': _any, 'data_dir': _any, 'train_split': _any, 'eval_split': _any,
-    'preprocess': _one_of(PREPROCESSINGS), 'image_size': _positive,
+    'preprocess': _one_of(RECIPES), 'image_size': _positive,
     'shuffle_buffer': _positive, 'synthetic_train_size': _positive,
     'synthetic_eval_size': _positive,
     # Optimization.

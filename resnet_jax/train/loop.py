@@ -49,16 +49,19 @@ def device_batches(batches: Iterator[dict], sharding: NamedSharding,
   yield from queue
 
 
-def compile_steps(mesh: Mesh, preprocess: Optional[str] = None, skip_nonfinite: bool = False):
+def compile_steps(mesh: Mesh, normalization: Optional[str] = None,
+                  skip_nonfinite: bool = False):
   """(train_step, eval_step) jitted over `mesh`; train_step donates the old state.
 
-  Both normalize uint8 pixels as `preprocess` says (None: images go to the model as they are).
+  Both normalize uint8 pixels with the `normalization` statistics (None: images go to the
+  model as they are).
   """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  step = functools.partial(train_step, preprocess=preprocess, skip_nonfinite=skip_nonfinite)
+  step = functools.partial(train_step, normalization=normalization,
+                           skip_nonfinite=skip_nonfinite)
   train = jax.jit(step, in_shardings=(replicated, sharded),
                   out_shardings=(replicated, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, preprocess=preprocess),
+  evaluate = jax.jit(functools.partial(eval_step, normalization=normalization),
                      in_shardings=(replicated, sharded), out_shardings=replicated)
   return train, evaluate
 
@@ -292,7 +295,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = _init_from(config, state, spec, replicated)
 
   skip_nonfinite = config.skip_nonfinite_steps
-  train_fn, eval_fn = compile_steps(mesh, pipeline.preprocess, skip_nonfinite)
+  train_fn, eval_fn = compile_steps(mesh, pipeline.normalization, skip_nonfinite)
   writer = MetricWriter(workdir)
   progress = Progress(start_step, total_steps, config.batch_size)
   stop = _StopRequest()

@@ -4,9 +4,9 @@ Under `jax.jit` with the batch sharded over a data axis, BatchNorm statistics co
 global batch (synchronized BN) and gradients are averaged over all devices by the
 compiler; there is no explicit collective here.
 
-Both steps take the pipelines' uint8 pixels and normalize them with the mean and std of
-`preprocess` (see `resnet_jax.data.normalization`); `preprocess=None` feeds 'image' to the
-model as it is.
+Both steps take the pipelines' uint8 pixels and normalize them with the mean and std named
+`normalization` (see `resnet_jax.data.normalization`); `normalization=None` feeds 'image'
+to the model as it is.
 """
 
 from typing import Dict, Optional, Tuple
@@ -29,12 +29,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def model_input(batch: Batch, preprocess: Optional[str]) -> jax.Array:
+def model_input(batch: Batch, normalization: Optional[str]) -> jax.Array:
   """The batch's images as the model takes them."""
-  return batch['image'] if preprocess is None else normalize(batch['image'], preprocess)
+  images = batch['image']
+  return images if normalization is None else normalize(images, normalization)
 
 
-def train_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None,
+def train_step(state: TrainState, batch: Batch, normalization: Optional[str] = None,
                skip_nonfinite: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One SGD step on {'image', 'label'}; returns the new state and loss/accuracy/finite.
 
@@ -42,7 +43,7 @@ def train_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None
   a step where they were not returns `state` unchanged instead of a state holding NaN.
   """
 
-  images = model_input(batch, preprocess)
+  images = model_input(batch, normalization)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -68,11 +69,11 @@ def all_finite(tree) -> jax.Array:
   return jnp.isfinite(sum(jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)))
 
 
-def eval_step(state: TrainState, batch: Batch, preprocess: Optional[str] = None
+def eval_step(state: TrainState, batch: Batch, normalization: Optional[str] = None
               ) -> Dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and example count over the masked batch."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, model_input(batch, preprocess), train=False)
+  logits = state.apply_fn(variables, model_input(batch, normalization), train=False)
   return eval_metrics(logits, batch['label'], batch['mask'])
 
 
