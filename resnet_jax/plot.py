@@ -51,7 +51,10 @@ def main(argv=None):
       parser.error(f'{workdir} has no metrics.jsonl; pass a train.py --workdir.')
   out = args.out or (os.path.join(args.workdirs[0], 'curves.png') if len(args.workdirs) == 1
                      else 'curves.png')
-  print(f'Wrote {plot_runs(args.workdirs, out)}')
+  try:
+    print(f'Wrote {plot_runs(args.workdirs, out)}')
+  except OSError as e:
+    parser.error(f'cannot write {out}: {e.strerror or e}; pass a writable --out.')
 
 
 if __name__ == '__main__':

@@ -103,6 +103,8 @@ def main(argv=None) -> None:
   parser.add_argument('--depth', type=int, default=2,
                       help='nesting shown: 1 = stem and stages, 2 = blocks, 3 = layers')
   args = parser.parse_args(argv)
+  if args.depth < 1:
+    parser.error(f'--depth {args.depth}: pass 1 (stem and stages) or more.')
   if args.model not in zoo.MODELS:
     parser.error(f'unknown model {args.model!r}; valid names: {", ".join(zoo.list_models())}')
   size = args.image_size or (32 if args.model.startswith('cifar') else 224)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from resnet_jax import plot
 from resnet_jax.train.metrics import read_metrics
 
@@ -30,3 +32,24 @@ def test_plot_one_and_several_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   plot.main([a, b, '--out', 'both.png'])
   assert (tmp_path / 'both.png').stat().st_size > 1000
+
+
+def test_a_line_cut_short_by_a_kill_is_skipped_and_closed(tmp_path):
+  from resnet_jax.train.metrics import MetricWriter
+  run = _write_run(tmp_path / 'run')
+  with open(tmp_path / 'run' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 40, "train/lo')  # SIGKILL in the middle of a write
+  writer = MetricWriter(run, enabled=True)  # the resumed run appends
+  writer.write(40, {'train/loss': 0.01})
+  writer.close()
+  metrics = read_metrics(run)
+  assert metrics['train/loss'] == ((10, 20, 30, 40), (0.2, 9.0, 2.0 / 30, 0.01))
+  plot.main([run])
+
+
+def test_unwritable_out_is_one_message(tmp_path, capsys):
+  run = _write_run(tmp_path / 'run')
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(SystemExit):
+    plot.main([run, '--out', str(tmp_path / 'file' / 'curves.png')])
+  assert 'cannot write' in capsys.readouterr().err

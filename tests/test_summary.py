@@ -39,6 +39,7 @@ def test_cifar_default_size_and_flops(capsys):
 @pytest.mark.parametrize('argv, message', [
     (['resnet5'], 'unknown model'),
     (['resnet18', '--image-size', '8'], 'too small'),
+    (['resnet18', '--depth', '0'], '--depth 0: pass 1'),
 ])
 def test_bad_arguments_exit_with_a_message(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:

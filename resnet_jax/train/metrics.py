@@ -1,7 +1,8 @@
 """Where metrics go: console lines, WORKDIR/metrics.jsonl and TensorBoard event files.
 
 Only process 0 writes. Each line of metrics.jsonl is {"step": s, "train/loss": ..., ...};
-a resumed run appends, and readers keep the last value written for a step.
+a resumed run appends, and readers keep the last value written for a step and skip a line
+that a killed run left half-written.
 """
 
 import json
@@ -22,6 +23,8 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      if self._file.tell() and not _ends_with_newline(self._file.name):
+        self._file.write('\n')  # close a line a killed run left half-written
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tensorboard = SummaryWriter(workdir, flush_secs=30)
 
@@ -40,16 +43,31 @@ class MetricWriter:
       self._tensorboard.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
+
+
+def _records(path: str):
+  """The complete JSON lines of `path` (a line cut short by a kill does not parse)."""
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and 'step' in record:
+        yield record
+
+
 def read_metrics(workdir: str) -> dict:
   """{key: ([steps], [values])} from WORKDIR/metrics.jsonl, last write per step winning."""
   rows = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        step = record.pop('step')
-        for key, value in record.items():
-          rows.setdefault(key, {})[step] = value
+  for record in _records(os.path.join(workdir, 'metrics.jsonl')):
+    step = record.pop('step')
+    for key, value in record.items():
+      rows.setdefault(key, {})[step] = value
   return {key: tuple(zip(*sorted(values.items()))) for key, values in rows.items()}
 
 
