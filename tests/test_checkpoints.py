@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
@@ -72,7 +73,6 @@ def test_best_checkpoint_survives_restarts_across_processes(tmp_path):
 def test_checkpoint_whose_score_cannot_be_read_is_kept(tmp_path):
   """A step saved before scores were kept with it (no 'eval_top1') is never deleted."""
   manager = checkpoints.create_manager(str(tmp_path), keep=1)
-  import numpy as np
   for step in (1, 2):
     checkpoints.save(manager, step, {'w': np.zeros(3)}, {'batches_consumed': step})
     manager.wait_until_finished()
