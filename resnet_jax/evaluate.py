@@ -11,6 +11,7 @@ a converted checkpoint needs the dataset flags.
 import argparse
 import json
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -20,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_jax.data import create_pipeline
+from resnet_jax.errors import UserError
 from resnet_jax.train import checkpoints
 from resnet_jax.train.loop import DATA_AXIS, compile_steps, create_mesh, evaluate_split
 from resnet_jax.train.state import TrainState
@@ -34,7 +36,12 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
       'batch_size': 1, 'seed': 0, 'num_classes': 1000, 'in_channels': 3,
       'shuffle_buffer': 1, 'synthetic_train_size': 1, 'synthetic_eval_size': 1024})
   if workdir:
-    with open(os.path.join(workdir, 'config.json')) as f:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+      raise UserError(f'{workdir} is not a train.py workdir: it has no config.json. Pass '
+                      f'the --workdir of a training run, or --checkpoint for a converted '
+                      f'checkpoint.')
+    with open(path) as f:
       saved = json.load(f)
     config.update({k: v for k, v in saved.items() if k in config})
   config.update({k: v for k, v in overrides.items() if v is not None})
@@ -44,8 +51,9 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
 def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
              step: Optional[int] = None, split: Optional[str] = None,
              batch_size: Optional[int] = None, **dataset_overrides) -> dict:
-  """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default latest) or of a
-  converted checkpoint directory, on `split` (default: the run's eval split)."""
+  """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default: the newest that
+  reads, also while train.py writes the workdir; nothing is moved) or of a converted
+  checkpoint directory, on `split` (default: the run's eval split)."""
   if (workdir is None) == (checkpoint is None):
     raise ValueError('Pass exactly one of --workdir (a training run) or --checkpoint '
                      '(a converted checkpoint directory).')
@@ -73,7 +81,8 @@ def main(argv=None):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a train.py workdir')
   source.add_argument('--checkpoint', help='a converted checkpoint directory')
-  parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  parser.add_argument('--step', type=int, help='checkpoint step (default: the newest that '
+                      'reads)')
   parser.add_argument('--split', help='dataset split (default: the run\'s eval split)')
   parser.add_argument('--batch_size', type=int, help='eval batch size')
   parser.add_argument('--dataset', help='TFDS name or folder:/path (default: the run\'s)')
@@ -82,7 +91,10 @@ def main(argv=None):
   parser.add_argument('--image_size', type=int)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
-  results = evaluate(**vars(args))
+  try:
+    results = evaluate(**vars(args))
+  except ValueError as e:  # UserError and the loaders' ValueErrors say what to fix
+    sys.exit(f'Error: {e}')
   where = args.workdir or args.checkpoint
   print(f'{where}: top-1 {results["top1"]:.4f} | top-5 {results["top5"]:.4f} | '
         f'loss {results["loss"]:.4f} ({int(results["count"])} images)')

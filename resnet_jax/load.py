@@ -6,12 +6,11 @@ Two kinds of directory hold a model, both with `model.json` = {"name": <zoo name
     StandardCheckpointer save of {'params', 'batch_stats'} in the unrolled layout;
   - a training workdir: `checkpoints/`, managed by orbax's CheckpointManager, each step
     with an item 'state' holding at least 'params' and 'batch_stats' (possibly in the
-    `scan_blocks` layout). Other items are ignored; the latest step is loaded.
+    `scan_blocks` layout). Other items are ignored; the newest step that reads is loaded
+    (`resnet_jax.train.checkpoints.restore_variables`), also while train.py writes it.
 """
 
-import contextlib
 import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
@@ -24,7 +23,6 @@ PathLike = Union[str, Path]
 MODEL_CONFIG = 'model.json'
 VARIABLES_DIR = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'
-STATE_ITEM = 'state'
 
 
 def _not_a_checkpoint(path: Path, reason: str) -> ValueError:
@@ -65,55 +63,15 @@ def _restore_converted(directory: Path) -> Dict[str, Any]:
     return checkpointer.restore(directory.absolute())
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-  """Silences orbax's warning for every item we deliberately leave unread ('data')."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-def _restore_workdir(directory: Path) -> Dict[str, Any]:
-  """params and batch_stats of the latest step's 'state' item; the optimizer state and
-  the other items stay on disk."""
-  import orbax.checkpoint as ocp
-
-  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler()}
-  with _quiet_absl(), ocp.CheckpointManager(directory.absolute(),
-                                            item_handlers=handlers) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise _not_a_checkpoint(directory.parent, f'{directory} holds no saved step')
-    saved = manager.item_metadata(step)[STATE_ITEM]
-    saved = getattr(saved, 'tree', saved)
-    missing = [c for c in ('params', 'batch_stats') if c not in saved]
-    if missing:
-      raise ValueError(f'The {STATE_ITEM!r} item of step {step} in {directory} has no '
-                       f'{" or ".join(missing)}; it holds {sorted(saved)}.')
-    # An explicit single-device target: without one orbax would rebuild the saving run's
-    # shardings, which fails ('Topology mismatch') when it had more devices than this one.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          {c: saved[c] for c in ('params', 'batch_stats')})
-    restore = ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: restore}))
-  return restored[STATE_ITEM]
-
-
 def load_variables(path: PathLike) -> Dict[str, Any]:
   """{'params', 'batch_stats'} (unrolled layout) from a converted checkpoint directory or
-  the latest step of a training workdir."""
+  the newest complete, readable step of a training workdir."""
   path = Path(path)
   if (path / VARIABLES_DIR).is_dir():
     state = _restore_converted(path / VARIABLES_DIR)
   elif (path / CHECKPOINTS_DIR).is_dir():
-    state = _restore_workdir(path / CHECKPOINTS_DIR)
+    from resnet_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+    state = checkpoints.restore_variables(str(path))  # the newest step that reads
   elif not path.exists():
     raise _not_a_checkpoint(path, 'it does not exist')
   else:

@@ -255,12 +255,13 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, six_step_ref
   moved = os.listdir(tmp_path / 'checkpoints_unreadable')
   assert len(moved) == 1 and moved[0].startswith('4.'), moved
   assert_same_state(workdir, six_step_reference)
-  # All checkpoints unreadable: it starts over rather than crash-looping.
+  # All checkpoints unreadable: it refuses rather than silently start over; the user
+  # starts over by removing the set-aside ones (tests/test_checkpoints.py).
   steps = _steps(workdir)
   for step in steps:
     _truncate_files(tmp_path / 'checkpoints' / str(step) / 'state')
-  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
-  assert_same_state(workdir, six_step_reference)
+  with pytest.raises(UserError, match='No readable checkpoint'):
+    train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
   assert len(os.listdir(tmp_path / 'checkpoints_unreadable')) == 1 + len(steps)
 
 

@@ -5,6 +5,7 @@ and the state replicated, so the same code runs on one CPU, N devices and multi-
 """
 
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax.data import create_pipeline
 from resnet_jax.load import model_from_config
 from resnet_jax.errors import Interrupted, NonFiniteLossError, UserError
-from resnet_jax.train import checkpoints, config_schema, optim
+from resnet_jax.train import checkpoints, config_schema, optim, workdir_lock
 from resnet_jax.train.metrics import MetricWriter, Progress, log, progress_bar
 from resnet_jax.train.state import TrainState, create_train_state, model_spec
 from resnet_jax.train.step import eval_step, train_step
@@ -252,11 +253,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns the
   final eval metrics.
 
-  A workdir is resumed only by the same model and run-defining settings; SIGTERM or Ctrl-C
-  saves the current step and raises `Interrupted`; a non-finite step raises
-  NonFiniteLossError (or is skipped with config.skip_nonfinite_steps) before any checkpoint
-  could hold it.
+  A workdir is resumed only by the same model and run-defining settings, and trained by
+  one run at a time (WORKDIR/.lock); SIGTERM or Ctrl-C saves the current step and raises
+  `Interrupted`; a non-finite step raises NonFiniteLossError (or is skipped with
+  config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
+  with contextlib.ExitStack() as held:  # the workdir lock, once taken
+    return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dict:
   mesh = create_mesh()
   config_schema.check_config(config, jax.device_count())
   if jax.process_index() == 0:
@@ -266,10 +272,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
   spec = model_spec(config, pipeline.num_classes, pipeline.channels)
   model = create_model_checked(spec, config.image_size)
+  held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
   if manager.all_steps():
     check_workdir_matches(workdir, config, spec)
-  _write_run_files(workdir, config, spec)
 
   steps_per_epoch = pipeline.steps_per_epoch
   total_steps = optim.num_train_steps(config, steps_per_epoch)
@@ -281,16 +287,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
 
   start_step, window_rows = 0, ()
-  restored = (checkpoints.restore_latest_good(manager, state.to_checkpoint(), workdir, log)
-              if manager.all_steps() else None)
+  # Refuses (UserError) a checkpoint that does not fit this config, and a workdir whose
+  # checkpoints are all unreadable; config.json is rewritten only once the run fits.
+  restored = checkpoints.restore_latest_good(manager, state.to_checkpoint(), workdir, log,
+                                             config)
+  _write_run_files(workdir, config, spec)
   if restored is not None:
     tree, data_position = restored
     state, start_step = state.from_checkpoint(tree), data_position['batches_consumed']
     window_rows = data_position.get('log_window', ())
     log(f'Resumed from {checkpoints.checkpoint_dir(workdir)} at step {start_step}.')
-  elif manager.all_steps() or os.path.isdir(checkpoints.unreadable_dir(workdir)):
-    log(f'WARNING: no readable checkpoint in {checkpoints.checkpoint_dir(workdir)}; '
-        f'training from step 0.')
   if restored is None and config.init_from:
     state = _init_from(config, state, spec, replicated)
 
