@@ -271,6 +271,38 @@ def _read_variables(manager: ocp.CheckpointManager, step: int, target: Any) -> d
   return restored[STATE]
 
 
+class _ListAgain(Exception):
+  """A step vanished while it was read: the writer rotated it away."""
+
+
+class _NothingReadable(Exception):
+  """Every listed step failed to read and the listing did not change."""
+
+
+def _read_newest_readable(directory: str, target: Any, step: Optional[int], failures: dict,
+                          log: Callable[[str], None]) -> dict:
+  """One pass of `restore_variables` over the steps orbax lists now."""
+  handlers = {STATE: ocp.PyTreeCheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  with _quiet_absl(), ocp.CheckpointManager(directory, options=options,
+                                            item_handlers=handlers) as manager:
+    listed = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in listed:
+      raise UserError(f'{directory} has no step {step}; it has {sorted(listed)}.')
+    for candidate in [step] if step is not None else listed:
+      try:
+        return _read_variables(manager, candidate, target)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (fall back, never move)
+        failures[candidate] = _first_line(e)
+        if _vanished(manager, candidate):
+          raise _ListAgain() from None
+        log(f'WARNING: checkpoint {candidate} in {directory} is unreadable '
+            f'({failures[candidate]}); reading the one before.')
+  raise _NothingReadable()
+
+
 def restore_variables(workdir: str, target: Any = None, step: Optional[int] = None,
                       log: Callable[[str], None] = _warn) -> dict:
   """{'params', 'batch_stats'} of a training run's newest complete checkpoint that reads
@@ -283,30 +315,14 @@ def restore_variables(workdir: str, target: Any = None, step: Optional[int] = No
   creates, moves or deletes anything.
   """
   directory = checkpoint_dir(workdir)
-  handlers = {STATE: ocp.PyTreeCheckpointHandler()}
-  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   failures = {}
-  with _quiet_absl(), ocp.CheckpointManager(directory, options=options,
-                                            item_handlers=handlers) as manager:
-    for _ in range(READ_ATTEMPTS):
-      listed = sorted(manager.all_steps(), reverse=True)
-      if step is not None and step not in listed:
-        raise UserError(f'{directory} has no step {step}; it has {sorted(listed)}.')
-      for candidate in [step] if step is not None else listed:
-        try:
-          return _read_variables(manager, candidate, target)
-        except UserError:
-          raise
-        except Exception as e:  # pylint: disable=broad-except  (fall back, never move)
-          failures[candidate] = _first_line(e)
-          if _vanished(manager, candidate):
-            break  # the writer rotated it away: list again
-          log(f'WARNING: checkpoint {candidate} in {directory} is unreadable '
-              f'({failures[candidate]}); reading the one before.')
-      manager.reload()
-      if sorted(manager.all_steps(), reverse=True) == listed and not any(
-          _vanished(manager, s) for s in listed):
-        break  # nothing changed: every listed step is unreadable
+  for _ in range(READ_ATTEMPTS):
+    try:
+      return _read_newest_readable(directory, target, step, failures, log)
+    except (FileNotFoundError, _ListAgain):  # the writer rotated a step away: list again
+      continue
+    except _NothingReadable:
+      break
   if not failures:
     raise UserError(f'{directory} holds no saved step; train first or pass another '
                     f'workdir.')
