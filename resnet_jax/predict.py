@@ -135,14 +135,15 @@ def read_image(path: Path, transform: Callable = preprocess) -> np.ndarray:
   a UserError if it has more pixels than PIL's decompression-bomb limit."""
   from PIL import Image
 
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
-      with Image.open(path) as image:
-        image.load()
-        return transform(image)
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise UserError(_too_many_pixels(e)) from None
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+      image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+      raise UserError(_too_many_pixels(e)) from None
+  with image:
+    image.load()
+    return transform(image)
 
 
 def format_predictions(probabilities: np.ndarray, class_names: Optional[Sequence[str]],
