@@ -9,6 +9,14 @@ written as 0 on export.
   python -m resnet_jax.convert --arch resnet50 --input resnet50.pth --output ckpt/ --verify
   python -m resnet_jax.convert --input ckpt/ --output resnet50.safetensors
 
+A checkpoint directory's model.json overrides (in_channels, stage_sizes, ...) shape the
+exported layout, so a training workdir of any zoo model exports. Nothing is converted with
+a silent loss: tensors that are not dense floats (complex, integer, bool, sparse; the
+integer `num_batches_tracked` excepted) are refused, and so are NaN/inf values unless
+--allow-nonfinite. The output is written next to its place and swapped in when complete;
+--overwrite replaces only what convert writes (a directory of model.json and variables/,
+or a weights file), never the current directory or one holding the input.
+
 This is the only module that imports torch, and only inside the functions that need it.
 """
 
