@@ -2,24 +2,36 @@
 
   python -m resnet_jax.predict --checkpoint ckpt/ cat.jpg dog.png
 
-Preprocessing is torchvision's ImageNet evaluation transform: resize the shorter side to
-256 (bilinear) and center-crop 224 with PIL, then scale to [0, 1] and normalize with the
-ImageNet mean and std, as the train and eval steps do (`normalization.normalize`).
+Preprocessing follows the checkpoint. A training workdir brings its run's own (config.json:
+`preprocess` and `image_size`): the 'imagenet' kind resizes the shorter side to
+image_size * 256/224 and center-crops image_size, the others ('digits', 'cifar', 'none')
+resize to image_size x image_size, as the eval pipeline does. A converted checkpoint gets
+torchvision's ImageNet evaluation transform: resize the shorter side to 256 (bilinear)
+and center-crop 224 with PIL. Images are converted to the model's channels (grayscale for
+1, RGB for 3), scaled to [0, 1] and normalized with the kind's mean and std, as the train
+and eval steps do (`normalization.normalize`).
+
+Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are skipped
+with a message, as undecodable ones are; the others are still classified.
 """
 
 import argparse
 import functools
+import re
 import sys
+import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from resnet_jax.data.normalization import normalize
+from resnet_jax.data.normalization import NORMALIZATION, checked, normalize
+from resnet_jax.errors import UserError
 
 RESIZE_SIZE = 256
 CROP_SIZE = 224
 CLASS_NAMES_FILE = Path(__file__).with_name('imagenet_classes.txt')
+MODES = {1: 'L', 3: 'RGB'}  # PIL mode of the images a model of N input channels takes
 
 
 def imagenet_class_names() -> List[str]:
@@ -27,12 +39,18 @@ def imagenet_class_names() -> List[str]:
   return CLASS_NAMES_FILE.read_text().splitlines()
 
 
-def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE) -> np.ndarray:
-  """A PIL image -> normalized float32 (crop_size, crop_size, 3), as torchvision's
-  Resize(256) + CenterCrop(224) + ToTensor + Normalize compute it (but HWC)."""
+def _pixels(image) -> np.ndarray:
+  pixels = np.asarray(image)
+  return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE,
+               mode: str = 'RGB') -> np.ndarray:
+  """A PIL image -> normalized float32 (crop_size, crop_size, channels of `mode`), as
+  torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize compute it (but HWC)."""
   from PIL import Image
 
-  image = image.convert('RGB')  # grayscale, palette, RGBA (alpha dropped), CMYK
+  image = image.convert(mode)  # grayscale, palette, RGBA (alpha dropped), CMYK
   width, height = image.size
   # torchvision keeps the short side exact and truncates the long one.
   if width <= height:
@@ -43,16 +61,89 @@ def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE
   top = int(round((size[1] - crop_size) / 2.0))
   left = int(round((size[0] - crop_size) / 2.0))
   image = image.crop((left, top, left + crop_size, top + crop_size))
-  return np.asarray(normalize(np.asarray(image), 'imagenet'))
+  return np.asarray(normalize(_pixels(image), 'imagenet'))
 
 
-def read_image(path: Path) -> np.ndarray:
-  """Preprocessed pixels of an image file; OSError/ValueError if it cannot be decoded."""
+def preprocess_resized(image, image_size: int, kind: str, mode: str) -> np.ndarray:
+  """A PIL image -> normalized float32 (image_size, image_size, channels of `mode`): the
+  eval pipeline's transform for the 'digits', 'cifar' and 'none' kinds, an antialiased
+  bilinear resize to the square (PIL's, where the pipeline uses TensorFlow's)."""
   from PIL import Image
 
-  with Image.open(path) as image:
+  image = image.convert(mode)
+  if image.size != (image_size, image_size):
+    image = image.resize((image_size, image_size), Image.BILINEAR)
+  return np.asarray(normalize(_pixels(image), kind))
+
+
+class Preprocessing(NamedTuple):
+  """How images become model inputs: the normalization kind, the size and the channels."""
+  kind: str
+  image_size: int
+  channels: int
+
+  def transform(self) -> Callable:
+    """A function PIL image -> normalized float32 pixels."""
+    mode = MODES[self.channels]
+    if self.kind == 'imagenet':
+      resize = round(self.image_size * RESIZE_SIZE / CROP_SIZE)
+      return functools.partial(preprocess, resize_size=resize, crop_size=self.image_size,
+                               mode=mode)
+    return functools.partial(preprocess_resized, image_size=self.image_size, kind=self.kind,
+                             mode=mode)
+
+
+def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessing:
+  """A training workdir's own preprocessing (its config.json, read as evaluate reads it);
+  torchvision's ImageNet transform for a converted checkpoint of a 3-channel model; a
+  UserError when neither applies."""
+  from resnet_jax.load import CHECKPOINTS_DIR
+
+  if in_channels not in MODES:
+    raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; predict '
+                    f'reads images as grayscale (1 channel) or RGB (3).')
+  if (checkpoint / CHECKPOINTS_DIR).is_dir():
+    from resnet_jax.evaluate import _dataset_config
+    try:
+      config = _dataset_config(str(checkpoint), {})
+    except (OSError, ValueError) as e:
+      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} ({e}); '
+                      f'predict takes its preprocess and image_size from there.') from None
+    kind = checked(config.preprocess)
+    if len(NORMALIZATION[kind][0]) not in (1, in_channels):
+      raise UserError(f'The run in {checkpoint} normalizes with preprocess={kind!r}, made '
+                      f'for 3-channel images, but its model takes {in_channels}.')
+    return Preprocessing(kind, config.image_size, in_channels)
+  if in_channels != 3:
+    raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
+                    f'its images were preprocessed (a training workdir keeps one in its '
+                    f'config.json); predict\'s ImageNet transform fits 3-channel models only.')
+  return Preprocessing('imagenet', CROP_SIZE, 3)
+
+
+def _too_many_pixels(error: Exception) -> str:
+  from PIL import Image
+
+  found = re.search(r'\((\d+) pixels\)', str(error))
+  pixels = f'{found.group(1)} pixels' if found else 'too many pixels'
+  return (f'{pixels}, over the limit of {Image.MAX_IMAGE_PIXELS} '
+          f'(PIL.Image.MAX_IMAGE_PIXELS, against decompression bombs); resize it first')
+
+
+def read_image(path: Path, transform: Callable = preprocess) -> np.ndarray:
+  """`transform`ed pixels of an image file; OSError/ValueError if it cannot be decoded,
+  a UserError if it has more pixels than PIL's decompression-bomb limit."""
+  from PIL import Image
+
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+      image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+      raise UserError(_too_many_pixels(e)) from None
+  with image:
     image.load()
-    return preprocess(image)
+    return transform(image)
 
 
 def format_predictions(probabilities: np.ndarray, class_names: Optional[Sequence[str]],
@@ -77,31 +168,40 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _read_images(paths: Sequence[Path], transform: Callable):
+  """(pixels, paths) of the images that could be read; a line on stderr for each other."""
+  batch, names = [], []
+  for path in paths:
+    try:
+      batch.append(read_image(path, transform))
+      names.append(path)
+    except UserError as e:
+      print(f'skipping {path}: {e}', file=sys.stderr)
+    except (OSError, ValueError) as e:
+      print(f'skipping {path}: cannot read it as an image ({e})', file=sys.stderr)
+  return batch, names
+
+
 def main(argv=None) -> int:
   """Entry point of `python -m resnet_jax.predict`."""
   parser = _parser()
   args = parser.parse_args(argv)
-  batch, names = [], []
-  for path in args.images:
-    try:
-      batch.append(read_image(path))
-      names.append(path)
-    except (OSError, ValueError) as e:
-      print(f'skipping {path}: cannot read it as an image ({e})', file=sys.stderr)
-  if not batch:
-    parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '
-                   f'could be read.\n')
 
   import jax
   from resnet_jax.load import load_model
 
   try:
     model, variables = load_model(args.checkpoint)
+    transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
   except ValueError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
     parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint} has no '
                    f'classifier head (num_classes=0).\n')
+  batch, names = _read_images(args.images, transform)
+  if not batch:
+    parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '
+                   f'could be read.\n')
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, np.stack(batch))
   probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   class_names = imagenet_class_names() if model.num_classes == 1000 else None

@@ -1,7 +1,10 @@
 """resnet_jax.convert against torchvision/timm: logits, BN updates, an SGD step, the CLI."""
 
 import functools
+import json
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from resnet_jax import convert, create_model
 from resnet_jax.load import load_variables, read_model_config
@@ -284,15 +288,218 @@ def test_cli_refuses_existing_output_and_bad_paths(resnet18_weights, tmp_path, c
     assert code == 2 and expected in err, err
 
 
-def test_cli_overwrite_replaces_the_output(resnet18_weights, tmp_path, capsys):
+def _old_checkpoint(directory):
+  """A converted directory unlike what the tests convert: 7 classes, a tiny variable."""
+  convert.save_checkpoint({'params': {'w': np.ones(2, np.float32)}, 'batch_stats': {}},
+                          {'name': 'resnet18', 'num_classes': 7}, directory)
+
+
+def test_cli_overwrite_replaces_a_converted_directory_and_a_weights_file(
+    resnet18_weights, tmp_path, capsys):
   _, weights = resnet18_weights
-  (tmp_path / 'ckpt').mkdir()
-  (tmp_path / 'ckpt' / 'stale.txt').write_text('old')
+  _old_checkpoint(tmp_path / 'ckpt')
   code, _, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
                            '--output', tmp_path / 'ckpt', '--overwrite'], capsys)
   assert code == 0, err
+  assert read_model_config(tmp_path / 'ckpt')['num_classes'] == 1000
   assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['model.json', 'variables']
+  (tmp_path / 'old.safetensors').write_bytes(b'old weights')
+  code, _, err = run_main(['--input', tmp_path / 'ckpt', '--output',
+                           tmp_path / 'old.safetensors', '--overwrite'], capsys)
+  assert code == 0, err
+  assert (tmp_path / 'old.safetensors').read_bytes() != b'old weights'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'old.safetensors']
+
+
+def _user_files(directory):
+  (directory / 'photos').mkdir(parents=True)
+  (directory / 'photos' / 'cat.jpg').write_bytes(b'cat')
+  (directory / 'notes.txt').write_text('x')
+  return sorted(str(p.relative_to(directory)) for p in directory.rglob('*'))
+
+
+def test_cli_overwrite_refuses_the_current_directory_and_its_parents(
+    resnet18_weights, tmp_path, capsys, monkeypatch):
+  _, weights = resnet18_weights
+  home = tmp_path / 'a' / 'd'
+  before = _user_files(home)
+  monkeypatch.chdir(home)
+  for output in ['.', str(home), '..', './photos/..']:
+    code, _, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
+                             '--output', output, '--overwrite'], capsys)
+    assert code == 2 and 'current directory' in err and 'Traceback' not in err, err
+    assert sorted(str(p.relative_to(home)) for p in home.rglob('*')) == before
+  for output in [Path('/'), tmp_path]:
+    with pytest.raises(ValueError, match='current directory'):
+      convert.check_output(output, overwrite=True)
+
+
+def test_cli_overwrite_refuses_what_convert_did_not_write(resnet18_weights, tmp_path,
+                                                          capsys):
+  _, weights = resnet18_weights
+  user_dir = tmp_path / 'album'
+  before = _user_files(user_dir)
+  almost = tmp_path / 'almost'  # a converted directory plus a file of the user's
+  _old_checkpoint(almost)
+  (almost / 'readme.txt').write_text('mine')
+  (tmp_path / 'notes.txt').write_text('mine')
+  for output in [user_dir, almost, tmp_path / 'notes.txt']:
+    code, _, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
+                             '--output', output, '--overwrite'], capsys)
+    assert code == 2 and f'--output {output} exists and is not' in err, err
+  assert sorted(str(p.relative_to(user_dir)) for p in user_dir.rglob('*')) == before
+  assert (almost / 'readme.txt').exists() and (tmp_path / 'notes.txt').read_text() == 'mine'
+  # Nor the input's own directory.
+  code, _, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
+                           '--output', weights, '--overwrite'], capsys)
+  assert code == 2 and 'contains the input' in err
+  assert (weights / 'resnet18.pth').exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['album', 'almost', 'notes.txt']
+
+
+def test_write_atomically_keeps_the_old_output_when_writing_or_swapping_fails(
+    tmp_path, monkeypatch):
+  output = tmp_path / 'ckpt'
+  _old_checkpoint(output)
+  old_config = (output / 'model.json').read_text()
+
+  def fails_midway(path):
+    path.mkdir()
+    (path / 'model.json').write_text('{}')
+    raise OSError('disk full')
+
+  with pytest.raises(OSError, match='disk full'):
+    convert.write_atomically(output, fails_midway, overwrite=True)
+  assert (output / 'model.json').read_text() == old_config
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+  # The new output cannot be moved into place: the old one must be back, not deleted.
+  real_rename, real_replace = os.rename, os.replace
+  def refuse_new_output(rename):
+    def moved(src, dst, *args, **kwargs):
+      if Path(src).name == output.name and Path(src).parent != output.parent:
+        raise OSError('rename failed')
+      return rename(src, dst, *args, **kwargs)
+    return moved
+  monkeypatch.setattr(os, 'rename', refuse_new_output(real_rename))
+  monkeypatch.setattr(os, 'replace', refuse_new_output(real_replace))
+  with pytest.raises(OSError, match='rename failed'):
+    convert.write_atomically(output, lambda path: _old_checkpoint(path), overwrite=True)
+  assert (output / 'model.json').read_text() == old_config
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+# ------------------------------------------------ weights that would convert with a loss
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(resnet18_weights, tmp_path, capsys):
+  state_dict = dict(resnet18_weights[0])
+  state_dict['layer2.0.conv1.weight'] = state_dict['layer2.0.conv1.weight'].clone()
+  state_dict['layer2.0.conv1.weight'][0, 0, 0, :2] = torch.tensor([float('nan'), float('inf')])
+  state_dict['bn1.running_var'] = torch.full_like(state_dict['bn1.running_var'], float('-inf'))
+  with pytest.raises(ValueError) as info:
+    convert.torch_to_flax(state_dict, 'resnet18')
+  message = str(info.value)
+  assert message.startswith('2 tensor(s) hold NaN or infinite values: bn1.running_var (0 NaN,')
+  assert 'layer2.0.conv1.weight (1 NaN, 1 inf of 73728)' in message
+  assert '--allow-nonfinite' in message
+  variables = convert.torch_to_flax(state_dict, 'resnet18', allow_nonfinite=True)
+  with pytest.raises(ValueError, match='layer2.0.conv1.weight'):
+    convert.flax_to_torch(variables, 'resnet18')
+  assert np.isnan(convert.flax_to_torch(variables, 'resnet18', allow_nonfinite=True)[
+      'layer2.0.conv1.weight']).any()
+
+  torch.save(state_dict, tmp_path / 'nan.pth')
+  argv = ['--arch', 'resnet18', '--input', tmp_path / 'nan.pth', '--output', tmp_path / 'ckpt']
+  code, _, err = run_main(argv, capsys)
+  assert code == 2 and 'NaN or infinite' in err and 'Traceback' not in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['nan.pth']
+  code, _, err = run_main(argv + ['--allow-nonfinite'], capsys)
+  assert code == 0, err
+
+
+@pytest.mark.parametrize('key,dtype', [('fc.bias', torch.complex64),
+                                       ('layer1.0.conv1.weight', torch.int64),
+                                       ('bn1.weight', torch.bool)])
+def test_weights_that_are_not_floats_are_refused(resnet18_weights, key, dtype):
+  state_dict = dict(resnet18_weights[0])
+  state_dict[key] = state_dict[key].to(dtype)
+  with pytest.raises(ValueError, match=rf'not floating point: {re.escape(key)} \({dtype}\)'):
+    convert.torch_to_flax(state_dict, 'resnet18')
+  # The BatchNorm counters are integers and are dropped, as before.
+  assert state_dict['bn1.num_batches_tracked'].dtype == torch.int64
+
+
+def _hostile_files(directory, state_dict):
+  """name -> a file convert must refuse with one message."""
+  header = json.dumps({'fc.bias': {'dtype': 'F32', 'shape': [1000],
+                                   'data_offsets': [0, 4000]}}).encode()
+  files = {
+      'empty.pth': b'',
+      'huge_header.safetensors': struct.pack('<Q', 2 ** 62) + b'{}',
+      'bad_json.safetensors': struct.pack('<Q', 5) + b'{abc}',
+      'beyond_the_file.safetensors': struct.pack('<Q', len(header)) + header + bytes(16),
+      'short.safetensors': b'abc',
+  }
+  for name, content in files.items():
+    (directory / name).write_bytes(content)
+  torch.save({1: torch.zeros(2), **state_dict}, directory / 'int_key.pth')
+  sparse = dict(state_dict, **{'fc.weight': state_dict['fc.weight'].to_sparse()})
+  torch.save(sparse, directory / 'sparse.pth')
+  return {**files, 'int_key.pth': None, 'sparse.pth': None}
+
+
+def test_cli_damaged_or_hostile_files_are_one_message(resnet18_weights, tmp_path, capsys):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  expected = {'empty.pth': 'is empty (0 bytes)', 'int_key.pth': 'keys that are not strings: 1',
+              'sparse.pth': 'Sparse tensors cannot be converted: fc.weight (torch.sparse_coo)'}
+  for name in _hostile_files(inputs, resnet18_weights[0]):
+    code, _, err = run_main(['--arch', 'resnet18', '--input', inputs / name,
+                             '--output', tmp_path / 'ckpt'], capsys)
+    assert code == 2, name
+    assert err.startswith('python -m resnet_jax.convert: error: ') and err.count('\n') == 1, err
+    assert expected.get(name, 'as a safetensors file') in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['in']
+
+
+# -------------------------------------------------- exporting models with overrides
+
+
+def test_cli_exports_a_one_channel_resnet18_that_torchvision_loads_strictly(tmp_path, capsys):
+  model = create_model('resnet18', in_channels=1, num_classes=10)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  convert.save_checkpoint(variables, {'name': 'resnet18', 'num_classes': 10, 'in_channels': 1},
+                          tmp_path / 'ckpt')
+  code, out, err = run_main(['--input', tmp_path / 'ckpt', '--output', tmp_path / 'r.pth',
+                             '--verify'], capsys)
+  assert code == 0 and 'ok' in out, err
+  reference = torchvision.models.resnet18(num_classes=10)
+  reference.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+  reference.load_state_dict(torch.load(tmp_path / 'r.pth', weights_only=True), strict=True)
+  np.testing.assert_array_equal(reference.conv1.weight.detach().numpy(),
+                                np.asarray(variables['params']['conv1']['kernel']).transpose(
+                                    3, 2, 0, 1))
+  # Another --arch is checked with the same in_channels, so the hint names the right one.
+  code, _, err = run_main(['--arch', 'resnet34', '--input', tmp_path / 'ckpt', '--output',
+                           tmp_path / 'r34.pth'], capsys)
+  assert code == 2 and "fit 'resnet18'" in err, err
+
+
+def test_cli_exports_a_one_channel_cifar_net_and_the_digits_workdir(trained_workdir, tmp_path,
+                                                                     capsys):
+  spec = {'name': 'cifar_resnet20', 'num_classes': 10, 'in_channels': 1,
+          'stage_sizes': [1, 1, 1], 'stage_widths': [4, 8, 16]}  # as JSON gives them
+  model = convert.layout_overrides(spec)
+  variables = jax.jit(create_model('cifar_resnet20', num_classes=10, **model).init)(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  convert.save_checkpoint(variables, spec, tmp_path / 'ckpt')
+  for source, name in [(tmp_path / 'ckpt', 'cifar.safetensors'),
+                       (trained_workdir[0], 'workdir.safetensors')]:
+    code, _, err = run_main(['--input', source, '--output', tmp_path / name], capsys)
+    assert code == 0, err
+    from safetensors.numpy import load_file
+    assert load_file(str(tmp_path / name))['conv1.weight'].shape == (4, 1, 3, 3)
 
 
 class _Exploit:

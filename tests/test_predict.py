@@ -14,7 +14,7 @@ from torchvision import transforms
 from resnet_jax import create_model, predict
 from resnet_jax.convert import save_checkpoint, torch_to_flax
 
-LINE = re.compile(r'^  (\d)\. (\d\.\d{6})  +(\d+)  (.+)$')
+LINE = re.compile(r'^  (\d+)\. (\d\.\d{6})  +(\d+)  (.+)$')
 
 
 @pytest.fixture(scope='module')
@@ -135,3 +135,71 @@ def test_class_names_ship_with_the_package():
   names = predict.imagenet_class_names()
   assert len(names) == 1000 and names[0] == 'tench' and names[999] == 'toilet tissue'
   assert names == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta['categories']
+
+
+@pytest.mark.filterwarnings('ignore::PIL.Image.DecompressionBombWarning')  # the 224 crop
+def test_images_over_the_pixel_limit_are_skipped_and_the_others_predicted(
+    checkpoint, tmp_path, capsys, monkeypatch):
+  directory, _ = checkpoint
+  # PIL warns over the limit and raises over twice it; the 224x224 crop must stay legal.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 30000)
+  sizes = {'small.png': 150, 'over.png': 200, 'far_over.png': 250}
+  for name, side in sizes.items():
+    Image.new('RGB', (side, side), (200, 30, 90)).save(tmp_path / name)
+  code = predict.main(['--checkpoint', str(directory)] + [str(tmp_path / n) for n in sizes])
+  out, err = capsys.readouterr()
+  assert code == 0
+  assert list(parse(out)) == [str(tmp_path / 'small.png')]
+  for name in ('over.png', 'far_over.png'):
+    assert (f'skipping {tmp_path / name}: {sizes[name] ** 2} pixels, over the limit of 30000'
+            in err), err
+  assert 'resize it first' in err
+
+
+@pytest.fixture(scope='module')
+def digit_files(tmp_path_factory):
+  """Three 8x8 test digits of sklearn (as the digits dataset stores them) and a larger
+  RGB image predict must shrink to 8x8 grayscale: (directory, {name: 8x8 uint8 pixels})."""
+  from sklearn.datasets import load_digits
+  directory = tmp_path_factory.mktemp('digits')
+  digits = np.round(load_digits().images[:3] * (255 / 16)).astype(np.uint8)
+  pixels = {f'digit{i}.png': image for i, image in enumerate(digits)}
+  for name, image in pixels.items():
+    Image.fromarray(image, mode='L').save(directory / name)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), np.uint8)).save(
+      directory / 'photo.jpg')
+  return directory, pixels
+
+
+def test_predict_uses_a_digits_workdirs_own_channels_and_preprocessing(
+    trained_workdir, digit_files, capsys):
+  from resnet_jax.load import load_model
+  workdir, _ = trained_workdir
+  directory, pixels = digit_files
+  names = list(pixels) + ['photo.jpg']
+  assert predict.main(['--checkpoint', workdir, '--top-k', '10']
+                      + [str(directory / n) for n in names]) == 0
+  results = parse(capsys.readouterr().out)
+  assert list(results) == [str(directory / n) for n in names]
+  model, variables = load_model(workdir)
+  mean, std = 0.30, 0.40  # the digits normalization, as the run trained with
+  batch = np.stack([(p[..., None] / 255.0 - mean) / std for p in pixels.values()])
+  expected = np.asarray(jax.nn.softmax(model.apply(variables, batch.astype(np.float32))))
+  for name, row in zip(pixels, expected):
+    got = {index: prob for _, prob, index, _ in results[str(directory / name)]}
+    np.testing.assert_allclose([got[i] for i in range(10)], row, rtol=0, atol=2e-6,
+                               err_msg=name)
+
+
+def test_predict_refuses_a_one_channel_model_without_its_preprocessing(image_files, tmp_path,
+                                                                      capsys):
+  spec = {'name': 'cifar_resnet20', 'num_classes': 10, 'in_channels': 1,
+          'stage_sizes': (1, 1, 1), 'stage_widths': (4, 8, 16)}
+  model = create_model(**spec)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  save_checkpoint(variables, spec, tmp_path / 'ckpt')
+  with pytest.raises(SystemExit) as info:
+    predict.main(['--checkpoint', str(tmp_path / 'ckpt'), str(image_files / 'rgb.jpg')])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and err.count('\n') == 1, err
+  assert '1-channel model but no record of how its images were preprocessed' in err
