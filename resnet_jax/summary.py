@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import layers, zoo
+from resnet_jax.models import convolution, zoo
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class LayerRow:
 
 def _macs(module: nn.Module, inputs, output) -> int:
   """Multiply-accumulates of one conv or dense call, per image."""
-  if isinstance(module, layers.Conv):
+  if isinstance(module, convolution.Conv):
     in_channels = inputs[0].shape[-1] // module.groups
     return int(np.prod(output.shape[1:])) * module.kernel_size ** 2 * in_channels
   if isinstance(module, nn.Dense):

@@ -14,6 +14,21 @@ import jax  # noqa: E402
 jax.config.update('jax_disable_most_optimizations', True)
 
 
+# --- PyTorch layout (tests/test_batch_norm.py, test_pooling.py, test_convolution.py) --
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def nchw(x) -> torch.Tensor:
+  """An NHWC array as the NCHW tensor PyTorch's layers take."""
+  return torch.tensor(np.asarray(x)).permute(0, 3, 1, 2)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+  """A PyTorch NCHW output as an NHWC array, to compare with ours."""
+  return t.detach().permute(0, 2, 3, 1).numpy()
+
+
 # --- Training fixtures (tests/test_train.py, test_data.py, test_evaluate.py) ---------
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402

@@ -1,4 +1,4 @@
-"""The convolution's own gradient formulations against PyTorch's autograd and XLA's."""
+"""The convolution against PyTorch: padding, init, and its own gradient formulations."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import nchw, nhwc
 from resnet_jax.models import convolution
 
 
@@ -75,3 +76,27 @@ def test_matmul_kernel_gradient_is_for_large_convolutions_on_cpu_only():
   assert 'dot_general' not in cuda and cuda.count('stablehlo.convolution') == 1
   small = _kernel_grad_ops(large - 1)
   assert 'dot_general' not in small and small.count('stablehlo.convolution') == 1
+
+
+@pytest.mark.parametrize('kernel, stride, size', [
+    (7, 2, (32, 32)), (3, 2, (8, 10)), (3, 1, (5, 5)), (1, 2, (6, 7)),
+    # Maps smaller than the kernel take the matmul path.
+    (3, 1, (1, 1)), (3, 1, (2, 2)), (3, 2, (2, 3)), (7, 2, (5, 6))])
+def test_conv_pads_like_torch(kernel, stride, size):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, *size, 4)).astype(np.float32)
+  module = convolution.Conv(6, kernel, stride, name='conv')
+  variables = module.init(jax.random.PRNGKey(0), x)
+  kernel_hwio = np.asarray(variables['params']['kernel'])
+  torch_conv = torch.nn.Conv2d(4, 6, kernel, stride, kernel // 2, bias=False)
+  with torch.no_grad():
+    torch_conv.weight.copy_(torch.tensor(kernel_hwio.transpose(3, 2, 0, 1)))
+  np.testing.assert_allclose(module.apply(variables, x), nhwc(torch_conv(nchw(x))),
+                             atol=1e-5)
+
+
+def test_conv_init_is_kaiming_fan_out():
+  variables = convolution.Conv(256, 3, name='c').init(jax.random.PRNGKey(0),
+                                                       jnp.zeros((1, 4, 4, 64)))
+  std = float(jnp.std(variables['params']['kernel']))
+  assert abs(std - (2.0 / (256 * 9)) ** 0.5) < 0.002

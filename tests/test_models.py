@@ -1,11 +1,13 @@
 """The model zoo: parameter counts, shapes, BatchNorm state, precision, scan, remat, errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import resnet_jax
+from resnet_jax.models.blocks import subsample_and_pad
 
 # torchvision's counts (num_classes=1000), timm's for resnet200/resnet50d, the paper's CIFAR nets.
 PARAM_COUNTS = {
@@ -162,7 +164,9 @@ def test_scan_matches_unrolled(name):
   jax.tree.map(np.testing.assert_array_equal, resnet_jax.unscan_variables(scanned), variables)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize('overrides', [dict(remat=True),
+                                       dict(remat=True, bn_fused_gradient=True)])
+def test_remat_gives_the_same_gradients(overrides):
   model, variables, x = _init('cifar_resnet20', 16, batch=4)
 
   def grads(m):
@@ -173,8 +177,25 @@ def test_remat_gives_the_same_gradients():
     return jax.grad(loss)(variables['params'])
 
   expected = grads(model)
-  actual = grads(resnet_jax.create_model('cifar_resnet20', remat=True))
+  actual = grads(resnet_jax.create_model('cifar_resnet20', **overrides))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), actual, expected)
+
+
+@pytest.mark.parametrize('remat, bn_fused_gradient, fused', [
+    (False, None, True), (True, None, False), (True, True, True), (False, False, False)])
+def test_bn_fused_gradient_defaults_to_fused_unless_remat(remat, bn_fused_gradient, fused):
+  model = resnet_jax.create_model('cifar_resnet20', remat=remat,
+                                  bn_fused_gradient=bn_fused_gradient)
+  seen = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, resnet_jax.BatchNorm):
+      seen.add(context.module.fused_gradient)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _init_shapes(model, 16)
+  assert seen == {fused}
 
 
 def test_zero_init_residual_starts_blocks_as_identity_branches():
@@ -204,6 +225,15 @@ def test_bn_group_size_normalizes_each_group_alone():
   first, _ = model.apply(variables, x[:4], train=True, mutable=['batch_stats'])
   second, _ = model.apply(variables, x[4:], train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(logits, np.concatenate([first, second]), atol=1e-4, rtol=1e-4)
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads():
+  x = jnp.arange(2 * 4 * 4 * 16, dtype=jnp.float32).reshape(2, 4, 4, 16)
+  y = subsample_and_pad(x, 32, 2)
+  assert y.shape == (2, 2, 2, 32)
+  np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])
+  np.testing.assert_array_equal(y[..., :8], 0)
+  np.testing.assert_array_equal(y[..., 24:], 0)
 
 
 @pytest.mark.parametrize('shortcut, has_projection', [('A', False), ('B', True), ('C', True),

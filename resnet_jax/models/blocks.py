@@ -10,7 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models.layers import ModuleDef, avg_pool_2x2_ceil
+from resnet_jax.models.pooling import avg_pool_2x2_ceil
+
+# A module constructor handed down by the parent: a partial of `Conv` or `BatchNorm`.
+ModuleDef = Callable[..., nn.Module]
 
 SHORTCUTS = ('A', 'B', 'C', 'none')
 
@@ -93,7 +96,7 @@ class BasicBlock(_Block):
 
   Attributes:
     features: output channels.
-    conv, norm: constructors from the parent (`layers.conv` and a BatchNorm partial).
+    conv, norm: constructors from the parent (partials of `Conv` and `BatchNorm`).
     strides: stride of the first 3x3 conv.
     shortcut: 'A' (parameter-free, pads channels), 'B' (projection where the shape
       changes), 'C' (projection in every block) or 'none' (a plain network).

@@ -1,28 +1,58 @@
-"""2-D convolution (NHWC input, HWIO kernel) with formulations XLA:CPU runs fast.
+"""The convolution: the `Conv` module that blocks use and the functional `conv2d` it runs.
 
-XLA's own convolution is used everywhere except where XLA:CPU is known to be slow:
+`conv2d` (NHWC input, HWIO kernel) uses XLA's own convolution everywhere except where
+XLA:CPU is known to be slow (measurements in benchmarks/RESULTS.md):
 
 * Feature maps smaller than the kernel (a 3x3 conv on the 2x2 or 1x1 maps of the last
-  stage at small image sizes) run as one matrix multiply over extracted patches; XLA:CPU's
-  convolution is tens of times slower on them.
+  stage at small image sizes) run as one matrix multiply over extracted patches.
 * The kernel gradient on CPU is one matrix multiply per kernel tap, dy^T @ x[tap]
   (or one over gathered patches when there are few input channels), instead of
-  XLA:CPU's convolution with the batch as its feature axis, which runs 1.5-4x slower
-  and makes XLA transpose the activations and the incoming gradient. Small
-  convolutions (under MIN_MATMUL_GRAD_FLOPS) keep XLA's, which costs little there and
-  compiles faster. Other backends keep XLA's kernel
-  gradient (cuDNN's on GPU), chosen at lowering time by `jax.lax.platform_dependent`.
+  XLA:CPU's convolution with the batch as its feature axis, which is slower and makes
+  XLA transpose the activations and the incoming gradient. Small convolutions (under
+  MIN_MATMUL_GRAD_FLOPS) keep XLA's, which costs little there and compiles faster.
+  Other backends keep XLA's kernel gradient (cuDNN's on GPU), chosen at lowering time
+  by `jax.lax.platform_dependent`.
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax.typing import Dtype
 
-Padding = tuple[tuple[int, int], tuple[int, int]]
+from resnet_jax.models import windows
+from resnet_jax.models.windows import Padding
+
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-MIN_MATMUL_GRAD_FLOPS = 10**8  # of the kernel gradient; about a millisecond on a CPU core
+MIN_MATMUL_GRAD_FLOPS = 10**8  # of the kernel gradient; below it XLA's is cheap enough
+
+# torchvision initializes convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class Conv(nn.Module):
+  """A bias-free square convolution padded by kernel_size // 2 on every side, as PyTorch pads.
+
+  Not 'SAME' (see `windows.torch_padding`). The kernel is HWIO, named 'kernel' as in
+  `nn.Conv`. Blocks get it as
+  `functools.partial(Conv, dtype=..., param_dtype=...)` and call it as
+  `conv(features, kernel_size, strides, name=...)`.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  groups: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', conv_kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    return conv2d(x, kernel, self.strides, windows.torch_padding(k), self.groups)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
@@ -31,7 +61,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
   k = kernel.shape[0]
   if groups == 1 and k > 1 and min(x.shape[1:3]) < k:
     return _conv_as_matmul(x, kernel, strides, padding)
-  out_h, out_w = _output_shape(x, k, strides, padding)
+  out_h, out_w = windows.output_shape(x, k, strides, padding)
   kernel_grad_flops = 2 * x.shape[0] * out_h * out_w * kernel.size
   if groups == 1 and kernel_grad_flops >= MIN_MATMUL_GRAD_FLOPS:
     return conv_with_matmul_kernel_grad(x, kernel, strides, padding)
@@ -44,37 +74,13 @@ def _xla_conv(x, kernel, strides, padding, groups=1):
       feature_group_count=groups)
 
 
-def _output_shape(x, kernel_size, strides, padding):
-  return tuple((x.shape[1 + d] + sum(padding[d]) - kernel_size) // strides + 1 for d in (0, 1))
-
-
-def _patches(x, kernel_size, strides, padding, out_shape):
-  """The k*k strided views of padded x that the kernel taps see, row by row."""
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = out_shape
-  return [x[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
-          for i in range(kernel_size) for j in range(kernel_size)]
-
-
-def _gathered_patches(x, kernel_size, strides, padding, out_shape):
-  """(n, out_h, out_w, k, k, c) patches of padded x, gathered in one pass (im2col)."""
-  n, _, _, c = x.shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  width = x.shape[2]
-  taps = np.arange(kernel_size)
-  rows = np.arange(out_shape[0])[:, None, None, None] * strides + taps[None, None, :, None]
-  cols = np.arange(out_shape[1])[None, :, None, None] * strides + taps[None, None, None, :]
-  return x.reshape(n, -1, c)[:, (rows * width + cols).astype(np.int32)]
-
-
 def _matmul(a, b):
   return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
 def _conv_as_matmul(x, kernel, strides, padding):
   """The same convolution as patches @ kernel (im2col)."""
-  k = kernel.shape[0]
-  views = _patches(x, k, strides, padding, _output_shape(x, k, strides, padding))
+  views = windows.window_views(x, kernel.shape[0], strides, padding)
   patches = jnp.concatenate(views, axis=-1)
   return patches @ kernel.reshape(-1, kernel.shape[-1])
 
@@ -110,10 +116,10 @@ def _matmul_kernel_grad(x, dy, kernel_shape, strides, padding):
   k, _, in_features, out_features = kernel_shape
   dy_t = dy.reshape(-1, out_features).T
   if in_features < 16:  # per-tap matmuls would be too thin: gather the patches, one matmul
-    patches = _gathered_patches(x, k, strides, padding, dy.shape[1:3])
+    patches = windows.gathered_windows(x, k, strides, padding)
     grad = _matmul(dy_t, patches.reshape(-1, k * k * in_features))
     return grad.reshape(out_features, k, k, in_features).transpose(1, 2, 3, 0)
-  views = _patches(x, k, strides, padding, dy.shape[1:3])
+  views = windows.window_views(x, k, strides, padding)
   grad = jnp.stack([_matmul(dy_t, view.reshape(-1, in_features)) for view in views])
   return grad.reshape(k, k, out_features, in_features).transpose(0, 1, 3, 2)
 

@@ -7,8 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models import layers
+from resnet_jax.models.batch_norm import batch_norm_partial
 from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, ModuleDef, _Block
+from resnet_jax.models.convolution import Conv
+from resnet_jax.models.pooling import max_pool_3x3_s2
 
 STEMS = ('imagenet', 'deep', 'cifar')
 
@@ -84,9 +86,13 @@ class ResNet(nn.Module):
     in_channels: image channels expected.
     dtype, param_dtype: compute and parameter precision.
     bn_momentum, bn_epsilon, bn_unbiased_running_var, bn_group_size, bn_axis_name:
-      BatchNorm settings (see `layers.BatchNorm`).
+      BatchNorm settings (see `batch_norm.BatchNorm`).
     scan_blocks: run the repeated blocks of each stage with `nn.scan`.
     remat: rematerialize blocks in the backward pass.
+    bn_fused_gradient: train-mode BatchNorm gradient by its fused custom VJP (True) or
+      by autodiff (False). None: fused unless `remat`, because under remat the fused
+      gradient's saved residuals needed more memory (benchmarks/RESULTS.md). Either
+      way the gradients are the same up to rounding.
   """
   stage_sizes: Sequence[int]
   block: str = 'basic'
@@ -109,6 +115,7 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   scan_blocks: bool = False
   remat: bool = False
+  bn_fused_gradient: Optional[bool] = None
 
   @property
   def total_stride(self) -> int:
@@ -119,12 +126,12 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     self._check_input(x)
-    conv = functools.partial(layers.conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = layers.batch_norm_partial(
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = batch_norm_partial(
         train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         unbiased_running_var=self.bn_unbiased_running_var, group_size=self.bn_group_size,
         axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
-        fused_gradient=not self.remat)
+        fused_gradient=self._bn_fused_gradient)
     features = {}
     x = features['stem'] = self._stem(x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
@@ -150,7 +157,11 @@ class ResNet(nn.Module):
       x = DeepStem(self.stem_width, 64, conv, norm, name='conv1')(x)
     else:
       x = conv(64, 7, 2, name='conv1')(x)
-    return layers.max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
+    return max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
+
+  @property
+  def _bn_fused_gradient(self) -> bool:
+    return not self.remat if self.bn_fused_gradient is None else self.bn_fused_gradient
 
   def _check_input(self, x):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:

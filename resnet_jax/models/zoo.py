@@ -50,7 +50,7 @@ def create_model(name: str, **overrides: Any) -> ResNet:
 
   Any `ResNet` field can be overridden: num_classes (0 for no head), dtype, param_dtype,
   bn_momentum, bn_epsilon, bn_axis_name, bn_group_size, zero_init_residual, scan_blocks,
-  remat, shortcut (the CIFAR nets' 'A'/'B'/'C'), in_channels, ...
+  remat, bn_fused_gradient, shortcut (the CIFAR nets' 'A'/'B'/'C'), in_channels, ...
   """
   if name not in MODELS:
     close = difflib.get_close_matches(name, MODELS, n=3)

@@ -1,76 +1,13 @@
-"""Layers with PyTorch's semantics: explicit symmetric padding and its BatchNorm."""
+"""BatchNorm with PyTorch's running statistics, and its fused train-mode gradient."""
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from resnet_jax.models import convolution
-
-Dtype = Any
-ModuleDef = Callable[..., nn.Module]
-
-# torchvision initializes convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-class Conv(nn.Module):
-  """A bias-free square convolution padded by kernel_size // 2 on every side, as PyTorch pads.
-
-  'SAME' padding would put the extra row of a stride-2 window at the end, which shifts
-  every output on even input sizes and breaks parity with PyTorch weights. The kernel is
-  HWIO, named 'kernel' as in `nn.Conv`. `convolution.conv2d` computes it in the
-  formulations XLA:CPU runs fast.
-  """
-  features: int
-  kernel_size: int
-  strides: int = 1
-  groups: int = 1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param('kernel', conv_kernel_init,
-                        (k, k, x.shape[-1] // self.groups, self.features), self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return convolution.conv2d(x, kernel, self.strides, ((k // 2, k // 2),) * 2, self.groups)
-
-
-def conv(features: int, kernel_size: int, strides: int = 1, *, groups: int = 1,
-         name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> Conv:
-  """`Conv` with positional (features, kernel_size, strides), as blocks call it."""
-  return Conv(features, kernel_size, strides, groups, dtype, param_dtype, name=name)
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """torch.nn.MaxPool2d(3, stride=2, padding=1): padding never wins the max.
-
-  Written as the maximum of nine strided views rather than a reduce_window: its gradient
-  is then elementwise selects that fuse, where reduce_window's select-and-scatter
-  gradient runs several times slower on XLA:CPU.
-  """
-  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
-  views = [x[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2] for i in range(3) for j in range(3)]
-  return functools.reduce(jnp.maximum, views)
-
-
-def avg_pool_2x2_ceil(x: jax.Array) -> jax.Array:
-  """torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), ResNet-D's shortcut.
-
-  On odd sizes the last window is partial and averages only the pixels it covers.
-  """
-  n, h, w, c = x.shape
-  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-  summed = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c).sum((2, 4))
-  counts = np.pad(np.ones((h, w)), ((0, h % 2), (0, w % 2)))
-  counts = counts.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).sum((1, 3))
-  return summed / counts[None, :, :, None].astype(x.dtype)
+from flax.typing import Dtype
 
 
 class BatchNorm(nn.Module):
@@ -92,7 +29,8 @@ class BatchNorm(nn.Module):
     axis_name: mapped axis to average statistics over, or None.
     scale_init: initializer of the scale (zeros for zero-init residual branches).
     fused_gradient: train-mode gradient by `normalize_with_batch_statistics` (fewer passes
-      and a shorter compile) instead of autodiff, which needs less memory under remat.
+      and a shorter compile) instead of autodiff, which needs less memory under remat
+      (benchmarks/RESULTS.md). Ignored with `axis_name`, which always uses autodiff.
   """
   use_running_average: bool = False
   momentum: float = 0.9
@@ -201,6 +139,6 @@ def _normalize_backward(epsilon, dtype, residuals, dy):
 normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)
 
 
-def batch_norm_partial(train: bool, **kwargs) -> ModuleDef:
+def batch_norm_partial(train: bool, **kwargs) -> Callable[..., BatchNorm]:
   """A BatchNorm constructor in train or eval mode, to hand to blocks."""
   return functools.partial(BatchNorm, use_running_average=not train, **kwargs)
