@@ -3,12 +3,12 @@
   python -m resnet_jax.predict --checkpoint ckpt/ cat.jpg dog.png
 
 Preprocessing follows the checkpoint. A training workdir brings its run's own (config.json:
-`preprocess` and `image_size`): the 'imagenet' kind resizes the shorter side to
+`preprocess` and `image_size`): the 'imagenet' recipe resizes the shorter side to
 image_size * 256/224 and center-crops image_size, the others ('digits', 'cifar', 'none')
 resize to image_size x image_size, as the eval pipeline does. A converted checkpoint gets
 torchvision's ImageNet evaluation transform: resize the shorter side to 256 (bilinear)
 and center-crop 224 with PIL. Images are converted to the model's channels (grayscale for
-1, RGB for 3), scaled to [0, 1] and normalized with the kind's mean and std, as the train
+1, RGB for 3), scaled to [0, 1] and normalized with the recipe's mean and std, as the train
 and eval steps do (`normalization.normalize`).
 
 Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are skipped
@@ -25,7 +25,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from resnet_jax.data.normalization import NORMALIZATION, checked, normalize
+from resnet_jax.data.normalization import (RECIPE_STATISTICS, STATISTICS, checked_recipe,
+                                           normalize)
 from resnet_jax.errors import UserError
 
 RESIZE_SIZE = 256
@@ -44,8 +45,8 @@ def _pixels(image) -> np.ndarray:
   return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE,
-               mode: str = 'RGB') -> np.ndarray:
+def imagenet_eval_transform(image, resize_size: int = RESIZE_SIZE,
+                            crop_size: int = CROP_SIZE, mode: str = 'RGB') -> np.ndarray:
   """A PIL image -> normalized float32 (crop_size, crop_size, channels of `mode`), as
   torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize compute it (but HWC)."""
   from PIL import Image
@@ -64,33 +65,34 @@ def preprocess(image, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE
   return np.asarray(normalize(_pixels(image), 'imagenet'))
 
 
-def preprocess_resized(image, image_size: int, kind: str, mode: str) -> np.ndarray:
+def resize_transform(image, image_size: int, statistics: str, mode: str) -> np.ndarray:
   """A PIL image -> normalized float32 (image_size, image_size, channels of `mode`): the
-  eval pipeline's transform for the 'digits', 'cifar' and 'none' kinds, an antialiased
+  eval pipeline's transform for the 'digits', 'cifar' and 'none' recipes, an antialiased
   bilinear resize to the square (PIL's, where the pipeline uses TensorFlow's)."""
   from PIL import Image
 
   image = image.convert(mode)
   if image.size != (image_size, image_size):
     image = image.resize((image_size, image_size), Image.BILINEAR)
-  return np.asarray(normalize(_pixels(image), kind))
+  return np.asarray(normalize(_pixels(image), statistics))
 
 
 class Preprocessing(NamedTuple):
-  """How images become model inputs: the normalization kind, the size and the channels."""
-  kind: str
+  """How images become model inputs: the run's recipe (config.preprocess), the size and
+  the channels."""
+  recipe: str
   image_size: int
   channels: int
 
   def transform(self) -> Callable:
     """A function PIL image -> normalized float32 pixels."""
     mode = MODES[self.channels]
-    if self.kind == 'imagenet':
+    if self.recipe == 'imagenet':
       resize = round(self.image_size * RESIZE_SIZE / CROP_SIZE)
-      return functools.partial(preprocess, resize_size=resize, crop_size=self.image_size,
-                               mode=mode)
-    return functools.partial(preprocess_resized, image_size=self.image_size, kind=self.kind,
-                             mode=mode)
+      return functools.partial(imagenet_eval_transform, resize_size=resize,
+                               crop_size=self.image_size, mode=mode)
+    return functools.partial(resize_transform, image_size=self.image_size,
+                             statistics=RECIPE_STATISTICS[self.recipe], mode=mode)
 
 
 def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessing:
@@ -109,11 +111,11 @@ def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessin
     except (OSError, ValueError) as e:
       raise UserError(f'Cannot read the run settings of the workdir {checkpoint} ({e}); '
                       f'predict takes its preprocess and image_size from there.') from None
-    kind = checked(config.preprocess)
-    if len(NORMALIZATION[kind][0]) not in (1, in_channels):
-      raise UserError(f'The run in {checkpoint} normalizes with preprocess={kind!r}, made '
+    recipe = checked_recipe(config.preprocess)
+    if len(STATISTICS[RECIPE_STATISTICS[recipe]][0]) not in (1, in_channels):
+      raise UserError(f'The run in {checkpoint} normalizes with preprocess={recipe!r}, made '
                       f'for 3-channel images, but its model takes {in_channels}.')
-    return Preprocessing(kind, config.image_size, in_channels)
+    return Preprocessing(recipe, config.image_size, in_channels)
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '
@@ -130,7 +132,7 @@ def _too_many_pixels(error: Exception) -> str:
           f'(PIL.Image.MAX_IMAGE_PIXELS, against decompression bombs); resize it first')
 
 
-def read_image(path: Path, transform: Callable = preprocess) -> np.ndarray:
+def read_image(path: Path, transform: Callable = imagenet_eval_transform) -> np.ndarray:
   """`transform`ed pixels of an image file; OSError/ValueError if it cannot be decoded,
   a UserError if it has more pixels than PIL's decompression-bomb limit."""
   from PIL import Image
