@@ -78,10 +78,35 @@ def write_jpegs(root, count, classes=4, distinct=64):
       f.write(encoded[i % len(encoded)])
 
 
-def folder_pipeline(root, batch, size):
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry')  # bundled
+
+
+def write_photo_jpegs(root, count, classes=4):
+  """`count` JPEGs of real photographs (scikit-image's samples) in `classes` class folders:
+  random crops of them scaled to 400-600 pixels on the longer side, at JPEG quality 75-95,
+  as ImageNet's photos are."""
+  import skimage.data  # pylint: disable=g-import-not-at-top  (benchmarks only)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  photos = [Image.fromarray(getattr(skimage.data, name)()).convert('RGB') for name in PHOTOS]
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    w, h = photo.size
+    cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    scale = rng.uniform(400, 600) / max(cw, ch)
+    image = photo.crop((x, y, x + cw, y + ch)).resize(
+        (round(cw * scale), round(ch * scale)), Image.BICUBIC)
+    folder = os.path.join(root, f'class{i % classes}')
+    os.makedirs(folder, exist_ok=True)
+    image.save(os.path.join(folder, f'{i:05d}.jpg'), 'JPEG', quality=int(rng.integers(75, 96)))
+
+
+def folder_pipeline(root, batch, size, input_pipeline='tf.data'):
   """The project's ImageNet training pipeline (decode, inception crop, flip, resize) over
-  the image folder `root`."""
-  from resnet_jax.data.pipeline import Pipeline  # TensorFlow: only once torch is imported
-  return Pipeline(ml_collections.ConfigDict(dict(
+  the image folder `root`, made by `input_pipeline` ('tf.data' or 'dali')."""
+  from resnet_jax.data import create_pipeline  # TensorFlow: only once torch is imported
+  return create_pipeline(ml_collections.ConfigDict(dict(
       dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
-      image_size=size, batch_size=batch, seed=0, shuffle_buffer=1024)))
+      image_size=size, batch_size=batch, seed=0, shuffle_buffer=1024,
+      input_pipeline=input_pipeline)))

@@ -1,16 +1,25 @@
-"""ImageNet training preprocessing throughput: images/second and per CPU core.
+"""ImageNet preprocessing throughput: images/second and per CPU core, side by side.
 
-    python benchmarks/input_pipeline.py [--images 512] [--batch 64]
+    python benchmarks/input_pipeline.py [--images 512] [--batch 64] [--rounds 3]
 
-Writes a folder of real JPEG files (500x375, quality 90, smooth synthetic content so that
-decoding costs what a photo costs), then times the project's tf.data training pipeline
-(decode JPEG, inception crop, flip, resize to 224) against torchvision's ImageFolder +
-RandomResizedCrop + flip + PILToTensor in a DataLoader with one worker per core, both
-over the same files. Both deliver uint8 batches, to be normalized on the device.
+Over the same JPEG files, with the same output size (224), times the project's tf.data
+pipeline, its DALI pipeline (CPU decoding here; if `nvidia-dali-cuda120` is installed)
+and torchvision's ImageFolder in a DataLoader with one worker per core, for training
+(decode, inception crop, flip, resize) and evaluation (resize to 256, center crop 224).
+All deliver uint8 batches, to be normalized on the device. Two sets of files:
+'synthetic' (500x375, quality 90, smooth content plus noise) and 'photos' (crops and
+scalings of scikit-image's sample photographs, 400-600 pixels, quality 75-95; needs
+scikit-image). The pipelines alternate rounds; each round starts after the batches a
+pipeline had ready (tf.data and DALI start a fresh stream each round, torchvision's
+persistent workers drain what they prefetched while the others ran). The table gives
+each round's rate, the median, per core and the ratio to torchvision.
 """
 
 import argparse
+import importlib.util
+import itertools
 import os
+import statistics
 import tempfile
 import time
 
@@ -18,13 +27,15 @@ import torch  # before TensorFlow: importing triton after TensorFlow segfaults
 import torchvision
 from torchvision import transforms
 
-from common import folder_pipeline, write_jpegs
+from common import folder_pipeline, write_jpegs, write_photo_jpegs
+
+SIZE = 224
 
 
-def images_per_second(stream, batch, batches):
-  """Steady-state rate: the first batches, made while the workers started up side by side
-  and ready at once, are not timed."""
-  for _ in range(os.cpu_count()):
+def timed(stream, batch, batches, skip):
+  """img/s over `batches` batches of `stream`, after `skip` batches (the ones made while
+  the stream started, or while other pipelines were timed)."""
+  for _ in range(skip):
     next(stream)
   start = time.perf_counter()
   for _ in range(batches):
@@ -32,43 +43,81 @@ def images_per_second(stream, batch, batches):
   return batches * batch / (time.perf_counter() - start)
 
 
-def time_project(root, batch, batches):
-  stream = folder_pipeline(root, batch, 224).train_batches()
-  rate = images_per_second(stream, batch, batches)
-  stream.close()
+def project_round(root, kind, train, batch, batches):
+  """One round of the project's pipeline `kind` ('tf.data' or 'dali'): a fresh stream."""
+  pipeline = folder_pipeline(root, batch, SIZE, kind)
+  if train:
+    stream = pipeline.train_batches()
+  else:  # passes over the files, as an evaluation makes
+    _, make = pipeline.eval_batches('train', batch)
+    stream = itertools.chain.from_iterable(make() for _ in itertools.count())
+  rate = timed(stream, batch, batches, skip=os.cpu_count())
+  del stream
   return rate
 
 
-def time_torchvision(root, batch, batches):
-  transform = transforms.Compose([
-      transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-      transforms.PILToTensor()])
-  dataset = torchvision.datasets.ImageFolder(root, transform)
+def torchvision_stream(root, train, batch):
+  if train:
+    crop = [transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip()]
+  else:
+    crop = [transforms.Resize(round(SIZE / 0.875)), transforms.CenterCrop(SIZE)]
+  dataset = torchvision.datasets.ImageFolder(root, transforms.Compose(
+      crop + [transforms.PILToTensor()]))
   sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
-  loader = iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
-                                            num_workers=os.cpu_count(), persistent_workers=True,
-                                            # fork after TensorFlow's threads start crashes
-                                            multiprocessing_context='spawn'))
-  return images_per_second(loader, batch, batches)
+  return iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
+                                          num_workers=os.cpu_count(), persistent_workers=True,
+                                          # fork after TensorFlow's threads start crashes
+                                          multiprocessing_context='spawn'))
+
+
+def measure(root, train, args, kinds):
+  """{pipeline: [img/s per round]}, the pipelines alternating rounds."""
+  loader = torchvision_stream(root, train, args.batch)
+  prefetched = 2 * os.cpu_count()  # DataLoader's prefetch_factor per worker
+  rates = {kind: [] for kind in kinds + ['torchvision']}
+  for _ in range(args.rounds):
+    for kind in kinds:
+      rates[kind].append(project_round(root, kind, train, args.batch, args.batches))
+    rates['torchvision'].append(timed(loader, args.batch, args.batches, skip=prefetched))
+  return rates
+
+
+def print_table(name, train, rates, cores):
+  print(f'\n{name} JPEGs, {"training" if train else "evaluation"} transform')
+  print('| pipeline | img/s per round | median img/s | img/s per core | / torchvision |')
+  print('|---|---|---:|---:|---:|')
+  theirs = statistics.median(rates['torchvision'])
+  for kind, values in rates.items():
+    label = ('torchvision DataLoader' if kind == 'torchvision' else
+             f'resnet_jax ({kind}{", CPU" if kind == "dali" else ""})')
+    median = statistics.median(values)
+    print(f'| {label} | {" / ".join(f"{v:.0f}" for v in values)} | {median:.0f} | '
+          f'{median / cores:.0f} | {median / theirs:.2f} |', flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--images', type=int, default=512)
   parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--batches', type=int, default=20)
+  parser.add_argument('--batches', type=int, default=20, help='timed batches per round')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--files', nargs='+', default=['synthetic', 'photos'],
+                      choices=['synthetic', 'photos'])
+  parser.add_argument('--modes', nargs='+', default=['train', 'eval'], choices=['train', 'eval'])
   args = parser.parse_args()
   cores = os.cpu_count()
-  with tempfile.TemporaryDirectory() as root:
-    write_jpegs(root, args.images)
-    ours = time_project(root, args.batch, args.batches)
-    theirs = time_torchvision(root, args.batch, args.batches)
-  print(f'{cores} CPU cores, {args.images} JPEGs of 500x375, batch {args.batch}')
-  print('| pipeline | img/s | img/s per core |')
-  print('|---|---:|---:|')
-  print(f'| resnet_jax (tf.data) | {ours:.0f} | {ours / cores:.0f} |')
-  print(f'| torchvision DataLoader ({cores} workers) | {theirs:.0f} | {theirs / cores:.0f} |')
-  print(f'ratio resnet_jax / torchvision: {ours / theirs:.2f}')
+  kinds = ['tf.data'] + (['dali'] if importlib.util.find_spec('nvidia.dali') else [])
+  if 'photos' in args.files and importlib.util.find_spec('skimage') is None:
+    parser.error("'photos' needs scikit-image (pip install scikit-image), or --files synthetic.")
+  print(f'{cores} CPU cores, {args.images} JPEGs per set, batch {args.batch}, '
+        f'{args.batches} batches per round; load average before: {os.getloadavg()[0]:.1f}')
+  for name in args.files:
+    with tempfile.TemporaryDirectory() as root:
+      (write_jpegs if name == 'synthetic' else write_photo_jpegs)(root, args.images)
+      for mode in args.modes:
+        rates = measure(root, mode == 'train', args, kinds)
+        print_table(name, mode == 'train', rates, cores)
+  print(f'\nload average after: {os.getloadavg()[0]:.1f}')
 
 
 if __name__ == '__main__':

@@ -15,12 +15,17 @@ timed in alternating rounds; the table gives the median of each and the ratio
 JAX / PyTorch (above 1: JAX is faster). With --real-data the JAX step is also timed fed
 by the project's ImageNet training pipeline (decode JPEG, inception crop, flip, resize;
 copies two steps ahead, as train.py does) over JPEG files the script writes: if that
-figure falls short of the synthetic one, the input pipeline is the bottleneck.
+figure falls short of the synthetic one, the input pipeline is the bottleneck. --real-data
+also times each input pipeline alone on those files (tf.data, DALI on the CPU if installed,
+torchvision's DataLoader; alternating rounds, as benchmarks/input_pipeline.py) and prints
+the host cores each needs to feed --feed-rate images/s (default: an 8-GPU node at 3,000
+images/s per GPU).
 """
 
 import argparse
 import importlib.util
 import itertools
+import math
 import os
 import statistics
 import tempfile
@@ -33,6 +38,7 @@ import torch
 import torchvision
 from jax.sharding import NamedSharding, PartitionSpec
 
+import input_pipeline
 from common import (folder_pipeline, image_size, normalization, train_state_factory,
                     write_jpegs)
 from resnet_jax.train import host_memory, loop
@@ -177,6 +183,22 @@ def compare(name, args, device, image_folder):
           f' of synthetic |', flush=True)
 
 
+def print_feeding_cores(image_folder, args):
+  """Per pipeline: training images/s per host core on `image_folder`, and the cores it
+  needs for --feed-rate."""
+  kinds = ['tf.data'] + (['dali'] if importlib.util.find_spec('nvidia.dali') else [])
+  options = argparse.Namespace(batch=args.feed_batch, batches=args.steps, rounds=args.rounds)
+  rates = input_pipeline.measure(image_folder, True, options, kinds)
+  cores = os.cpu_count()
+  print(f'\nHost cores to feed {args.feed_rate} img/s (training transform, 224x224, '
+        f'{cores} cores measured)')
+  print('| pipeline | img/s per core | cores needed |')
+  print('|---|---:|---:|')
+  for kind, values in rates.items():
+    per_core = statistics.median(values) / cores
+    print(f'| {kind} | {per_core:.0f} | {math.ceil(args.feed_rate / per_core)} |', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', nargs='+',
@@ -188,6 +210,10 @@ def main():
   parser.add_argument('--torch-compile', action='store_true', help='also torch.compile')
   parser.add_argument('--real-data', action='store_true',
                       help='also JAX fed by the input pipeline over JPEG files (224x224 models)')
+  parser.add_argument('--feed-rate', type=float, default=24000,
+                      help='with --real-data: img/s to feed (8 GPUs x 3000 img/s)')
+  parser.add_argument('--feed-batch', type=int, default=64,
+                      help='with --real-data: batch size of the input pipelines alone')
   args = parser.parse_args()
   if args.real_data and importlib.util.find_spec('tensorflow') is None:
     parser.error("--real-data times the project's tf.data pipeline, which needs TensorFlow: "
@@ -206,6 +232,10 @@ def main():
   with tempfile.TemporaryDirectory() as scratch:  # JPEG files for --real-data
     for name in args.models:
       compare(name, args, device, os.path.join(scratch, name))
+    if args.real_data:
+      folder = os.path.join(scratch, 'feeding')
+      write_jpegs(folder, max(256, args.feed_batch * 8))
+      print_feeding_cores(folder, args)
 
 
 if __name__ == '__main__':

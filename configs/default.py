@@ -25,6 +25,9 @@ def get_config():
   config.preprocess = 'digits'  # augmentation: 'digits', 'cifar', 'imagenet' or 'none'
   config.image_size = 8
   config.shuffle_buffer = 2048  # examples; >= the split size shuffles fully
+  # 'tf.data', or 'dali' (image folders with preprocess='imagenet'; pip install '.[dali]';
+  # decodes on the GPU when JAX runs on NVIDIA GPUs, else on the CPU)
+  config.input_pipeline = 'tf.data'
   config.synthetic_train_size = 1_281_167  # dataset='synthetic': images per epoch
   config.synthetic_eval_size = 1024  # dataset='synthetic': images per evaluation
   # Optimization.

@@ -33,7 +33,7 @@ def table_rows(output, label):
 ])
 def test_train_throughput_compares_with_pytorch(name, size, options):
   output = run_benchmark('train_throughput.py', '--models', name, '--batch', '2',
-                         '--steps', '1', '--rounds', '1', *options)
+                         '--steps', '1', '--rounds', '1', '--feed-batch', '4', *options)
   [(batch, image, jax_rate, torch_rate, ratio)] = table_rows(output, f'{name} (torch)')
   assert (batch, image) == (2, size) and jax_rate > 0 and torch_rate > 0
   # The rates are printed to 0.05 and the ratio to 0.005.
@@ -42,6 +42,9 @@ def test_train_throughput_compares_with_pytorch(name, size, options):
   if '--real-data' in options:
     [(_, _, fed_rate, fraction)] = table_rows(output, f'{name} (JAX fed by the input pipeline)')
     assert fed_rate > 0 and fraction > 0
+    for pipeline in ('tf.data', 'torchvision'):
+      [(per_core, cores)] = table_rows(output, pipeline)
+      assert per_core > 0 and cores >= 24000 / (per_core + 0.5)
 
 
 def test_compile_time_and_memory_tables():
@@ -62,8 +65,11 @@ def test_compile_time_and_memory_tables():
 
 def test_input_pipeline_compares_with_torchvision():
   output = run_benchmark('input_pipeline.py', '--images', '16', '--batch', '4',
-                         '--batches', '2')
-  [(ours, ours_per_core)] = table_rows(output, 'resnet_jax')
-  [(theirs, _)] = table_rows(output, f'torchvision DataLoader ({os.cpu_count()} workers)')
-  assert ours > 0 and theirs > 0
-  assert ours_per_core == pytest.approx(ours / os.cpu_count(), abs=1)
+                         '--batches', '2', '--rounds', '1', '--files', 'synthetic')
+  for mode in ('training', 'evaluation'):
+    table = output[output.index(f'synthetic JPEGs, {mode} transform'):]
+    [(ours, ours_median, ours_per_core, ratio)] = table_rows(table, 'resnet_jax (tf.data)')[:1]
+    [(theirs, _, _, one)] = table_rows(table, 'torchvision DataLoader')[:1]
+    assert ours == ours_median > 0 and theirs > 0 and one == 1
+    assert ours_per_core == pytest.approx(ours / os.cpu_count(), abs=1)
+    assert ratio == pytest.approx(ours / theirs, abs=0.01 + 0.5 * ours / theirs ** 2)

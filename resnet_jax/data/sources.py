@@ -125,8 +125,10 @@ class FolderSource:
       paths, labels = list(np.array(paths)[keep]), list(np.array(labels)[keep])
     return np.array(paths), np.array(labels, np.int64)
 
-  def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None,
-           encoded=False):
+  def shard_files(self, split, process_index, process_count, *, drop_remainder,
+                  shuffle_seed=None):
+    """(paths, labels) of this process's part of `split`, in the seeded order if given (the
+    files `read` reads, for pipelines that read them themselves)."""
     paths, labels = self._files(split)
     if shuffle_seed is not None:
       order = np.random.default_rng(shuffle_seed).permutation(len(paths))
@@ -134,7 +136,12 @@ class FolderSource:
     if drop_remainder:
       size = len(paths) // process_count * process_count
       paths, labels = paths[:size], labels[:size]
-    paths, labels = paths[process_index::process_count], labels[process_index::process_count]
+    return paths[process_index::process_count], labels[process_index::process_count]
+
+  def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None,
+           encoded=False):
+    paths, labels = self.shard_files(split, process_index, process_count,
+                                     drop_remainder=drop_remainder, shuffle_seed=shuffle_seed)
     channels = self.channels
 
     def load(path, label):

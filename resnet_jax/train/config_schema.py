@@ -14,6 +14,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.train.optim import SCHEDULES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+INPUT_PIPELINES = ('tf.data', 'dali')
 
 
 def _any(value) -> Optional[str]:
@@ -55,7 +56,8 @@ KEYS: Dict[str, Callable] = {
     # Data.
     'dataset': _any, 'data_dir': _any, 'train_split': _any, 'eval_split': _any,
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
-    'shuffle_buffer': _positive, 'synthetic_train_size': _positive,
+    'shuffle_buffer': _positive, 'input_pipeline': _one_of(INPUT_PIPELINES),
+    'synthetic_train_size': _positive,
     'synthetic_eval_size': _positive,
     # Optimization.
     'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
