@@ -12,7 +12,10 @@ scalings of scikit-image's sample photographs, 400-600 pixels, quality 75-95; ne
 scikit-image). The pipelines alternate rounds; each round starts after the batches a
 pipeline had ready (tf.data and DALI start a fresh stream each round, torchvision's
 persistent workers drain what they prefetched while the others ran). The table gives
-each round's rate, the median, per core and the ratio to torchvision.
+each round's rate, the median, per core and the ratio to torchvision; and, as the host may
+be shared, images per CPU-second the pipeline's processes used in the timed batches (this
+process's threads, plus the DataLoader's worker processes), a per-core figure that other
+users' load changes less.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import statistics
 import tempfile
 import time
 
+import psutil
 import torch  # before TensorFlow: importing triton after TensorFlow segfaults
 import torchvision
 from torchvision import transforms
@@ -32,15 +36,26 @@ from common import folder_pipeline, write_jpegs, write_photo_jpegs
 SIZE = 224
 
 
-def timed(stream, batch, batches, skip):
-  """img/s over `batches` batches of `stream`, after `skip` batches (the ones made while
-  the stream started, or while other pipelines were timed)."""
+def cpu_seconds(worker_pids=()):
+  """CPU seconds used so far by this process and the given worker processes."""
+  total = time.process_time()
+  for pid in worker_pids:
+    times = psutil.Process(pid).cpu_times()
+    total += times.user + times.system
+  return total
+
+
+def timed(stream, batch, batches, skip, worker_pids=()):
+  """(img/s, img per CPU-second) over `batches` batches of `stream`, after `skip` batches
+  (the ones made while the stream started, or while other pipelines were timed)."""
   for _ in range(skip):
     next(stream)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), cpu_seconds(worker_pids)
   for _ in range(batches):
     next(stream)
-  return batches * batch / (time.perf_counter() - start)
+  images = batches * batch
+  return (images / (time.perf_counter() - start),
+          images / (cpu_seconds(worker_pids) - cpu_start))
 
 
 def project_round(root, kind, train, batch, batches):
@@ -64,35 +79,42 @@ def torchvision_stream(root, train, batch):
   dataset = torchvision.datasets.ImageFolder(root, transforms.Compose(
       crop + [transforms.PILToTensor()]))
   sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
-  return iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
-                                          num_workers=os.cpu_count(), persistent_workers=True,
-                                          # fork after TensorFlow's threads start crashes
-                                          multiprocessing_context='spawn'))
+  loader = iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
+                                            num_workers=os.cpu_count(), persistent_workers=True,
+                                            # fork after TensorFlow's threads start crashes
+                                            multiprocessing_context='spawn'))
+  return loader, [worker.pid for worker in loader._workers]  # pylint: disable=protected-access
 
 
 def measure(root, train, args, kinds):
-  """{pipeline: [img/s per round]}, the pipelines alternating rounds."""
-  loader = torchvision_stream(root, train, args.batch)
+  """{pipeline: [(img/s, img per CPU-second) per round]}, the pipelines alternating
+  rounds."""
+  loader, worker_pids = torchvision_stream(root, train, args.batch)
   prefetched = 2 * os.cpu_count()  # DataLoader's prefetch_factor per worker
   rates = {kind: [] for kind in kinds + ['torchvision']}
   for _ in range(args.rounds):
     for kind in kinds:
       rates[kind].append(project_round(root, kind, train, args.batch, args.batches))
-    rates['torchvision'].append(timed(loader, args.batch, args.batches, skip=prefetched))
+    rates['torchvision'].append(timed(loader, args.batch, args.batches, skip=prefetched,
+                                      worker_pids=worker_pids))
   return rates
 
 
 def print_table(name, train, rates, cores):
   print(f'\n{name} JPEGs, {"training" if train else "evaluation"} transform')
-  print('| pipeline | img/s per round | median img/s | img/s per core | / torchvision |')
-  print('|---|---|---:|---:|---:|')
-  theirs = statistics.median(rates['torchvision'])
+  print('| pipeline | img/s per round | median img/s | img/s per core | / torchvision '
+        '| img per CPU-s per round | median img per CPU-s | / torchvision |')
+  print('|---|---|---:|---:|---:|---|---:|---:|')
+  theirs = [statistics.median(column) for column in zip(*rates['torchvision'])]
   for kind, values in rates.items():
     label = ('torchvision DataLoader' if kind == 'torchvision' else
              f'resnet_jax ({kind}{", CPU" if kind == "dali" else ""})')
-    median = statistics.median(values)
-    print(f'| {label} | {" / ".join(f"{v:.0f}" for v in values)} | {median:.0f} | '
-          f'{median / cores:.0f} | {median / theirs:.2f} |', flush=True)
+    walls, cpus = zip(*values)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
+    print(f'| {label} | {" / ".join(f"{v:.0f}" for v in walls)} | {wall:.0f} | '
+          f'{wall / cores:.0f} | {wall / theirs[0]:.2f} | '
+          f'{" / ".join(f"{v:.0f}" for v in cpus)} | {cpu:.0f} | {cpu / theirs[1]:.2f} |',
+          flush=True)
 
 
 def main():

@@ -187,16 +187,19 @@ def print_feeding_cores(image_folder, args):
   """Per pipeline: training images/s per host core on `image_folder`, and the cores it
   needs for --feed-rate."""
   kinds = ['tf.data'] + (['dali'] if importlib.util.find_spec('nvidia.dali') else [])
-  options = argparse.Namespace(batch=args.feed_batch, batches=args.steps, rounds=args.rounds)
+  options = argparse.Namespace(batch=args.feed_batch, batches=args.feed_batches,
+                               rounds=args.rounds)
   rates = input_pipeline.measure(image_folder, True, options, kinds)
   cores = os.cpu_count()
   print(f'\nHost cores to feed {args.feed_rate} img/s (training transform, 224x224, '
         f'{cores} cores measured)')
-  print('| pipeline | img/s per core | cores needed |')
-  print('|---|---:|---:|')
+  print('| pipeline | img/s per core | cores needed | img per CPU-s | cores needed (CPU-s) |')
+  print('|---|---:|---:|---:|---:|')
   for kind, values in rates.items():
-    per_core = statistics.median(values) / cores
-    print(f'| {kind} | {per_core:.0f} | {math.ceil(args.feed_rate / per_core)} |', flush=True)
+    walls, cpus = zip(*values)
+    per_core, per_cpu_second = statistics.median(walls) / cores, statistics.median(cpus)
+    print(f'| {kind} | {per_core:.0f} | {math.ceil(args.feed_rate / per_core)} | '
+          f'{per_cpu_second:.0f} | {math.ceil(args.feed_rate / per_cpu_second)} |', flush=True)
 
 
 def main():
@@ -214,6 +217,8 @@ def main():
                       help='with --real-data: img/s to feed (8 GPUs x 3000 img/s)')
   parser.add_argument('--feed-batch', type=int, default=64,
                       help='with --real-data: batch size of the input pipelines alone')
+  parser.add_argument('--feed-batches', type=int, default=10,
+                      help='with --real-data: timed batches per round of each input pipeline')
   args = parser.parse_args()
   if args.real_data and importlib.util.find_spec('tensorflow') is None:
     parser.error("--real-data times the project's tf.data pipeline, which needs TensorFlow: "

@@ -138,9 +138,10 @@ class Pipeline:
     batch = host_batch_size(batch_size)
     total = self.source.num_examples(split)
     num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch)
-    ds = self.source.read(split, jax.process_index(), jax.process_count(), drop_remainder=False)
-    recipe, size = self.recipe, self.config.image_size
-    ds = ds.map(lambda ex: preprocessing.eval_transform(ex, recipe, size),
+    recipe, size, channels = self.recipe, self.config.image_size, self.channels
+    ds = self.source.read(split, jax.process_index(), jax.process_count(), drop_remainder=False,
+                          encoded=recipe == 'imagenet')  # decodes the central crop only
+    ds = ds.map(lambda ex: preprocessing.eval_transform(ex, recipe, size, channels),
                 num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors({
         'image': tf.zeros((size, size, self.channels), tf.uint8),
