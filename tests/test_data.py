@@ -137,3 +137,21 @@ def test_synthetic_data_needs_no_dataset():
   pipeline = create_pipeline(config)
   batch = next(pipeline.train_batches())
   assert batch['image'].shape == (8, 16, 16, 3) and batch['label'].max() < 10
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'L'])
+def test_imagenet_eval_of_encoded_file_is_pils_resize_of_the_central_crop(mode):
+  """The crop kept by torchvision's Resize(size / 0.875) + CenterCrop(size), resized by PIL
+  (a PNG, so that no two JPEG decoders are compared)."""
+  rng = np.random.default_rng(0)
+  image = Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8)).convert(mode)
+  buffer = io.BytesIO()
+  image.save(buffer, 'PNG')
+  channels = len(mode)
+  out = preprocessing.eval_transform({'image': tf.constant(buffer.getvalue()), 'label': 0},
+                                     'imagenet', 16, channels)['image']
+  side = round(50 * preprocessing.EVAL_CROP_FRACTION)  # 44
+  top, left = (50 - side) // 2, (70 - side) // 2
+  reference = np.asarray(image.crop((left, top, left + side, top + side)).resize(
+      (16, 16), Image.BILINEAR)).reshape(16, 16, channels)
+  np.testing.assert_array_equal(out, reference)

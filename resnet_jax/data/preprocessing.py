@@ -8,7 +8,9 @@ epoch), so an example's augmentation depends on nothing but the seed and its pos
 a resumed run sees exactly the pixels an uninterrupted run would have seen.
 """
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to size / 0.875 (256 for 224), crop
 
@@ -67,7 +69,7 @@ def _decode_and_inception_crop(encoded, seed, channels):
 def _decode_center_crop_and_resize(encoded, size, channels):
   """The central crop that a resize to size / EVAL_CROP_FRACTION keeps, resized to `size`:
   decodes only that window of a JPEG and resizes only it (as Flax's ImageNet example does;
-  half the cost of resizing the whole image, benchmarks/RESULTS.md)."""
+  0.6x the CPU of resizing the whole image, benchmarks/RESULTS.md)."""
 
   def window(shape):
     side = tf.cast(tf.round(tf.cast(tf.reduce_min(shape[:2]), tf.float32) *
@@ -84,7 +86,21 @@ def _decode_center_crop_and_resize(encoded, size, channels):
     return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], -1])
 
   image = tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_decoded)
-  return _resize(image, (size, size))
+  return _pil_resize(image, size, channels)
+
+
+def _pil_resize(image, size: int, channels: int):
+  """PIL's antialiased bilinear resize to (size, size), as torchvision's transforms resize:
+  its uint8 fixed-point kernel (which releases the GIL) took 0.7x the CPU of TensorFlow's
+  float one on an eval crop (benchmarks/RESULTS.md)."""
+
+  def resize(pixels):
+    plane = pixels[..., 0] if channels == 1 else pixels
+    resized = Image.fromarray(plane).resize((size, size), Image.BILINEAR)
+    return np.asarray(resized).reshape(size, size, channels)
+
+  resized = tf.numpy_function(resize, [image], tf.uint8, stateful=False)
+  return tf.ensure_shape(resized, (size, size, channels))
 
 
 def _resize_and_center_crop(image, size):
