@@ -20,6 +20,7 @@ leaves the rest of the package alone.
 
 import io
 import math
+import os
 from typing import Iterator
 
 import jax
@@ -198,7 +199,6 @@ class DaliPipeline:
 
 
 def _threads() -> int:
-  import os  # pylint: disable=g-import-not-at-top
   return max(1, len(os.sched_getaffinity(0)))
 
 
