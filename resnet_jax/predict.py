@@ -70,8 +70,11 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m resnet_jax.predict',
       description='Print the top classes of images with a resnet_jax checkpoint.')
-  parser.add_argument('--checkpoint', required=True, type=Path,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', type=Path,
                       help='checkpoint directory (converted, or a training workdir)')
+  source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k '
+                      '(resnet_jax.list_pretrained())')
   parser.add_argument('--top-k', type=int, default=5, help='classes to print per image')
   parser.add_argument('images', nargs='+', type=Path, help='image files (JPEG, PNG, ...)')
   return parser
@@ -94,14 +97,16 @@ def main(argv=None) -> int:
 
   import jax
   from resnet_jax.load import load_model
+  from resnet_jax.pretrained import load_pretrained
 
   try:
-    model, variables = load_model(args.checkpoint)
+    model, variables = (load_pretrained(args.pretrained) if args.pretrained
+                        else load_model(args.checkpoint))
   except ValueError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
-    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint} has no '
-                   f'classifier head (num_classes=0).\n')
+    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint or args.pretrained} '
+                   f'has no classifier head (num_classes=0).\n')
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, np.stack(batch))
   probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   class_names = imagenet_class_names() if model.num_classes == 1000 else None
