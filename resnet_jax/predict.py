@@ -163,8 +163,11 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m resnet_jax.predict',
       description='Print the top classes of images with a resnet_jax checkpoint.')
-  parser.add_argument('--checkpoint', required=True, type=Path,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', type=Path,
                       help='checkpoint directory (converted, or a training workdir)')
+  source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k '
+                      '(resnet_jax.list_pretrained())')
   parser.add_argument('--top-k', type=int, default=5, help='classes to print per image')
   parser.add_argument('images', nargs='+', type=Path, help='image files (JPEG, PNG, ...)')
   return parser
@@ -191,15 +194,20 @@ def main(argv=None) -> int:
 
   import jax
   from resnet_jax.load import load_model
+  from resnet_jax.pretrained import load_pretrained
 
   try:
-    model, variables = load_model(args.checkpoint)
-    transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
+    if args.pretrained:
+      model, variables = load_pretrained(args.pretrained)
+      transform = Preprocessing('imagenet', CROP_SIZE, 3).transform()
+    else:
+      model, variables = load_model(args.checkpoint)
+      transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
   except ValueError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
-    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint} has no '
-                   f'classifier head (num_classes=0).\n')
+    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint or args.pretrained} '
+                   f'has no classifier head (num_classes=0).\n')
   batch, names = _read_images(args.images, transform)
   if not batch:
     parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '

@@ -372,7 +372,10 @@ def _save(manager, step, state, window, config, steps_per_epoch, top1=None, forc
 def _init_from(config, state, spec, replicated):
   from resnet_jax import load_variables  # pylint: disable=g-import-not-at-top
   try:
-    loaded = load_variables(config.init_from)
+    from resnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+    loaded = (pretrained.load_pretrained(config.init_from)[1]
+              if pretrained.is_pretrained_name(config.init_from)
+              else load_variables(config.init_from))
   except (ValueError, OSError) as e:
     raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
   merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
