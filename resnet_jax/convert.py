@@ -33,6 +33,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from resnet_jax import run_dir
 from resnet_jax.errors import UserError
 
 # Architectures with a PyTorch reference: the library that builds it, by the same name.
@@ -102,9 +103,9 @@ def torch_layout(arch: str, num_classes: int = 1000, **overrides: Any) -> Dict[s
 def _torch_layout(arch: str, num_classes: int, overrides: Tuple[Tuple[str, Any], ...]):
   import jax
   import jax.numpy as jnp
-  from resnet_jax.load import model_from_config
 
-  model = model_from_config({'name': arch, 'num_classes': num_classes, **dict(overrides)})
+  model = run_dir.model_from_config({'name': arch, 'num_classes': num_classes,
+                                     **dict(overrides)})
   size = model.total_stride
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, model.in_channels))))
@@ -405,31 +406,6 @@ def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: Path) -> Non
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
 
 
-def save_checkpoint(variables: Mapping[str, Any], model_config: Mapping[str, Any],
-                    directory: Path) -> None:
-  """A converted checkpoint directory: model.json and variables/ (orbax)."""
-  import orbax.checkpoint as ocp
-  from resnet_jax.load import MODEL_CONFIG, VARIABLES_DIR
-
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / MODEL_CONFIG).write_text(json.dumps(dict(model_config), indent=2) + '\n')
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory.absolute() / VARIABLES_DIR, dict(variables))
-    checkpointer.wait_until_finished()
-
-
-def _is_converted_checkpoint(path: Path) -> bool:
-  """Whether `path` is what `save_checkpoint` writes: model.json and variables/, no more."""
-  from resnet_jax.load import MODEL_CONFIG, VARIABLES_DIR, read_model_config
-  try:
-    if {p.name for p in path.iterdir()} != {MODEL_CONFIG, VARIABLES_DIR}:
-      return False
-    read_model_config(path)
-  except (OSError, ValueError):
-    return False
-  return (path / VARIABLES_DIR).is_dir()
-
-
 def check_output(output: Path, inputs=(), overwrite: bool = False) -> None:
   """One UserError unless `output` may be written: it must not be (or contain) the current
   directory or an input, and if it exists, `overwrite` must be set and it must be
@@ -449,7 +425,7 @@ def check_output(output: Path, inputs=(), overwrite: bool = False) -> None:
   if not overwrite:
     raise UserError(f'--output {output} already exists; remove it or pass --overwrite.')
   weights_file = output.is_file() and output.suffix in WEIGHT_SUFFIXES
-  if not (weights_file or (output.is_dir() and _is_converted_checkpoint(output))):
+  if not (weights_file or (output.is_dir() and run_dir.is_converted_checkpoint(output))):
     raise UserError(f'--output {output} exists and is not something convert writes (a '
                     f'directory of only model.json and variables/, or a '
                     f'{"/".join(WEIGHT_SUFFIXES)} file); refusing to replace it. Choose '
@@ -494,7 +470,6 @@ def max_logit_difference(state_dict: Mapping[str, Any], variables: Mapping[str, 
   same random batch, in eval mode, and returns the largest absolute logit difference."""
   import jax
   import torch
-  from resnet_jax.load import model_from_config
 
   overrides = layout_overrides(overrides)
   in_channels = overrides.pop('in_channels', 3)
@@ -513,7 +488,7 @@ def max_logit_difference(state_dict: Mapping[str, Any], variables: Mapping[str, 
       (batch_size, in_channels, image_size, image_size)).astype(np.float32)
   with torch.no_grad():
     expected = reference.eval()(torch.from_numpy(images)).numpy()
-  model = model_from_config({'name': arch, 'num_classes': num_classes,
+  model = run_dir.model_from_config({'name': arch, 'num_classes': num_classes,
                              'in_channels': in_channels})
   got = jax.jit(functools.partial(model.apply, train=False))(
       dict(variables), images.transpose(0, 2, 3, 1))
@@ -588,11 +563,11 @@ def _read_and_convert(args, to_flax: bool, progress):
     variables = torch_to_flax(state_dict, arch, args.allow_nonfinite)
     config = {'name': arch, 'num_classes': _num_classes(
         {k: tuple(v.shape) for k, v in state_dict.items()})}
-    return arch, {}, state_dict, variables, lambda path: save_checkpoint(variables, config, path)
-  from resnet_jax.load import load_variables, read_model_config
-  model_config = read_model_config(args.input)
+    write = lambda path: run_dir.save_converted(variables, config, path)
+    return arch, {}, state_dict, variables, write
+  model_config = run_dir.read_model_config(args.input)
   arch, overrides = args.arch or model_config['name'], layout_overrides(model_config)
-  variables = load_variables(args.input)
+  variables = run_dir.load_variables(args.input)
   progress.update()
   progress.set_description('converting')
   state_dict = flax_to_torch(variables, arch, args.allow_nonfinite, **overrides)

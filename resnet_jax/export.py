@@ -38,7 +38,6 @@ from resnet_jax.errors import UserError
 CONTRACT_FORMAT = 'resnet_jax.serving/1'
 CONTRACT_SUFFIX = '.json'
 SAVED_MODEL_CONTRACT = Path('assets.extra') / 'resnet_jax_contract.json'
-IMAGENET_SETTINGS = {'preprocess': 'imagenet', 'image_size': 224}
 TENSORFLOW_MISSING = ("--format saved_model needs TensorFlow, which is not installed; "
                       "install it with `pip install 'resnet_jax[train]'` (or tensorflow-cpu).")
 
@@ -47,12 +46,9 @@ def serving_settings(checkpoint: Path) -> Dict[str, Any]:
   """{'normalization', 'image_size'} of a checkpoint directory: a training workdir's
   config.json, else ImageNet's at 224 (converted torchvision/timm weights)."""
   from resnet_jax.data.normalization import RECIPE_STATISTICS, checked_recipe
+  from resnet_jax.run_dir import eval_settings
 
-  settings = dict(IMAGENET_SETTINGS)
-  config_path = checkpoint / 'config.json'
-  if config_path.is_file():
-    saved = json.loads(config_path.read_text())
-    settings.update({k: saved[k] for k in settings if k in saved})
+  settings = eval_settings(checkpoint)
   return {'normalization': RECIPE_STATISTICS[checked_recipe(settings['preprocess'])],
           'image_size': int(settings['image_size'])}
 
@@ -172,7 +168,7 @@ def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str =
            platforms: Sequence[str] = ('cpu', 'cuda')) -> Dict[str, Any]:
   """Writes the serving artifact of `checkpoint` to `output`; returns its contract."""
   import jax.numpy as jnp
-  from resnet_jax.load import load_model, read_model_config
+  from resnet_jax.run_dir import load_model, read_model_config
 
   model_config = read_model_config(checkpoint)
   model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))

@@ -99,23 +99,22 @@ def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessin
   """A training workdir's own preprocessing (its config.json, read as evaluate reads it);
   torchvision's ImageNet transform for a converted checkpoint of a 3-channel model; a
   UserError when neither applies."""
-  from resnet_jax.load import CHECKPOINTS_DIR
+  from resnet_jax import run_dir
 
   if in_channels not in MODES:
     raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; predict '
                     f'reads images as grayscale (1 channel) or RGB (3).')
-  if (checkpoint / CHECKPOINTS_DIR).is_dir():
-    from resnet_jax.evaluate import _dataset_config
-    try:
-      config = _dataset_config(str(checkpoint), {})
-    except (OSError, ValueError) as e:
-      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} ({e}); '
-                      f'predict takes its preprocess and image_size from there.') from None
-    recipe = checked_recipe(config.preprocess)
+  if (checkpoint / run_dir.CHECKPOINTS_DIR).is_dir():
+    config = run_dir.read_run_config(checkpoint)
+    if config is None:
+      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
+                      f'{run_dir.CONFIG_JSON}); predict takes its preprocess and image_size '
+                      f'from there.')
+    recipe = checked_recipe(config['preprocess'])
     if len(STATISTICS[RECIPE_STATISTICS[recipe]][0]) not in (1, in_channels):
       raise UserError(f'The run in {checkpoint} normalizes with preprocess={recipe!r}, made '
                       f'for 3-channel images, but its model takes {in_channels}.')
-    return Preprocessing(recipe, config.image_size, in_channels)
+    return Preprocessing(recipe, config['image_size'], in_channels)
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '
@@ -193,8 +192,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   import jax
-  from resnet_jax.load import load_model
   from resnet_jax.pretrained import load_pretrained
+  from resnet_jax.run_dir import load_model
 
   try:
     if args.pretrained:

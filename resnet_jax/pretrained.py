@@ -10,7 +10,7 @@ Files come through the libraries' own caches and checks: torchvision's weights t
 `torch.hub.load_state_dict_from_url` (under $TORCH_HOME/hub/checkpoints, sha256 prefix
 checked on download, read with weights_only), timm's through `hf_hub_download` (under
 $HF_HOME/hub; HF_HUB_OFFLINE=1 reads only that cache). The converted variables are kept
-as a converted checkpoint directory (`convert.save_checkpoint`) under
+as a converted checkpoint directory (`run_dir.save_converted`) under
 `cache_root()/pretrained/<name>/`, written to a temporary sibling and renamed into place,
 so a second call converts nothing and an interrupted one leaves nothing half-written.
 cache_root() is $RESNET_JAX_CACHE, else $XDG_CACHE_HOME/resnet_jax, else
@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from resnet_jax import run_dir
 from resnet_jax.errors import UserError
 
 HF_FILENAME = 'model.safetensors'
@@ -159,7 +160,7 @@ def _state_dict(name: str) -> Dict[str, Any]:
 def ensure_cached(name: str) -> Path:
   """The converted checkpoint directory of `name`, converting (and downloading) if absent."""
   directory = cache_dir(name)
-  if (directory / 'model.json').is_file():
+  if run_dir.is_converted_checkpoint(directory):
     return directory
   from resnet_jax import convert
 
@@ -168,10 +169,10 @@ def ensure_cached(name: str) -> Path:
   variables = convert.torch_to_flax(state_dict, arch)
   num_classes = int(state_dict['fc.weight'].shape[0])
   try:
-    convert.write_atomically(directory, lambda path: convert.save_checkpoint(
+    convert.write_atomically(directory, lambda path: run_dir.save_converted(
         variables, {'name': arch, 'num_classes': num_classes}, path))
   except OSError:
-    if not (directory / 'model.json').is_file():  # not another process finishing first
+    if not run_dir.is_converted_checkpoint(directory):  # not another process finishing first
       raise
   return directory
 
@@ -179,5 +180,4 @@ def ensure_cached(name: str) -> Path:
 def load_pretrained(name: str, **overrides: Any) -> Tuple[Any, Dict[str, Any]]:
   """(model, variables) with pretrained weights `name` (see `list_pretrained()`);
   `overrides` go to `create_model` (e.g. dtype=jnp.bfloat16)."""
-  from resnet_jax.load import load_model
-  return load_model(ensure_cached(name), **overrides)
+  return run_dir.load_model(ensure_cached(name), **overrides)

@@ -14,6 +14,7 @@ from PIL import Image
 from resnet_jax.data import create_pipeline, sources
 from resnet_jax.data.sources import FolderSource
 from resnet_jax.errors import UserError
+from resnet_jax import run_dir
 from resnet_jax.train import checkpoints, loop
 
 
@@ -113,5 +114,5 @@ def test_eval_failure_after_training_keeps_that_steps_checkpoint(tmp_path):
                           checkpoint_every_steps=0)
   with pytest.raises(UserError, match=r"not readable images: \['.*test/cat/9.jpg'\]"):
     loop.train_and_evaluate(config, workdir)
-  manager = ocp.CheckpointManager(checkpoints.checkpoint_dir(workdir))
+  manager = ocp.CheckpointManager(run_dir.checkpoint_dir(workdir))
   assert manager.all_steps() == [2]

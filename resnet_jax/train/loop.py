@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.data import create_pipeline
-from resnet_jax.load import model_from_config
+from resnet_jax import run_dir
 from resnet_jax.errors import Interrupted, NonFiniteLossError, UserError
 from resnet_jax.train import checkpoints, config_schema, optim, workdir_lock
 from resnet_jax.train.metrics import MetricWriter, Progress, log, progress_bar
@@ -83,36 +83,10 @@ def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
           'top5': float(totals['top5']) / count, 'count': count}
 
 
-# Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
-# whose checkpoints were made with other values is refused rather than mixed.
-RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
-
-
-def check_workdir_matches(workdir: str, config, spec: dict):
-  """Refuses to resume a workdir holding checkpoints of another model or run."""
-  def read(name):
-    try:
-      with open(os.path.join(workdir, name)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
-  saved_spec, saved_config = read('model.json'), read('config.json')
-  fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
-         f'{workdir}.')
-  if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
-    raise UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
-                           f'there, {spec} now. {fix}')
-  for key in RUN_DEFINING_KEYS if saved_config else ():
-    saved, now = saved_config.get(key), config[key]
-    if saved is not None and json.loads(json.dumps(now)) != saved:
-      raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
-                             f'this config has {key}={now!r}. {fix}')
-
-
 def create_model_checked(spec: dict, image_size: int):
   """The model of `spec`, or a UserError naming the valid choices."""
   try:
-    model = model_from_config(spec)
+    model = run_dir.model_from_config(spec)
   except (ValueError, TypeError) as e:
     raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
   if image_size < model.total_stride:
@@ -120,55 +94,6 @@ def create_model_checked(spec: dict, image_size: int):
                            f'which downsamples by {model.total_stride}: use image_size >= '
                            f'{model.total_stride}.')
   return model
-
-
-def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
-  """Loaded {'params', 'batch_stats'} over fresh ones; a head of another shape stays fresh."""
-  from resnet_jax.models import scan_variables  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  loaded = scan_variables(loaded) if scan else loaded
-  merged = {}
-  for collection, fresh in state_variables.items():
-    fresh_flat = traverse_util.flatten_dict(fresh, sep='/')
-    loaded_flat = traverse_util.flatten_dict(loaded.get(collection, {}), sep='/')
-    missing = sorted(set(fresh_flat) - set(loaded_flat))
-    extra = sorted(set(loaded_flat) - set(fresh_flat))
-    missing_body = [k for k in missing if not k.startswith('fc/')]
-    if missing_body or [k for k in extra if not k.startswith('fc/')]:
-      raise UserError(f'init_from checkpoint does not fit the model ({collection}): missing '
-                       f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
-    out = {}
-    for key, value in fresh_flat.items():
-      old = loaded_flat.get(key)
-      keep_fresh = old is None or (key.startswith('fc/') and np.shape(old) != value.shape)
-      if not keep_fresh and np.shape(old) != value.shape:
-        raise UserError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
-                         f'expects {value.shape}.')
-      out[key] = value if keep_fresh else np.asarray(old, value.dtype)
-    merged[collection] = traverse_util.unflatten_dict(out, sep='/')
-  return merged
-
-
-def check_writable(workdir: str):
-  """Creates `workdir` if needed and proves it takes files, or one UserError saying why not
-  (a read-only or missing mount, a file in the way), before any work that would be lost."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test.'):
-      pass
-  except OSError as e:
-    raise UserError(f'Cannot write to workdir {workdir!r} ({type(e).__name__}: '
-                    f'{e.strerror or e}); pass a writable --workdir.') from None
-
-
-def _write_run_files(workdir: str, config, spec: dict):
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'model.json'), 'w') as f:
-    json.dump(spec, f, indent=2)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
 
 
 class _StopRequest:
@@ -266,7 +191,7 @@ def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dic
   mesh = create_mesh()
   config_schema.check_config(config, jax.device_count())
   if jax.process_index() == 0:
-    check_writable(workdir)
+    run_dir.check_writable(workdir)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   pipeline = create_pipeline(config)
   pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
@@ -275,7 +200,7 @@ def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dic
   held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
   if manager.all_steps():
-    check_workdir_matches(workdir, config, spec)
+    run_dir.check_workdir_matches(workdir, config, spec)
 
   steps_per_epoch = pipeline.steps_per_epoch
   total_steps = optim.num_train_steps(config, steps_per_epoch)
@@ -291,12 +216,12 @@ def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dic
   # checkpoints are all unreadable; config.json is rewritten only once the run fits.
   restored = checkpoints.restore_latest_good(manager, state.to_checkpoint(), workdir, log,
                                              config)
-  _write_run_files(workdir, config, spec)
+  run_dir.write_run_files(workdir, config, spec)
   if restored is not None:
     tree, data_position = restored
     state, start_step = state.from_checkpoint(tree), data_position['batches_consumed']
     window_rows = data_position.get('log_window', ())
-    log(f'Resumed from {checkpoints.checkpoint_dir(workdir)} at step {start_step}.')
+    log(f'Resumed from {run_dir.checkpoint_dir(workdir)} at step {start_step}.')
   if restored is None and config.init_from:
     state = _init_from(config, state, spec, replicated)
 
@@ -378,7 +303,7 @@ def _init_from(config, state, spec, replicated):
               else load_variables(config.init_from))
   except (ValueError, OSError) as e:
     raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
-  merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
+  merged = run_dir.merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
                             loaded, spec.get('scan_blocks', False))
   merged = jax.device_put(merged, replicated)
   log(f'Initialized from {config.init_from}.')
