@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from resnet_jax import run_dir
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
-from resnet_jax.train.loop import DATA_AXIS, compile_steps, create_mesh, evaluate_split
+from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.parallel import DATA_AXIS, compile_steps, create_mesh
 from resnet_jax.train.state import TrainState
 
 DATA_KEYS = ('dataset', 'data_dir', 'preprocess', 'image_size')

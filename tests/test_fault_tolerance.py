@@ -22,7 +22,7 @@ import pytest
 from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
 import resnet_jax
-from resnet_jax.train import loop
+from resnet_jax.train import loop, parallel
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
@@ -204,7 +204,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
                                                                   six_step_reference):
   """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
   over steps 3 and 4 exactly as the uninterrupted run does."""
-  compile_steps = loop.compile_steps
+  compile_steps = parallel.compile_steps
 
   def compile_interrupted_steps(*args, **kwargs):
     train_fn, eval_fn = compile_steps(*args, **kwargs)
@@ -218,7 +218,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
 
     return train_fn_interrupted_at_3, eval_fn
 
-  monkeypatch.setattr(loop, 'compile_steps', compile_interrupted_steps)
+  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
   handler = signal.getsignal(signal.SIGINT)
   with pytest.raises(Interrupted, match='SIGINT: saved step 3') as interrupted:
     train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))

@@ -171,7 +171,7 @@ def test_predict_cli_takes_a_pretrained_name(dirs, tmp_path, capsys):
 
 def test_init_from_takes_a_pretrained_name(dirs):
   from resnet_jax import create_model
-  from resnet_jax.train import loop
+  from resnet_jax.train import build, parallel
   if not (dirs['ours'] / 'pretrained' / 'resnet18.tv_in1k').exists():
     _put_torchvision_weights(dirs, 'resnet18', 'resnet18-f37072fd.pth')
 
@@ -186,8 +186,8 @@ def test_init_from_takes_a_pretrained_name(dirs):
   fresh = create_model('resnet18', num_classes=10).init(jax.random.key(0),
                                                         np.zeros((1, 32, 32, 3), np.float32))
   config = type('Config', (), {'init_from': 'resnet18.tv_in1k'})()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = loop._init_from(config, State(fresh['params'], fresh['batch_stats']), {}, device)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  state = build.initialize_from(config, State(fresh['params'], fresh['batch_stats']), {}, mesh)
   _, expected = pretrained.load_pretrained('resnet18.tv_in1k')
   np.testing.assert_array_equal(state.params['conv1']['kernel'],
                                 expected['params']['conv1']['kernel'])

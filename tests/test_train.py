@@ -20,7 +20,8 @@ from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
 import resnet_jax
 from resnet_jax.train import optim
 from resnet_jax.run_dir import merge_pretrained, restore_run
-from resnet_jax.train.loop import DATA_AXIS, create_mesh, device_batches, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.parallel import DATA_AXIS, create_mesh, device_batches
 from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.state import TrainState, create_train_state
 from resnet_jax.train.step import all_finite, eval_metrics, eval_step, train_step
