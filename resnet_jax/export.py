@@ -31,8 +31,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
-
 from resnet_jax.errors import UserError
 
 CONTRACT_FORMAT = 'resnet_jax.serving/1'

@@ -15,7 +15,7 @@ from resnet_jax.data import create_pipeline, sources
 from resnet_jax.data.sources import FolderSource
 from resnet_jax.errors import UserError
 from resnet_jax import run_dir
-from resnet_jax.train import checkpoints, loop, parallel
+from resnet_jax.train import loop, parallel
 
 
 def _split_folder(root, per_class=4):

@@ -107,7 +107,7 @@ def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> 
       f'Checkpoint {step} in {checkpoint_dir(workdir)} does not fit this run (it reads '
       f'fine; nothing was moved): {why}{"; ".join(differences)}. Pass a new --workdir to '
       f'train with these settings, or resume with the settings the checkpoints were made '
-      f'with (see {os.path.join(workdir, "config.json")}).')
+      f'with (see {os.path.join(workdir, CONFIG_JSON)}).')
 
 
 # --- the trainer's restore --------------------------------------------------------------
