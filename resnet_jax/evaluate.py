@@ -66,6 +66,8 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())
   batch_size = batch_size or config.eval_batch_size
+  if batch_size < 0:
+    raise UserError(f'--batch_size {batch_size} must be positive.')
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   _, eval_fn = compile_steps(mesh, pipeline.normalization)
   return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,

@@ -71,4 +71,9 @@ def create_model(name: str, **overrides: Any) -> ResNet:
   if unknown:
     raise ValueError(f'Unknown option(s) {unknown} for create_model({name!r}); '
                      f'valid options: {", ".join(MODEL_OPTIONS)}.')
+  for option, least in (('num_classes', 0), ('in_channels', 1)):
+    if option in overrides and not (isinstance(overrides[option], int)
+                                    and overrides[option] >= least):
+      raise ValueError(f'create_model({name!r}, {option}={overrides[option]!r}): '
+                       f'{option} must be an integer >= {least}.')
   return ResNet(**{**MODELS[name], **overrides})
