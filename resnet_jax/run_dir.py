@@ -95,6 +95,18 @@ def model_from_config(config: Dict[str, Any]) -> ResNet:
   return create_model(name, **kwargs)
 
 
+def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str, Any]:
+  """The `create_model` arguments of a run, as written to WORKDIR/model.json."""
+  spec = {'name': config.model, 'num_classes': num_classes, 'in_channels': in_channels}
+  if config.dtype != 'float32':
+    spec['dtype'] = config.dtype
+  if config.bn_group_size:
+    spec['bn_group_size'] = config.bn_group_size
+  overrides = config.model_overrides
+  spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
+  return spec
+
+
 def write_model_config(directory: PathLike, spec: Dict[str, Any]) -> None:
   """Writes DIRECTORY/model.json."""
   Path(directory, MODEL_JSON).write_text(json.dumps(dict(spec), indent=2) + '\n')

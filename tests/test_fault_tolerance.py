@@ -22,7 +22,7 @@ import pytest
 from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
 import resnet_jax
-from resnet_jax.train import loop, parallel
+from resnet_jax.train import checkpoints, loop, parallel
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
@@ -494,3 +494,21 @@ def test_dataset_not_available_offline_says_how_to_get_it(tmp_path, monkeypatch)
   with pytest.raises(UserError, match="'mnist' is not prepared .*tfds build mnist"):
     train_and_evaluate(tiny_digits_config(dataset='mnist', data_dir=str(tmp_path)),
                        str(tmp_path / 'run'))
+
+
+def test_checkpoint_with_the_retired_rng_key_resumes(tmp_path, trained_workdir):
+  """Checkpoints saved before the train state lost its unused 'rng' still resume exactly."""
+  reference, _ = trained_workdir  # 4 steps
+  train_and_evaluate(tiny_digits_config(num_train_steps=2), str(tmp_path / 'new'))
+  old = tmp_path / 'old'
+  os.makedirs(old)
+  for name in ('model.json', 'config.json'):
+    shutil.copy(tmp_path / 'new' / name, old / name)
+  state = read_state(tmp_path / 'new', step=2)
+  state['rng'] = np.array([0, 42], np.uint32)
+  manager = checkpoints.create_manager(str(old), keep=2)
+  checkpoints.save(manager, 2, state, {'batches_consumed': 2, 'log_window': []})
+  manager.wait_until_finished()
+  train_and_evaluate(tiny_digits_config(), str(old))
+  assert 'rng' not in read_state(old)
+  assert_same_state(old, reference)

@@ -19,7 +19,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet
 from resnet_jax.train import optim, parallel
 from resnet_jax.train.metrics import log
-from resnet_jax.train.state import TrainState, create_train_state, model_spec
+from resnet_jax.train.state import TrainState, create_train_state
 
 
 class RunParts(NamedTuple):
@@ -51,7 +51,7 @@ def create_model_checked(spec: dict, image_size: int) -> ResNet:
 def build_run(config, mesh: Mesh, num_classes: int, channels: int,
               steps_per_epoch: int) -> RunParts:
   """The model, optimizer, state initializer and steps of `config` over `mesh`."""
-  spec = model_spec(config, num_classes, channels)
+  spec = run_dir.model_config_of_run(config, num_classes, channels)
   model = create_model_checked(spec, config.image_size)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
   tx = optim.create_optimizer(config, learning_rate_fn)

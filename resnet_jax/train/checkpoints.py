@@ -1,7 +1,8 @@
 """Orbax checkpoints of WORKDIR/checkpoints: the train state plus the data position.
 
 Each step directory holds the item 'state' (StandardSave of a dict with 'params',
-'batch_stats', 'opt_state', 'step', 'rng') and the item 'data' (JsonSave of
+'batch_stats', 'opt_state' and 'step'; before 2026-12 also an unused 'rng', which restoring
+reads around) and the item 'data' (JsonSave of
 {'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>}).
 Restoring onto a target with new shardings places the arrays on however many devices the
 restoring run has.
@@ -30,6 +31,9 @@ from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_sett
 BEST_METRIC = 'eval_top1'
 DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
 _UNKNOWN = object()  # a step whose score cannot be read: it is never deleted
+# Keys of the 'state' item that older versions saved and this one no longer has: restoring
+# reads around them (the train state's unused 'rng', until 2026-12).
+RETIRED_KEYS = ('rng',)
 
 
 class LatestAndBest(policies.PreservationPolicy):
@@ -94,9 +98,28 @@ def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int
   """
   step = manager.latest_step() if step is None else step
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
+  if _retired_keys(saved_state_tree(manager, step), target_tree):
+    data = manager.restore(step, args=ocp.args.Composite(**{
+        DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
+    return _restore_around_retired_keys(manager.directory, step, abstract), data
   restored = manager.restore(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
   return restored[STATE_ITEM], restored[DATA_ITEM]
+
+
+def _retired_keys(saved_tree, target_tree) -> List[str]:
+  return [k for k in RETIRED_KEYS if k in saved_tree and k not in target_tree]
+
+
+def _restore_around_retired_keys(directory, step: int, abstract):
+  """The 'state' item of `step` without the keys this version no longer has (orbax's
+  standard restore insists on the saved tree; a partial PyTree restore does not)."""
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()}) as reader:
+    return reader.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)}))[STATE_ITEM]
 
 
 def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> UserError:
@@ -125,7 +148,10 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      differences = tree_differences(saved_state_tree(manager, step), target_tree)
+      saved = saved_state_tree(manager, step)
+      differences = tree_differences(
+          {k: v for k, v in saved.items() if k not in _retired_keys(saved, target_tree)},
+          target_tree)
       if differences:
         raise _mismatch_error(workdir, step, differences, config)
       return restore(manager, target_tree, step)
