@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
+from conftest import nchw
 from flax import nnx, traverse_util
 
 import resnet_jax
 from resnet_jax import nnx as rnnx
+from resnet_jax.convert import torch_reference_model, torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.models import scan_variables
 
@@ -167,3 +170,13 @@ def test_variables_of_another_model_are_refused_with_the_differences():
     rnnx.from_linen(variables, 'cifar_resnet20', num_classes=3)
   with pytest.raises(UserError, match='missing: layer1/3/bn1/bias'):
     rnnx.from_linen(variables, 'cifar_resnet32')
+
+
+def test_converted_torchvision_weights_give_torchvision_logits():
+  torch_model = torch_reference_model('resnet18', num_classes=4).eval()
+  model = rnnx.from_linen(torch_to_flax(torch_model.state_dict(), 'resnet18'), 'resnet18',
+                          num_classes=4)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_model(nchw(x)).numpy()
+  np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
