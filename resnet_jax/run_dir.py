@@ -257,18 +257,17 @@ def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
     missing_body = [k for k in missing if not k.startswith('fc/')]
     if missing_body or [k for k in extra if not k.startswith('fc/')]:
       raise UserError(f'init_from checkpoint does not fit the model ({collection}): missing '
-                       f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
+                      f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
     out = {}
     for key, value in fresh_flat.items():
       old = loaded_flat.get(key)
       keep_fresh = old is None or (key.startswith('fc/') and np.shape(old) != value.shape)
       if not keep_fresh and np.shape(old) != value.shape:
         raise UserError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
-                         f'expects {value.shape}.')
+                        f'expects {value.shape}.')
       out[key] = value if keep_fresh else np.asarray(old, value.dtype)
     merged[collection] = traverse_util.unflatten_dict(out, sep='/')
   return merged
-
 
 
 # --- reading variables of a training run ------------------------------------------------

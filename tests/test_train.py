@@ -268,7 +268,8 @@ def test_init_from_a_run_of_another_width_is_one_message(tmp_path, trained_workd
   workdir, _ = trained_workdir
   config = tiny_digits_config(init_from=workdir, model_overrides={
       'stage_sizes': (1, 1, 1), 'stage_widths': (8, 8, 16)})
-  with pytest.raises(UserError, match=r'init_from: params/.* has shape \(4,\), the model expects \(8,\)'):
+  with pytest.raises(UserError,
+                     match=r'init_from: params/.* has shape \(4,\), the model expects \(8,\)'):
     train_and_evaluate(config, str(tmp_path))
 
 

@@ -27,7 +27,8 @@ def torch_reference_model(arch: str, num_classes: int = 1000, in_channels: int =
     import timm
     return timm.create_model(arch, pretrained=False, num_classes=num_classes,
                              in_chans=in_channels)
-  raise ValueError(f'{arch!r} has no PyTorch reference; choose one of {", ".join(PYTORCH_REFERENCE)}.')
+  raise ValueError(f'{arch!r} has no PyTorch reference; choose one of '
+                   f'{", ".join(PYTORCH_REFERENCE)}.')
 
 
 def max_logit_difference(state_dict: Mapping[str, Any], variables: Mapping[str, Any],

@@ -98,7 +98,8 @@ def _identity(x):
 
 
 def downsample(in_features, features, strides, conv, norm, avg_down) -> Sequential:
-  """The projection shortcut [conv, bn], or ResNet-D's [avg pool, conv, bn] (`models.Downsample`)."""
+  """The projection shortcut [conv, bn], or ResNet-D's [avg pool, conv, bn]
+  (`models.Downsample`)."""
   if not avg_down:
     return Sequential([conv(in_features, features, 1, strides), norm(features)])
   pool = avg_pool_2x2_ceil if strides > 1 else _identity
