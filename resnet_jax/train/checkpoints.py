@@ -19,7 +19,9 @@ import time
 from typing import Any, List, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
@@ -114,30 +116,33 @@ def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> 
 
 def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdir: str,
                         log=print, config=None):
-  """(state tree, data position) of the newest checkpoint that reads back, or None when
-  the workdir has none.
+  """(state tree, data position) of the newest checkpoint that reads back on every
+  process, or None when the workdir has none.
 
   Only a checkpoint that cannot be read (truncated or corrupt files, an interrupted save)
   is reported and moved to WORKDIR/checkpoints_unreadable/, never deleted, and the one
   before is tried. One whose saved tree does not fit `target_tree` (e.g. another momentum
   setting changes the optimizer state) is a UserError naming the changed `config` keys.
   When no checkpoint reads but some were set aside, it refuses rather than start over.
+
+  With several processes there is one decision: the steps tried are process 0's list,
+  and a step is used only if every process read it (an all-gather of each process's
+  verdict); otherwise every process falls back to the same older step.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      differences = tree_differences(saved_state_tree(manager, step), target_tree)
-      if differences:
-        raise _mismatch_error(workdir, step, differences, config)
-      return restore(manager, target_tree, step)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
-      if step_vanished(manager, step):  # not ours to judge (another process removed it)
-        raise
-      moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
-      log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable '
-          f'({first_line(e)}); moving it to {moved} and falling back to the previous one.')
-      _move_aside(manager, step, moved)
+  for step in _steps_of_process_0(manager):
+    tree, error = _read_here(manager, step, target_tree, workdir, config)
+    failed = _processes_that_failed(error is not None)
+    if not failed:
+      return tree
+    if error is not None and step_vanished(manager, step):  # not ours to judge
+      raise error
+    moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
+    where = ('' if jax.process_count() == 1 else
+             f' on process(es) {failed} of {jax.process_count()}')
+    why = f' ({first_line(error)})' if error is not None else ''
+    log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable{where}'
+        f'{why}; moving it to {moved} and falling back to the previous one.')
+    _move_aside(manager, step, moved)
   aside = unreadable_dir(workdir)
   if os.path.isdir(aside) and os.listdir(aside):
     raise UserError(
@@ -145,6 +150,53 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
         f'{aside}: {", ".join(sorted(os.listdir(aside)))}. Nothing was deleted. To train '
         f'this workdir from step 0, move or remove {aside}; or pass a new --workdir.')
   return None
+
+
+def _steps_of_process_0(manager: ocp.CheckpointManager) -> List[int]:
+  """The saved steps, newest first, as process 0 lists them (one list for all)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+  padded = np.zeros(count, np.int64)
+  padded[:min(count, len(steps))] = steps[:count]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _read_here(manager, step, target_tree, workdir, config):
+  """(the step's (state tree, data position), None) or (None, the read error) on this
+  process; a step that does not fit the run raises UserError."""
+  try:
+    differences = tree_differences(saved_state_tree(manager, step), target_tree)
+  except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
+    return None, e
+  if differences:
+    raise _mismatch_error(workdir, step, differences, config)
+  try:
+    return read_step(manager.directory, step, target_tree), None
+  except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
+    return None, e
+
+
+def read_step(directory, step: int, target_tree: Any):
+  """(state tree, data position) of `step`, read by this process alone: no barrier with
+  the others (CheckpointManager.restore has one), so a process that fails to read does
+  not leave the others waiting."""
+  path = epath.Path(directory) / str(step)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
+  state = ocp.StandardCheckpointHandler().restore(
+      path / STATE_ITEM, args=ocp.args.StandardRestore(abstract))
+  data = ocp.JsonCheckpointHandler().restore(path / DATA_ITEM, args=ocp.args.JsonRestore())
+  return state, data
+
+
+def _processes_that_failed(failed_here: bool) -> List[int]:
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array(failed_here))
+  return [i for i, failed in enumerate(np.asarray(flags).reshape(-1)) if failed]
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, destination: str):
