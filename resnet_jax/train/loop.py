@@ -162,8 +162,12 @@ def _save(run: _Run, config, step: int, state: TrainState, window: MetricWindow,
           top1: Optional[float] = None, force: bool = False):
   """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
   _read_window(window, config)  # raises before saving if a step since the last check was not finite
+  epoch, batches_into_epoch = divmod(step, run.pipeline.steps_per_epoch)
+  # epoch .. process_count say where the data stands in words a changed run can check.
   position = {'batches_consumed': step, 'batch_size': config.batch_size,
-              'steps_per_epoch': run.pipeline.steps_per_epoch, 'log_window': window.rows}
+              'steps_per_epoch': run.pipeline.steps_per_epoch, 'epoch': epoch,
+              'epoch_examples_consumed': batches_into_epoch * config.batch_size,
+              'process_count': jax.process_count(), 'log_window': window.rows}
   checkpoints.save(run.manager, step, state.to_checkpoint(), position, top1, force=force)
 
 
