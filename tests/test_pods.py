@@ -54,3 +54,119 @@ def test_an_epoch_is_exactly_once_across_a_change_of_process_count(monkeypatch, 
   for a, b in zip(changed, reference):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+# --- two processes on localhost -------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from conftest import JAX_CACHE_DIR, REPO  # noqa: E402
+from test_fault_tolerance import (LONG, LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
+                                  assert_same_state, config_file)
+
+# Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
+# the process whose id is INJECT_PROCESS: the stalls and read failures of the tests.
+WRAPPER = '''
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from resnet_jax.train import distributed
+initialize = distributed.initialize
+def initialize_then_inject(*args, **kwargs):
+  initialize(*args, **kwargs)
+  import jax
+  if str(jax.process_index()) == os.environ.get('INJECT_PROCESS'):
+    exec(os.environ['INJECT'])
+distributed.initialize = initialize_then_inject
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path({train!r}, run_name='__main__')
+'''
+
+
+def _start_pod(tmp_path, workdir, config, *flags, inject=None, inject_process=1,
+               heartbeat_s=10):
+  """Two train.py processes (the README command plus `flags`), their outputs in files."""
+  port, wrapper = _free_port(), tmp_path / 'wrapper.py'
+  wrapper.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / 'train.py')))
+  env = _env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
+  processes = []
+  for i in range(2):
+    log = open(tmp_path / f'process{i}.{time.monotonic_ns()}.log', 'w+')
+    args = [sys.executable, str(wrapper) if inject else 'train.py', '--config', config,
+            '--workdir', str(workdir), '--jax_cache_dir', JAX_CACHE_DIR,
+            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+            f'--process_id={i}', f'--heartbeat_timeout_s={heartbeat_s}', *flags]
+    processes.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+  return processes
+
+
+def _output(log):
+  log.flush()
+  log.seek(0)
+  return log.read()
+
+
+def _finish(processes, timeout=240):
+  """(return codes, outputs) once both processes exit."""
+  deadline = time.monotonic() + timeout
+  try:
+    for process, _ in processes:
+      process.wait(timeout=max(1, deadline - time.monotonic()))
+  finally:
+    for process, _ in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return [p.returncode for p, _ in processes], [_output(log) for _, log in processes]
+
+
+def _wait_for_checkpoint(processes, workdir, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not _steps(workdir):
+    if any(p.poll() is not None for p, _ in processes) or time.monotonic() > deadline:
+      codes, outputs = _finish(processes, timeout=1)
+      pytest.fail(f'No checkpoint appeared: {codes}\n' + '\n'.join(o[-2000:] for o in outputs))
+    time.sleep(0.02)
+
+
+def _run_pod(tmp_path, workdir, config, *flags, **kwargs):
+  codes, outputs = _finish(_start_pod(tmp_path, workdir, config, *flags, **kwargs))
+  assert codes == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+  return outputs
+
+
+@pytest.fixture(scope='module')
+def pod_reference(tmp_path_factory, config_file):
+  """The uninterrupted LONG run on two processes."""
+  tmp_path = tmp_path_factory.mktemp('pod_reference')
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS)
+  assert 'Process 0 of 2' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  print(f'uninterrupted two-process run: {time.monotonic() - start:.1f} s')
+  return str(tmp_path / 'run')
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file,
+                                                           pod_reference):
+  workdir = tmp_path / 'run'
+  processes = _start_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  _wait_for_checkpoint(processes, workdir)
+  time.sleep(0.3)  # land between checkpoints
+  processes[1][0].send_signal(signal.SIGTERM)
+  sent = time.monotonic()
+  codes, outputs = _finish(processes, timeout=60)
+  took = time.monotonic() - sent
+  print(f'SIGTERM to process 1 -> both saved and exited in {took:.1f} s')
+  assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
+  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])
+  assert _steps(workdir)[-1] == saved < 60, (saved, outputs[0])
+  assert took < 30
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
+  assert f'at step {saved}' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  assert_same_state(workdir, pod_reference)
