@@ -65,7 +65,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from conftest import JAX_CACHE_DIR, REPO  # noqa: E402
-from test_fault_tolerance import (LONG, LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
+from test_fault_tolerance import (LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
                                   assert_same_state, config_file)
 
 # Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
@@ -79,7 +79,7 @@ def initialize_then_inject(*args, **kwargs):
   initialize(*args, **kwargs)
   import jax
   if str(jax.process_index()) == os.environ.get('INJECT_PROCESS'):
-    exec(os.environ['INJECT'])
+    exec(os.environ['INJECT'], dict())
 distributed.initialize = initialize_then_inject
 sys.argv = ['train.py'] + sys.argv[1:]
 runpy.run_path({train!r}, run_name='__main__')
@@ -169,4 +169,87 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
   print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
   assert f'at step {saved}' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  assert_same_state(workdir, pod_reference)
+
+
+def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, config_file,
+                                                                     pod_reference):
+  workdir = tmp_path / 'run'
+  processes = _start_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  _wait_for_checkpoint(processes, workdir)
+  time.sleep(0.3)
+  processes[1][0].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  codes, outputs = _finish(processes, timeout=90)
+  took = time.monotonic() - killed
+  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after {took:.1f} s')
+  assert codes[1] == -signal.SIGKILL and codes[0] != 0, outputs[0][-3000:]
+  assert took < 60
+  # Ours (a failed collective) or JAX's (the coordination service saw the process die).
+  assert ('lost contact with another process' in outputs[0] and 'run the same command' in
+          outputs[0]) or 'another task died' in outputs[0], outputs[0][-3000:]
+  assert 'Process 0 of 2. If one stops, the others exit' in outputs[0]
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  print(f'restarted two-process run: {time.monotonic() - start:.1f} s')
+  assert 'Resumed from' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  assert_same_state(workdir, pod_reference)
+
+
+STALL_AT_STEP_25 = '''
+import time
+from resnet_jax.train import loop
+create = loop.create_pipeline
+def create_pipeline(config):
+  pipeline = create(config)
+  stream = pipeline.train_batches
+  def train_batches(start_step=0):
+    for step, batch in enumerate(stream(start_step), start_step + 1):
+      if step == 25:
+        time.sleep(12)
+      yield batch
+  pipeline.train_batches = train_batches
+  return pipeline
+loop.create_pipeline = create_pipeline
+'''
+
+
+def test_a_stalled_process_is_reported(tmp_path, config_file):
+  outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS,
+                     '--config.stall_factor=5', inject=STALL_AT_STEP_25)
+  assert 'WARNING: no step has finished on process 1' in outputs[1], outputs[1][-3000:]
+  assert 'step 60/60' in outputs[0]
+
+
+CANNOT_READ_STEP_60 = '''
+from resnet_jax.train import checkpoints
+read_step = checkpoints.read_step
+def failing_read_step(directory, step, target_tree):
+  if step == 60:
+    raise OSError('simulated: this host cannot read step 60')
+  return read_step(directory, step, target_tree)
+checkpoints.read_step = failing_read_step
+'''
+
+
+def _files(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
+                                                        pod_reference):
+  """Process 1 cannot read step 60: both restore step 50 (process 0 could read 60), step
+  60 is moved aside whole, and the run ends where the reference ends."""
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(pod_reference, workdir)
+  assert _steps(workdir) == [50, 60]
+  newest = _files(workdir / 'checkpoints' / '60')
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS, inject=CANNOT_READ_STEP_60)
+  assert 'checkpoint 60' in outputs[0] and 'on process(es) [1] of 2' in outputs[0], outputs[0]
+  assert 'at step 50' in outputs[0], outputs[0]
+  moved = os.listdir(workdir / 'checkpoints_unreadable')
+  assert len(moved) == 1 and moved[0].startswith('60.')
+  assert _files(workdir / 'checkpoints_unreadable' / moved[0]) == newest  # nothing deleted
   assert_same_state(workdir, pod_reference)

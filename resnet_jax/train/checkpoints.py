@@ -131,11 +131,14 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
   """
   for step in _steps_of_process_0(manager):
     tree, error = _read_here(manager, step, target_tree, workdir, config)
+    if error is not None and step_vanished(manager, step):  # not ours to judge
+      raise error  # (checked before any process could move it aside)
+    if error is not None and jax.process_count() > 1:  # only process 0 logs
+      print(f'Process {jax.process_index()} cannot read checkpoint {step}: '
+            f'{first_line(error)}', flush=True)
     failed = _processes_that_failed(error is not None)
     if not failed:
       return tree
-    if error is not None and step_vanished(manager, step):  # not ours to judge
-      raise error
     moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
     where = ('' if jax.process_count() == 1 else
              f' on process(es) {failed} of {jax.process_count()}')
