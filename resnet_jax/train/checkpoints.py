@@ -20,7 +20,9 @@ import time
 from typing import Any, List, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
@@ -97,29 +99,12 @@ def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int
   `target_tree` may hold arrays or `jax.ShapeDtypeStruct`s with shardings.
   """
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
-  if _retired_keys(saved_state_tree(manager, step), target_tree):
-    data = manager.restore(step, args=ocp.args.Composite(**{
-        DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
-    return _restore_around_retired_keys(manager.directory, step, abstract), data
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
-  return restored[STATE_ITEM], restored[DATA_ITEM]
+  return read_step(manager.directory, step, target_tree,
+                   partial=bool(_retired_keys(saved_state_tree(manager, step), target_tree)))
 
 
 def _retired_keys(saved_tree, target_tree) -> List[str]:
   return [k for k in RETIRED_KEYS if k in saved_tree and k not in target_tree]
-
-
-def _restore_around_retired_keys(directory, step: int, abstract):
-  """The 'state' item of `step` without the keys this version no longer has (orbax's
-  standard restore insists on the saved tree; a partial PyTree restore does not)."""
-  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()}) as reader:
-    return reader.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True)}))[STATE_ITEM]
 
 
 def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> UserError:
@@ -137,33 +122,36 @@ def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> 
 
 def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdir: str,
                         log=print, config=None):
-  """(state tree, data position) of the newest checkpoint that reads back, or None when
-  the workdir has none.
+  """(state tree, data position) of the newest checkpoint that reads back on every
+  process, or None when the workdir has none.
 
   Only a checkpoint that cannot be read (truncated or corrupt files, an interrupted save)
   is reported and moved to WORKDIR/checkpoints_unreadable/, never deleted, and the one
   before is tried. One whose saved tree does not fit `target_tree` (e.g. another momentum
   setting changes the optimizer state) is a UserError naming the changed `config` keys.
   When no checkpoint reads but some were set aside, it refuses rather than start over.
+
+  With several processes there is one decision: the steps tried are process 0's list,
+  and a step is used only if every process read it (an all-gather of each process's
+  verdict); otherwise every process falls back to the same older step.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      saved = saved_state_tree(manager, step)
-      differences = tree_differences(
-          {k: v for k, v in saved.items() if k not in _retired_keys(saved, target_tree)},
-          target_tree)
-      if differences:
-        raise _mismatch_error(workdir, step, differences, config)
-      return restore(manager, target_tree, step)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
-      if step_vanished(manager, step):  # not ours to judge (another process removed it)
-        raise
-      moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
-      log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable '
-          f'({first_line(e)}); moving it to {moved} and falling back to the previous one.')
-      _move_aside(manager, step, moved)
+  for step in _steps_of_process_0(manager):
+    tree, error = _read_here(manager, step, target_tree, workdir, config)
+    if error is not None and step_vanished(manager, step):  # not ours to judge
+      raise error  # (checked before any process could move it aside)
+    if error is not None and jax.process_count() > 1:  # only process 0 logs
+      print(f'Process {jax.process_index()} cannot read checkpoint {step}: '
+            f'{first_line(error)}', flush=True)
+    failed = _processes_that_failed(error is not None)
+    if not failed:
+      return tree
+    moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
+    where = ('' if jax.process_count() == 1 else
+             f' on process(es) {failed} of {jax.process_count()}')
+    why = f' ({first_line(error)})' if error is not None else ''
+    log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable{where}'
+        f'{why}; moving it to {moved} and falling back to the previous one.')
+    _move_aside(manager, step, moved)
   aside = unreadable_dir(workdir)
   if os.path.isdir(aside) and os.listdir(aside):
     raise UserError(
@@ -171,6 +159,62 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
         f'{aside}: {", ".join(sorted(os.listdir(aside)))}. Nothing was deleted. To train '
         f'this workdir from step 0, move or remove {aside}; or pass a new --workdir.')
   return None
+
+
+def _steps_of_process_0(manager: ocp.CheckpointManager) -> List[int]:
+  """The saved steps, newest first, as process 0 lists them (one list for all)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+  padded = np.zeros(count, np.int64)
+  padded[:min(count, len(steps))] = steps[:count]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _read_here(manager, step, target_tree, workdir, config):
+  """(the step's (state tree, data position), None) or (None, the read error) on this
+  process; a step that does not fit the run raises UserError."""
+  try:
+    saved = saved_state_tree(manager, step)
+  except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
+    return None, e
+  retired = _retired_keys(saved, target_tree)
+  differences = tree_differences({k: v for k, v in saved.items() if k not in retired},
+                                 target_tree)
+  if differences:
+    raise _mismatch_error(workdir, step, differences, config)
+  try:
+    return read_step(manager.directory, step, target_tree, partial=bool(retired)), None
+  except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
+    return None, e
+
+
+def read_step(directory, step: int, target_tree: Any, partial: bool = False):
+  """(state tree, data position) of `step`, read by this process alone: no barrier with
+  the others (CheckpointManager.restore has one), so a process that fails to read does
+  not leave the others waiting. `partial` reads around saved keys that `target_tree` lacks
+  (`RETIRED_KEYS`; orbax's standard restore insists on the whole saved tree)."""
+  path = epath.Path(directory) / str(step)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
+  if partial:
+    state = ocp.PyTreeCheckpointHandler().restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  else:
+    state = ocp.StandardCheckpointHandler().restore(
+        path / STATE_ITEM, args=ocp.args.StandardRestore(abstract))
+  data = ocp.JsonCheckpointHandler().restore(path / DATA_ITEM, args=ocp.args.JsonRestore())
+  return state, data
+
+
+def _processes_that_failed(failed_here: bool) -> List[int]:
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array(failed_here))
+  return [i for i, failed in enumerate(np.asarray(flags).reshape(-1)) if failed]
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, destination: str):

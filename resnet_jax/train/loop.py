@@ -18,6 +18,7 @@ from resnet_jax.train.metrics import (MetricWindow, MetricWriter, Progress, log,
                                       log_train, progress_bar)
 from resnet_jax.train.preemption import StopRequest
 from resnet_jax.train.state import TrainState
+from resnet_jax.train.watchdog import StepWatchdog
 
 
 class _Run(NamedTuple):
@@ -101,17 +102,19 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
       f'{jax.device_count()} device(s).')
   step, eval_results, stopping = start_step, {}, False
   bar = progress_bar(total_steps, start_step)
+  watchdog = StepWatchdog(config.stall_factor, config.stall_exit, _log_any_process)
   try:
     while step < total_steps and not stopping:
       state, metrics = run.parts.train_fn(state, next(batches))
       step += 1
+      watchdog.dispatched(metrics)
       window.add(step, metrics)
       bar.update()
       if step == start_step + 1:  # leave compilation out of images/second and the ETA
         jax.block_until_ready(metrics)
         progress = Progress(step, total_steps, config.batch_size)
       log_due = _every(step, config.log_every_steps)
-      stopping = stop.requested(sync=log_due or step == total_steps)
+      stopping = stop.requested(step)
       last = step == total_steps or stopping
       if log_due or last:
         _read_window(window, config)
@@ -120,13 +123,15 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
         if log_due or step == total_steps:  # a stop keeps its rows for the resumed run
           window = MetricWindow()
       top1 = None
-      if _every(step, config.eval_every_steps) or step == total_steps:
-        eval_results = _evaluate(run, config, workdir, step, state, window)
-        log_eval(writer, step, eval_results)
-        top1 = eval_results['top1']
-      if _every(step, config.checkpoint_every_steps) or last:
-        _save(run, config, step, state, window, top1, force=last)
+      with watchdog.paused():  # evaluating and saving are not steps
+        if _every(step, config.eval_every_steps) or step == total_steps:
+          eval_results = _evaluate(run, config, workdir, step, state, window)
+          log_eval(writer, step, eval_results)
+          top1 = eval_results['top1']
+        if _every(step, config.checkpoint_every_steps) or last:
+          _save(run, config, step, state, window, top1, force=last)
   finally:
+    watchdog.close()
     bar.close()
     stop.restore_handlers()
     run.manager.wait_until_finished()
@@ -157,9 +162,17 @@ def _save(run: _Run, config, step: int, state: TrainState, window: MetricWindow,
           top1: Optional[float] = None, force: bool = False):
   """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
   _read_window(window, config)  # raises before saving if a step since the last check was not finite
+  epoch, batches_into_epoch = divmod(step, run.pipeline.steps_per_epoch)
+  # epoch .. process_count say where the data stands in words a changed run can check.
   position = {'batches_consumed': step, 'batch_size': config.batch_size,
-              'steps_per_epoch': run.pipeline.steps_per_epoch, 'log_window': window.rows}
+              'steps_per_epoch': run.pipeline.steps_per_epoch, 'epoch': epoch,
+              'epoch_examples_consumed': batches_into_epoch * config.batch_size,
+              'process_count': jax.process_count(), 'log_window': window.rows}
   checkpoints.save(run.manager, step, state.to_checkpoint(), position, top1, force=force)
+
+
+def _log_any_process(message: str):
+  print(message, flush=True)  # the stuck process may not be process 0
 
 
 def _every(step: int, period: int) -> bool:
