@@ -32,6 +32,12 @@ flags.DEFINE_bool('keep_freed_memory', True, 'On CPU-only hosts, keep freed memo
                   'process (glibc malloc settings): XLA:CPU steps run up to 25% faster.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host pods; '
                   'coordinator found from the environment: TPU, SLURM, Open MPI, ...).')
+flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 for a multi-process '
+                    'run without a cluster manager (with --num_processes, --process_id).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of the run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes-1.')
+flags.DEFINE_integer('heartbeat_timeout_s', 30, 'Multi-process runs: a process silent this '
+                     'long counts as dead, and the others exit.')
 FLAGS = flags.FLAGS
 
 
@@ -54,21 +60,33 @@ def main(argv):
   if FLAGS.keep_freed_memory and host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # before JAX starts its CPU client
   import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
+      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                             FLAGS.process_id, FLAGS.heartbeat_timeout_s)
+  except UserError as e:
+    sys.exit(f'Error: {e}')
   if FLAGS.jax_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.jax_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
   workdir = FLAGS.workdir or os.path.join('workdirs', config_name)
+  if jax.process_count() > 1:
+    print(distributed.describe(FLAGS.heartbeat_timeout_s), flush=True)
   try:
     train_and_evaluate(FLAGS.config, workdir)
   except UserError as e:  # the message says what to fix; no traceback
     sys.exit(f'Error: {e}')
   except Interrupted as e:  # saved; not 0, so that a scheduler requeues the job
     sys.exit(e.exit_status)
+  except Exception as e:  # pylint: disable=broad-except
+    if not distributed.is_lost_process(e):
+      raise
+    print(f'Error: {distributed.lost_process_message(e)}', file=sys.stderr, flush=True)
+    os._exit(1)  # not sys.exit: its shutdown would wait for the lost process
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 import resnet_jax
-from resnet_jax.train import loop, optim, state as train_state
+from resnet_jax.train import optim, parallel, state as train_state
 
 
 def train_state_factory(name, batch, size, **overrides):
@@ -34,7 +34,7 @@ def lowered_train_step(name, batch, size, state=None, **overrides):
   `state` (the shapes of `abstract_train_state`, made here if None)."""
   if state is None:
     _, state = abstract_train_state(name, batch, size, **overrides)
-  train_fn, _ = loop.compile_steps(loop.create_mesh(), normalization(name))
+  train_fn, _ = parallel.compile_steps(parallel.create_mesh(), normalization(name))
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return train_fn.lower(state, {'image': images, 'label': labels})

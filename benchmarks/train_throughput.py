@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import input_pipeline
 from common import (folder_pipeline, image_size, normalization, train_state_factory,
                     write_jpegs)
-from resnet_jax.train import host_memory, loop
+from resnet_jax.train import host_memory, parallel
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
 
@@ -96,17 +96,17 @@ def jax_runner(name, batch, size, dtype, image_folder=None):
   or on the input pipeline's batches of `image_folder`."""
   model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
   state = make_state()
-  mesh = loop.create_mesh()
-  train_fn, _ = loop.compile_steps(mesh, normalization(name))
-  sharding = NamedSharding(mesh, PartitionSpec(loop.DATA_AXIS))
+  mesh = parallel.create_mesh()
+  train_fn, _ = parallel.compile_steps(mesh, normalization(name))
+  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
   if image_folder:
-    batches = loop.device_batches(folder_pipeline(image_folder, batch, size).train_batches(),
-                                  sharding)
+    batches = parallel.device_batches(
+        folder_pipeline(image_folder, batch, size).train_batches(), sharding)
   else:
     rng = np.random.default_rng(0)
     host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
                   'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
-    batches = itertools.repeat(loop.global_batch(host_batch, sharding))
+    batches = itertools.repeat(parallel.global_batch(host_batch, sharding))
   holder = [state]
 
   def run(steps):

@@ -55,4 +55,7 @@ def get_config():
   config.keep_checkpoints = 2  # the latest N, plus the best by eval top-1
   config.init_from = ''  # a converted or trained checkpoint to start from
   config.skip_nonfinite_steps = False  # True: skip steps with a non-finite loss, not stop
+  # Warn when no step finished for this many median step times (a stuck host); 0: off.
+  config.stall_factor = 20.0
+  config.stall_exit = False  # True: a stall exits (status 1) instead of only warning
   return config

@@ -11,7 +11,8 @@ from resnet_jax.models import (BasicBlock, BatchNorm, BottleneckBlock, Downsampl
 __version__ = '0.1.0'
 
 # Loading needs orbax; import it only when asked for, so `import resnet_jax` stays light.
-_LAZY = {'load_variables': 'resnet_jax.load', 'load_model': 'resnet_jax.load'}
+_LAZY = {'load_variables': 'resnet_jax.run_dir', 'load_model': 'resnet_jax.run_dir',
+         'load_pretrained': 'resnet_jax.pretrained', 'list_pretrained': 'resnet_jax.pretrained'}
 
 
 def __getattr__(name):

@@ -9,8 +9,6 @@ a converted checkpoint needs the dataset flags.
 """
 
 import argparse
-import json
-import os
 import sys
 from typing import Optional
 
@@ -20,10 +18,11 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from resnet_jax import run_dir
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
-from resnet_jax.train import checkpoints
-from resnet_jax.train.loop import DATA_AXIS, compile_steps, create_mesh, evaluate_split
+from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.parallel import DATA_AXIS, compile_steps, create_mesh
 from resnet_jax.train.state import TrainState
 
 DATA_KEYS = ('dataset', 'data_dir', 'preprocess', 'image_size')
@@ -36,13 +35,11 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
       'batch_size': 1, 'seed': 0, 'num_classes': 1000, 'in_channels': 3,
       'shuffle_buffer': 1, 'synthetic_train_size': 1, 'synthetic_eval_size': 1024})
   if workdir:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.isfile(path):
-      raise UserError(f'{workdir} is not a train.py workdir: it has no config.json. Pass '
-                      f'the --workdir of a training run, or --checkpoint for a converted '
-                      f'checkpoint.')
-    with open(path) as f:
-      saved = json.load(f)
+    saved = run_dir.read_run_config(workdir)
+    if saved is None:
+      raise UserError(f'{workdir} is not a train.py workdir: it has no '
+                      f'{run_dir.CONFIG_JSON}. Pass the --workdir of a training run, or '
+                      f'--checkpoint for a converted checkpoint.')
     config.update({k: v for k, v in saved.items() if k in config})
   config.update({k: v for k, v in overrides.items() if v is not None})
   return config
@@ -62,14 +59,15 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   replicated = NamedSharding(mesh, P())
   pipeline = create_pipeline(config)
   if workdir:
-    model, variables = checkpoints.restore_run(workdir, step, replicated)
+    model, variables = run_dir.restore_run(workdir, step, replicated)
   else:
-    from resnet_jax import load_model  # pylint: disable=g-import-not-at-top
-    model, variables = load_model(checkpoint)
+    model, variables = run_dir.load_model(checkpoint)
     variables = jax.device_put(variables, replicated)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())
   batch_size = batch_size or config.eval_batch_size
+  if batch_size < 0:
+    raise UserError(f'--batch_size {batch_size} must be positive.')
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   _, eval_fn = compile_steps(mesh, pipeline.normalization)
   return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,

@@ -99,23 +99,22 @@ def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessin
   """A training workdir's own preprocessing (its config.json, read as evaluate reads it);
   torchvision's ImageNet transform for a converted checkpoint of a 3-channel model; a
   UserError when neither applies."""
-  from resnet_jax.load import CHECKPOINTS_DIR
+  from resnet_jax import run_dir
 
   if in_channels not in MODES:
     raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; predict '
                     f'reads images as grayscale (1 channel) or RGB (3).')
-  if (checkpoint / CHECKPOINTS_DIR).is_dir():
-    from resnet_jax.evaluate import _dataset_config
-    try:
-      config = _dataset_config(str(checkpoint), {})
-    except (OSError, ValueError) as e:
-      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} ({e}); '
-                      f'predict takes its preprocess and image_size from there.') from None
-    recipe = checked_recipe(config.preprocess)
+  if (checkpoint / run_dir.CHECKPOINTS_DIR).is_dir():
+    config = run_dir.read_run_config(checkpoint)
+    if config is None:
+      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
+                      f'{run_dir.CONFIG_JSON}); predict takes its preprocess and image_size '
+                      f'from there.')
+    recipe = checked_recipe(config['preprocess'])
     if len(STATISTICS[RECIPE_STATISTICS[recipe]][0]) not in (1, in_channels):
       raise UserError(f'The run in {checkpoint} normalizes with preprocess={recipe!r}, made '
                       f'for 3-channel images, but its model takes {in_channels}.')
-    return Preprocessing(recipe, config.image_size, in_channels)
+    return Preprocessing(recipe, config['image_size'], in_channels)
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '
@@ -163,8 +162,11 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m resnet_jax.predict',
       description='Print the top classes of images with a resnet_jax checkpoint.')
-  parser.add_argument('--checkpoint', required=True, type=Path,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', type=Path,
                       help='checkpoint directory (converted, or a training workdir)')
+  source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k '
+                      '(resnet_jax.list_pretrained())')
   parser.add_argument('--top-k', type=int, default=5, help='classes to print per image')
   parser.add_argument('images', nargs='+', type=Path, help='image files (JPEG, PNG, ...)')
   return parser
@@ -190,16 +192,21 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   import jax
-  from resnet_jax.load import load_model
+  from resnet_jax.pretrained import load_pretrained
+  from resnet_jax.run_dir import load_model
 
   try:
-    model, variables = load_model(args.checkpoint)
-    transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
+    if args.pretrained:
+      model, variables = load_pretrained(args.pretrained)
+      transform = Preprocessing('imagenet', CROP_SIZE, 3).transform()
+    else:
+      model, variables = load_model(args.checkpoint)
+      transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
   except ValueError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
-    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint} has no '
-                   f'classifier head (num_classes=0).\n')
+    parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint or args.pretrained} '
+                   f'has no classifier head (num_classes=0).\n')
   batch, names = _read_images(args.images, transform)
   if not batch:
     parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '

@@ -47,7 +47,8 @@ def _param_counts(params) -> Dict[str, int]:
   return counts
 
 
-def summarize(name: str, image_size: int = 224, **overrides: Any) -> Tuple[List[LayerRow], int, float]:
+def summarize(name: str, image_size: int = 224,
+              **overrides: Any) -> Tuple[List[LayerRow], int, float]:
   """Returns (rows for every module call, total parameters, GFLOPs per image).
 
   The model is walked unrolled (scan_blocks=False) so every block is seen and counted.

@@ -77,3 +77,10 @@ def test_input_pipeline_compares_with_torchvision():
     assert cpu > 0 and their_cpu > 0
     assert ours_per_core == pytest.approx(ours / os.cpu_count(), abs=1)
     assert ratio == pytest.approx(ours / theirs, abs=0.01 + 0.5 * ours / theirs ** 2)
+
+
+def test_file_check_times_the_header_check_and_a_full_decode():
+  output = run_benchmark('file_check.py', '--images', '20', '--rounds', '2')
+  for round_ in (1, 2):
+    [(checked, decoded)] = table_rows(output, f'{round_} |')
+    assert checked > 0 and decoded > 0

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from resnet_jax import convert, create_model
-from resnet_jax.load import load_variables, read_model_config
+from resnet_jax.run_dir import load_variables, read_model_config, save_converted
 
 TOL = 1e-4
 
@@ -290,7 +290,7 @@ def test_cli_refuses_existing_output_and_bad_paths(resnet18_weights, tmp_path, c
 
 def _old_checkpoint(directory):
   """A converted directory unlike what the tests convert: 7 classes, a tiny variable."""
-  convert.save_checkpoint({'params': {'w': np.ones(2, np.float32)}, 'batch_stats': {}},
+  save_converted({'params': {'w': np.ones(2, np.float32)}, 'batch_stats': {}},
                           {'name': 'resnet18', 'num_classes': 7}, directory)
 
 
@@ -469,7 +469,7 @@ def test_cli_damaged_or_hostile_files_are_one_message(resnet18_weights, tmp_path
 def test_cli_exports_a_one_channel_resnet18_that_torchvision_loads_strictly(tmp_path, capsys):
   model = create_model('resnet18', in_channels=1, num_classes=10)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-  convert.save_checkpoint(variables, {'name': 'resnet18', 'num_classes': 10, 'in_channels': 1},
+  save_converted(variables, {'name': 'resnet18', 'num_classes': 10, 'in_channels': 1},
                           tmp_path / 'ckpt')
   code, out, err = run_main(['--input', tmp_path / 'ckpt', '--output', tmp_path / 'r.pth',
                              '--verify'], capsys)
@@ -493,7 +493,7 @@ def test_cli_exports_a_one_channel_cifar_net_and_the_digits_workdir(trained_work
   model = convert.layout_overrides(spec)
   variables = jax.jit(create_model('cifar_resnet20', num_classes=10, **model).init)(
       jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-  convert.save_checkpoint(variables, spec, tmp_path / 'ckpt')
+  save_converted(variables, spec, tmp_path / 'ckpt')
   for source, name in [(tmp_path / 'ckpt', 'cifar.safetensors'),
                        (trained_workdir[0], 'workdir.safetensors')]:
     code, _, err = run_main(['--input', source, '--output', tmp_path / name], capsys)

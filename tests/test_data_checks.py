@@ -14,7 +14,8 @@ from PIL import Image
 from resnet_jax.data import create_pipeline, sources
 from resnet_jax.data.sources import FolderSource
 from resnet_jax.errors import UserError
-from resnet_jax.train import checkpoints, loop
+from resnet_jax import run_dir
+from resnet_jax.train import loop, parallel
 
 
 def _split_folder(root, per_class=4):
@@ -52,7 +53,7 @@ def test_bad_eval_file_is_refused_before_any_step(tmp_path, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError('the check should refuse the data before compiling any step')
 
-  monkeypatch.setattr(loop, 'compile_steps', no_compile)
+  monkeypatch.setattr(parallel, 'compile_steps', no_compile)
   with pytest.raises(UserError, match=r"1 file\(s\) are not readable images: "
                                       r"\['.*test/dog/2.png'\]\. Remove or re-save"):
     loop.train_and_evaluate(_folder_config(dataset), str(tmp_path / 'run'))
@@ -113,5 +114,5 @@ def test_eval_failure_after_training_keeps_that_steps_checkpoint(tmp_path):
                           checkpoint_every_steps=0)
   with pytest.raises(UserError, match=r"not readable images: \['.*test/cat/9.jpg'\]"):
     loop.train_and_evaluate(config, workdir)
-  manager = ocp.CheckpointManager(checkpoints.checkpoint_dir(workdir))
+  manager = ocp.CheckpointManager(run_dir.checkpoint_dir(workdir))
   assert manager.all_steps() == [2]

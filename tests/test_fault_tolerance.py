@@ -22,7 +22,7 @@ import pytest
 from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
 import resnet_jax
-from resnet_jax.train import loop
+from resnet_jax.train import checkpoints, loop, parallel
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
@@ -204,7 +204,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
                                                                   six_step_reference):
   """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
   over steps 3 and 4 exactly as the uninterrupted run does."""
-  compile_steps = loop.compile_steps
+  compile_steps = parallel.compile_steps
 
   def compile_interrupted_steps(*args, **kwargs):
     train_fn, eval_fn = compile_steps(*args, **kwargs)
@@ -218,7 +218,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
 
     return train_fn_interrupted_at_3, eval_fn
 
-  monkeypatch.setattr(loop, 'compile_steps', compile_interrupted_steps)
+  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
   handler = signal.getsignal(signal.SIGINT)
   with pytest.raises(Interrupted, match='SIGINT: saved step 3') as interrupted:
     train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
@@ -494,3 +494,21 @@ def test_dataset_not_available_offline_says_how_to_get_it(tmp_path, monkeypatch)
   with pytest.raises(UserError, match="'mnist' is not prepared .*tfds build mnist"):
     train_and_evaluate(tiny_digits_config(dataset='mnist', data_dir=str(tmp_path)),
                        str(tmp_path / 'run'))
+
+
+def test_checkpoint_with_the_retired_rng_key_resumes(tmp_path, trained_workdir):
+  """Checkpoints saved before the train state lost its unused 'rng' still resume exactly."""
+  reference, _ = trained_workdir  # 4 steps
+  train_and_evaluate(tiny_digits_config(num_train_steps=2), str(tmp_path / 'new'))
+  old = tmp_path / 'old'
+  os.makedirs(old)
+  for name in ('model.json', 'config.json'):
+    shutil.copy(tmp_path / 'new' / name, old / name)
+  state = read_state(tmp_path / 'new', step=2)
+  state['rng'] = np.array([0, 42], np.uint32)
+  manager = checkpoints.create_manager(str(old), keep=2)
+  checkpoints.save(manager, 2, state, {'batches_consumed': 2, 'log_window': []})
+  manager.wait_until_finished()
+  train_and_evaluate(tiny_digits_config(), str(old))
+  assert 'rng' not in read_state(old)
+  assert_same_state(old, reference)

@@ -286,6 +286,13 @@ def test_unknown_option_lists_valid_options():
     resnet_jax.create_model('resnet18', depth=18)
 
 
+@pytest.mark.parametrize('option, value', [('num_classes', -3), ('in_channels', 0),
+                                           ('num_classes', 2.5)])
+def test_impossible_head_or_channels_are_refused(option, value):
+  with pytest.raises(ValueError, match=f'{option} must be an integer'):
+    resnet_jax.create_model('resnet18', **{option: value})
+
+
 @pytest.mark.parametrize('shape, message', [
     ((32, 32, 3), 'NHWC images with 3 channels'),
     ((1, 3, 32, 32), 'x.transpose'),

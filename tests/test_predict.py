@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from resnet_jax import create_model, predict
-from resnet_jax.convert import save_checkpoint, torch_to_flax
+from resnet_jax.convert import torch_to_flax
+from resnet_jax.run_dir import save_converted
 
 LINE = re.compile(r'^  (\d+)\. (\d\.\d{6})  +(\d+)  (.+)$')
 
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory):
         module.running_mean.normal_(0.0, 0.1)
         module.running_var.uniform_(0.5, 1.5)
   directory = tmp_path_factory.mktemp('predict') / 'ckpt'
-  save_checkpoint(torch_to_flax(reference.state_dict(), 'resnet18'),
+  save_converted(torch_to_flax(reference.state_dict(), 'resnet18'),
                   {'name': 'resnet18', 'num_classes': 1000}, directory)
   return directory, reference
 
@@ -123,7 +124,7 @@ def test_predict_fails_when_no_image_can_be_read(checkpoint, image_files, capsys
 def test_predict_prints_indices_for_other_heads(image_files, tmp_path, capsys):
   model = create_model('resnet18', num_classes=12)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  save_checkpoint(variables, {'name': 'resnet18', 'num_classes': 12}, tmp_path / 'ckpt')
+  save_converted(variables, {'name': 'resnet18', 'num_classes': 12}, tmp_path / 'ckpt')
   assert predict.main(['--checkpoint', str(tmp_path / 'ckpt'), '--top-k', '3',
                        str(image_files / 'rgb.jpg')]) == 0
   rows = parse(capsys.readouterr().out)[str(image_files / 'rgb.jpg')]
@@ -173,7 +174,7 @@ def digit_files(tmp_path_factory):
 
 def test_predict_uses_a_digits_workdirs_own_channels_and_preprocessing(
     trained_workdir, digit_files, capsys):
-  from resnet_jax.load import load_model
+  from resnet_jax.run_dir import load_model
   workdir, _ = trained_workdir
   directory, pixels = digit_files
   names = list(pixels) + ['photo.jpg']
@@ -197,7 +198,7 @@ def test_predict_refuses_a_one_channel_model_without_its_preprocessing(image_fil
           'stage_sizes': (1, 1, 1), 'stage_widths': (4, 8, 16)}
   model = create_model(**spec)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-  save_checkpoint(variables, spec, tmp_path / 'ckpt')
+  save_converted(variables, spec, tmp_path / 'ckpt')
   with pytest.raises(SystemExit) as info:
     predict.main(['--checkpoint', str(tmp_path / 'ckpt'), str(image_files / 'rgb.jpg')])
   err = capsys.readouterr().err

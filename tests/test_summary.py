@@ -40,6 +40,7 @@ def test_cifar_default_size_and_flops(capsys):
     (['resnet5'], 'unknown model'),
     (['resnet18', '--image-size', '8'], 'too small'),
     (['resnet18', '--depth', '0'], '--depth 0: pass 1'),
+    (['resnet18', '--num-classes', '-3'], 'num_classes must be an integer >= 0'),
 ])
 def test_bad_arguments_exit_with_a_message(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:

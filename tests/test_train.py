@@ -18,10 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
 
 import resnet_jax
+from resnet_jax.errors import UserError
 from resnet_jax.train import optim
-from resnet_jax.train.checkpoints import restore_run
-from resnet_jax.train.loop import (DATA_AXIS, create_mesh, device_batches, merge_pretrained,
-                                   train_and_evaluate)
+from resnet_jax.run_dir import merge_pretrained, restore_run
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.parallel import DATA_AXIS, create_mesh, device_batches
 from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.state import TrainState, create_train_state
 from resnet_jax.train.step import all_finite, eval_metrics, eval_step, train_step
@@ -261,6 +262,15 @@ def test_init_from_a_trained_run(tmp_path, trained_workdir):
   train_and_evaluate(config, str(tmp_path))
   (_, start), (_, after) = restore_run(workdir), restore_run(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, start['params'], after['params'])
+
+
+def test_init_from_a_run_of_another_width_is_one_message(tmp_path, trained_workdir):
+  workdir, _ = trained_workdir
+  config = tiny_digits_config(init_from=workdir, model_overrides={
+      'stage_sizes': (1, 1, 1), 'stage_widths': (8, 8, 16)})
+  with pytest.raises(UserError,
+                     match=r'init_from: params/.* has shape \(4,\), the model expects \(8,\)'):
+    train_and_evaluate(config, str(tmp_path))
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

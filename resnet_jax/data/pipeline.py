@@ -7,9 +7,15 @@ decoding or augmentation, so skipping is cheap) and then sees exactly the batche
 uninterrupted run would have seen.
 
 Small datasets with fixed-size images (digits, CIFAR, MNIST) are held in memory as one
-tensor, and each epoch is a stateless permutation of indices into it. Larger ones
-(ImageNet, image folders) stream from files: each epoch reads the files in a seeded order
-through a seeded shuffle buffer.
+tensor on every process, and epoch e is one global stateless permutation of the whole
+split: global batch b of the epoch is positions [b*B, (b+1)*B) of it, and process p of P
+takes the p-th slice of each global batch, augmented with the seed (seed(e), position).
+So which examples a step trains on, and how they are augmented, do not depend on the
+number of processes: a run that resumes on another process count continues the epoch
+where it stopped, every example of it used exactly once. Larger datasets (ImageNet, image
+folders) stream from files: each process reads its shard of the files (index::count) in a
+seeded order through a seeded shuffle buffer; a change of process count there changes the
+shards, so the epoch it happens in is not exactly-once (the next epochs are).
 """
 
 import math
@@ -53,14 +59,18 @@ class Pipeline:
     self.recipe = normalization.checked_recipe(config.preprocess)
     self.normalization = normalization.RECIPE_STATISTICS[self.recipe]
     self.batch = host_batch_size(config.batch_size)
-    self.shard_size = self.source.num_examples(config.train_split) // jax.process_count()
-    if self.shard_size < self.batch:
-      raise UserError(f'batch_size={config.batch_size} is larger than the training split '
-                       f'{config.train_split!r} ({self.shard_size} examples per process).')
-    self.steps_per_epoch = self.shard_size // self.batch
+    self.num_examples = self.source.num_examples(config.train_split)
     shape = self.source.image_shape
     self.in_memory = None not in shape and (
-        self.shard_size * int(np.prod(shape)) <= IN_MEMORY_LIMIT_BYTES)
+        self.num_examples * int(np.prod(shape)) <= IN_MEMORY_LIMIT_BYTES)
+    # In memory, every process holds the whole split; streamed, its shard of the files.
+    self.shard_size = (self.num_examples if self.in_memory else
+                       self.num_examples // jax.process_count())
+    per_step = config.batch_size if self.in_memory else self.batch
+    if self.shard_size < per_step:
+      raise UserError(f'batch_size={config.batch_size} is larger than the training split '
+                       f'{config.train_split!r} ({self.shard_size} examples per process).')
+    self.steps_per_epoch = self.shard_size // per_step
 
   def check_files(self, splits):
     """Refuses unreadable or oversized image files of `splits` before any step reads them
@@ -99,17 +109,21 @@ class Pipeline:
     return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   def _in_memory_stream(self, start_step: int) -> tf.data.Dataset:
-    ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
-                          drop_remainder=True)
+    ds = self.source.read(self.config.train_split, 0, 1, drop_remainder=True)
     data = next(ds.batch(self.shard_size).as_numpy_iterator())
     images, labels = tf.constant(data['image']), tf.constant(data['label'])
-    per_epoch, seed = self.steps_per_epoch * self.batch, self.config.seed
+    steps, seed = self.steps_per_epoch, self.config.seed
+    # This process's slice of every global batch, as positions in the epoch.
+    first = jax.process_index() * self.batch
+    positions = (np.arange(steps * self.config.batch_size).reshape(steps, -1)
+                 [:, first:first + self.batch].reshape(-1))
+    positions = tf.constant(positions, tf.int64)
 
     def epoch_order(epoch):
       order = tf.random.experimental.stateless_shuffle(
           tf.range(self.shard_size, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), epoch]))
       return tf.data.Dataset.from_tensor_slices(
-          (tf.fill([per_epoch], epoch), tf.range(per_epoch, dtype=tf.int64), order[:per_epoch]))
+          (tf.fill(tf.shape(positions), epoch), positions, tf.gather(order, positions)))
 
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     ds = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_order).skip(skip * self.batch)

@@ -50,52 +50,69 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
-
-    if self.use_running_average:
-      return self._normalize(x, running_mean.value, running_var.value, scale, bias)
-
-    groups = self._split_groups(x)
-    mean, var = _group_statistics(groups, self._cross_device_mean)
-    if self.fused_gradient and self.axis_name is None:  # XLA computes the statistics once
-      y = normalize_with_batch_statistics(groups, scale, bias, self.epsilon, self.dtype)
-    else:
-      y = self._normalize(groups, mean, var, scale, bias)
-    if not self.is_initializing():
-      # Running statistics take no gradient; one (mean, var) per group.
-      mean, var = jax.lax.stop_gradient((mean.reshape(-1, channels), var.reshape(-1, channels)))
-      count = groups[0].size // channels
-      if self.axis_name is not None:
-        count *= jax.lax.psum(1, self.axis_name)
-      batch_var = var * (count / max(count - 1, 1)) if self.unbiased_running_var else var
-      m = self.momentum
-      running_mean.value = m * running_mean.value + (1 - m) * mean.mean(0)
-      running_var.value = m * running_var.value + (1 - m) * batch_var.mean(0)
-    return y.reshape(x.shape)
-
-  def _split_groups(self, x):
-    """(N, H, W, C) -> (N // group_size, group_size, H, W, C)."""
-    size = self.group_size or x.shape[0]
-    if x.shape[0] % size:
-      raise ValueError(f'BatchNorm group_size={size} does not divide the batch of '
-                       f'{x.shape[0]}; pick a group size that divides the per-step batch.')
-    return x.reshape((x.shape[0] // size, size) + x.shape[1:])
-
-  def _cross_device_mean(self, value):
-    return value if self.axis_name is None else jax.lax.pmean(value, self.axis_name)
-
-  def _normalize(self, x, mean, var, scale, bias):
-    return _scale_and_shift(x, mean, jax.lax.rsqrt(var + self.epsilon), scale, bias,
-                            self.dtype)
+    y, (mean, var) = batch_norm(
+        x, scale, bias, running_mean.value, running_var.value,
+        train=not self.use_running_average, momentum=self.momentum, epsilon=self.epsilon,
+        unbiased_running_var=self.unbiased_running_var, group_size=self.group_size,
+        axis_name=self.axis_name, dtype=self.dtype, fused_gradient=self.fused_gradient)
+    if not self.use_running_average and not self.is_initializing():
+      running_mean.value, running_var.value = mean, var
+    return y
 
 
-def _scale_and_shift(x, mean, inv_std, scale, bias, dtype):
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, running_mean: jax.Array,
+               running_var: jax.Array, *, train: bool, momentum: float = 0.9,
+               epsilon: float = 1e-5, unbiased_running_var: bool = True,
+               group_size: Optional[int] = None, axis_name: Optional[str] = None,
+               dtype: Dtype = jnp.float32, fused_gradient: bool = True):
+  """`BatchNorm` as a pure function: (y, (new running mean, new running var)).
+
+  The one implementation behind the linen `BatchNorm` and the NNX one
+  (`resnet_jax.nnx`); arguments as that module's attributes. In eval mode
+  (`train=False`) the running statistics come back unchanged.
+  """
+  if not train:
+    y = scale_and_shift(x, running_mean, jax.lax.rsqrt(running_var + epsilon), scale, bias,
+                        dtype)
+    return y, (running_mean, running_var)
+  channels = x.shape[-1]
+  groups = _split_groups(x, group_size)
+  cross_device_mean = ((lambda value: value) if axis_name is None else
+                       functools.partial(jax.lax.pmean, axis_name=axis_name))
+  mean, var = group_statistics(groups, cross_device_mean)
+  if fused_gradient and axis_name is None:  # XLA computes the statistics once
+    y = normalize_with_batch_statistics(groups, scale, bias, epsilon, dtype)
+  else:
+    y = scale_and_shift(groups, mean, jax.lax.rsqrt(var + epsilon), scale, bias, dtype)
+  # Running statistics take no gradient; one (mean, var) per group.
+  mean, var = jax.lax.stop_gradient((mean.reshape(-1, channels), var.reshape(-1, channels)))
+  count = groups[0].size // channels
+  if axis_name is not None:
+    count *= jax.lax.psum(1, axis_name)
+  batch_var = var * (count / max(count - 1, 1)) if unbiased_running_var else var
+  m = momentum
+  new_mean = m * running_mean + (1 - m) * mean.mean(0)
+  new_var = m * running_var + (1 - m) * batch_var.mean(0)
+  return y.reshape(x.shape), (new_mean, new_var)
+
+
+def _split_groups(x, group_size):
+  """(N, H, W, C) -> (N // group_size, group_size, H, W, C)."""
+  size = group_size or x.shape[0]
+  if x.shape[0] % size:
+    raise ValueError(f'BatchNorm group_size={size} does not divide the batch of '
+                     f'{x.shape[0]}; pick a group size that divides the per-step batch.')
+  return x.reshape((x.shape[0] // size, size) + x.shape[1:])
+
+
+def scale_and_shift(x, mean, inv_std, scale, bias, dtype):
   """(x - mean) * inv_std * scale + bias as one multiply-add per element, in `dtype`."""
   multiplier = scale.astype(jnp.float32) * inv_std
   offset = bias.astype(jnp.float32) - mean * multiplier
   return x.astype(dtype) * multiplier.astype(dtype) + offset.astype(dtype)
 
 
-def _group_statistics(x, cross_device_mean=lambda value: value):
+def group_statistics(x, cross_device_mean=lambda value: value):
   """Float32 mean and biased variance of (G, S, H, W, C) groups, shaped (G, 1, 1, 1, C)."""
   x = x.astype(jnp.float32)
   axes = tuple(range(1, x.ndim - 1))
@@ -116,9 +133,9 @@ def normalize_with_batch_statistics(x: jax.Array, scale: jax.Array, bias: jax.Ar
 
 
 def _normalize_forward(x, scale, bias, epsilon, dtype):
-  mean, var = _group_statistics(x)
+  mean, var = group_statistics(x)
   inv_std = jax.lax.rsqrt(var + epsilon)
-  y = _scale_and_shift(x, mean, inv_std, scale, bias, dtype)
+  y = scale_and_shift(x, mean, inv_std, scale, bias, dtype)
   return y, (x, mean, inv_std, scale, bias)
 
 

@@ -125,13 +125,13 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-    self._check_input(x)
+    self.check_input(x)
     conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = batch_norm_partial(
         train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         unbiased_running_var=self.bn_unbiased_running_var, group_size=self.bn_group_size,
         axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
-        fused_gradient=self._bn_fused_gradient)
+        fused_gradient=self.fuses_bn_gradient)
     features = {}
     x = features['stem'] = self._stem(x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
@@ -145,7 +145,7 @@ class ResNet(nn.Module):
     if self.num_classes:
       x = features['logits'] = nn.Dense(
           self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=_torch_linear_init, bias_init=nn.initializers.zeros,
+          kernel_init=torch_linear_init, bias_init=nn.initializers.zeros,
           name='fc')(x).astype(jnp.float32)
     return features if return_features else x
 
@@ -160,10 +160,11 @@ class ResNet(nn.Module):
     return max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
 
   @property
-  def _bn_fused_gradient(self) -> bool:
+  def fuses_bn_gradient(self) -> bool:
     return not self.remat if self.bn_fused_gradient is None else self.bn_fused_gradient
 
-  def _check_input(self, x):
+  def check_input(self, x):
+    """Raises a ValueError unless x is a batch of images this model can take."""
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f'ResNet expects NHWC images with {self.in_channels} channels, '
                        f'shape (batch, height, width, {self.in_channels}); got shape '
@@ -177,7 +178,7 @@ class ResNet(nn.Module):
                        f'got stem={self.stem!r}, shortcut={self.shortcut!r}.')
 
 
-def _torch_linear_init(key, shape, dtype=jnp.float32):
+def torch_linear_init(key, shape, dtype=jnp.float32):
   """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / shape[0] ** 0.5
   return jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -1,4 +1,5 @@
-"""The model zoo: one table from name to the `ResNet` fields that define it."""
+"""The model zoo: one table from name to the `ResNet` fields that define it, and the
+PyTorch library each one mirrors."""
 
 import dataclasses
 import difflib
@@ -36,6 +37,16 @@ MODELS: Dict[str, Dict[str, Any]] = {
     **{f'cifar_plain{d}': _cifar(d, shortcut='none') for d in (20, 32, 44, 56, 110)},
 }
 
+# The library whose model of the same name each entry mirrors, key for key and to float
+# tolerance (`resnet_jax.convert` converts their weights both ways).
+PYTORCH_REFERENCE: Dict[str, str] = {
+    **{name: 'torchvision' for name in (
+        'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
+        'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')},
+    'resnet50d': 'timm',
+    'resnet200': 'timm',
+}
+
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNet)
                       if f.name not in ('parent', 'name'))
 
@@ -60,4 +71,9 @@ def create_model(name: str, **overrides: Any) -> ResNet:
   if unknown:
     raise ValueError(f'Unknown option(s) {unknown} for create_model({name!r}); '
                      f'valid options: {", ".join(MODEL_OPTIONS)}.')
+  for option, least in (('num_classes', 0), ('in_channels', 1)):
+    if option in overrides and not (isinstance(overrides[option], int)
+                                    and overrides[option] >= least):
+      raise ValueError(f'create_model({name!r}, {option}={overrides[option]!r}): '
+                       f'{option} must be an integer >= {least}.')
   return ResNet(**{**MODELS[name], **overrides})

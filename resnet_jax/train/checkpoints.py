@@ -1,7 +1,8 @@
 """Orbax checkpoints of WORKDIR/checkpoints: the train state plus the data position.
 
 Each step directory holds the item 'state' (StandardSave of a dict with 'params',
-'batch_stats', 'opt_state', 'step', 'rng') and the item 'data' (JsonSave of
+'batch_stats', 'opt_state' and 'step'; before 2026-12 also an unused 'rng', which restoring
+reads around) and the item 'data' (JsonSave of
 {'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>}).
 Restoring onto a target with new shardings places the arrays on however many devices the
 restoring run has.
@@ -12,35 +13,29 @@ a step whose saved tree differs from the run's (another optimizer, another model
 UserError that names the difference.
 """
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
-from resnet_jax.load import model_from_config
-from resnet_jax.train.state import initial_variables
+from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
+                                checkpoint_dir, first_line, saved_state_tree, step_vanished,
+                                tree_differences, unreadable_dir)
 
 BEST_METRIC = 'eval_top1'
-STATE, DATA = 'state', 'data'
 DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
 _UNKNOWN = object()  # a step whose score cannot be read: it is never deleted
-# How often a reader lists the steps again when the ones it listed vanish under it (a
-# running train.py rotates old steps away).
-READ_ATTEMPTS = 8
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+# Keys of the 'state' item that older versions saved and this one no longer has: restoring
+# reads around them (the train state's unused 'rng', until 2026-12).
+RETIRED_KEYS = ('rng',)
 
 
 class LatestAndBest(policies.PreservationPolicy):
@@ -71,7 +66,7 @@ class LatestAndBest(policies.PreservationPolicy):
     if info.metrics is not None and BEST_METRIC in info.metrics:
       return info.metrics[BEST_METRIC]  # saved by this process
     try:
-      with open(os.path.join(self.directory, str(info.step), DATA, DATA_FILE)) as f:
+      with open(os.path.join(self.directory, str(info.step), DATA_ITEM, DATA_FILE)) as f:
         return json.load(f).get(BEST_METRIC, _UNKNOWN)
     except (OSError, ValueError, AttributeError):
       return _UNKNOWN
@@ -84,7 +79,7 @@ def create_manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=None if read_only else LatestAndBest(directory, keep),
       create=not read_only, enable_async_checkpointing=not read_only)
-  handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
+  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -93,8 +88,8 @@ def save(manager: ocp.CheckpointManager, step: int, state_tree: Any, data_positi
   """Starts an asynchronous save; `eval_top1` (when this step was evaluated) ranks it."""
   score = None if eval_top1 is None else float(eval_top1)
   return manager.save(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state_tree),
-      DATA: ocp.args.JsonSave({**data_position, BEST_METRIC: score})}),
+      STATE_ITEM: ocp.args.StandardSave(state_tree),
+      DATA_ITEM: ocp.args.JsonSave({**data_position, BEST_METRIC: score})}),
       metrics={BEST_METRIC: score}, force=force)
 
 
@@ -104,54 +99,12 @@ def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int
   `target_tree` may hold arrays or `jax.ShapeDtypeStruct`s with shardings.
   """
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}))
-  return restored[STATE], restored[DATA]
+  return read_step(manager.directory, step, target_tree,
+                   partial=bool(_retired_keys(saved_state_tree(manager, step), target_tree)))
 
 
-def unreadable_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints_unreadable')
-
-
-# --- comparing a saved tree with the run's ---------------------------------------------
-
-def _key_name(key) -> str:
-  for attribute in ('key', 'idx', 'name'):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
-def _leaves(tree) -> dict:
-  """{'opt_state/1/0/trace/fc/kernel': (shape, dtype)}: orbax saves named tuples as dicts
-  and tuples as lists, so paths are compared by their key names and indices."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(map(_key_name, path)): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-          for path, leaf in flat}
-
-
-def tree_differences(saved, target, limit: int = 6) -> List[str]:
-  """Readable differences between a checkpoint's tree metadata and a target tree."""
-  saved, target = _leaves(saved), _leaves(target)
-  out = [f'{p} is in the checkpoint only' for p in sorted(set(saved) - set(target))]
-  out += [f'{p} is new in this run' for p in sorted(set(target) - set(saved))]
-  out += [f'{p} is {saved[p][1]}{list(saved[p][0])} in the checkpoint, '
-          f'{target[p][1]}{list(target[p][0])} now'
-          for p in sorted(set(saved) & set(target)) if saved[p] != target[p]]
-  return out[:limit] + ([f'... {len(out) - limit} more'] if len(out) > limit else [])
-
-
-def changed_settings(workdir: str, config) -> List[str]:
-  """'key: saved -> now' for each config key that differs from WORKDIR/config.json."""
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
-    now = json.loads(config.to_json_best_effort())
-  except (OSError, ValueError, AttributeError):
-    return []
-  return [f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(saved) | set(now))
-          if saved.get(k) != now.get(k)]
+def _retired_keys(saved_tree, target_tree) -> List[str]:
+  return [k for k in RETIRED_KEYS if k in saved_tree and k not in target_tree]
 
 
 def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> UserError:
@@ -162,53 +115,43 @@ def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> 
       f'Checkpoint {step} in {checkpoint_dir(workdir)} does not fit this run (it reads '
       f'fine; nothing was moved): {why}{"; ".join(differences)}. Pass a new --workdir to '
       f'train with these settings, or resume with the settings the checkpoints were made '
-      f'with (see {os.path.join(workdir, "config.json")}).')
-
-
-def _saved_tree(manager: ocp.CheckpointManager, step: int):
-  metadata = manager.item_metadata(step)[STATE]
-  tree = getattr(metadata, 'tree', metadata)
-  if tree is None:
-    raise ValueError(f'no metadata for the {STATE!r} item')
-  return tree
-
-
-def _vanished(manager: ocp.CheckpointManager, step: int) -> bool:
-  return not os.path.isdir(os.path.join(manager.directory, str(step)))
-
-
-def _first_line(e: Exception) -> str:
-  return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:300]}'
+      f'with (see {os.path.join(workdir, CONFIG_JSON)}).')
 
 
 # --- the trainer's restore --------------------------------------------------------------
 
 def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdir: str,
                         log=print, config=None):
-  """(state tree, data position) of the newest checkpoint that reads back, or None when
-  the workdir has none.
+  """(state tree, data position) of the newest checkpoint that reads back on every
+  process, or None when the workdir has none.
 
   Only a checkpoint that cannot be read (truncated or corrupt files, an interrupted save)
   is reported and moved to WORKDIR/checkpoints_unreadable/, never deleted, and the one
   before is tried. One whose saved tree does not fit `target_tree` (e.g. another momentum
   setting changes the optimizer state) is a UserError naming the changed `config` keys.
   When no checkpoint reads but some were set aside, it refuses rather than start over.
+
+  With several processes there is one decision: the steps tried are process 0's list,
+  and a step is used only if every process read it (an all-gather of each process's
+  verdict); otherwise every process falls back to the same older step.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      differences = tree_differences(_saved_tree(manager, step), target_tree)
-      if differences:
-        raise _mismatch_error(workdir, step, differences, config)
-      return restore(manager, target_tree, step)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
-      if _vanished(manager, step):  # not ours to judge (another process removed it)
-        raise
-      moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
-      log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable '
-          f'({_first_line(e)}); moving it to {moved} and falling back to the previous one.')
-      _move_aside(manager, step, moved)
+  for step in _steps_of_process_0(manager):
+    tree, error = _read_here(manager, step, target_tree, workdir, config)
+    if error is not None and step_vanished(manager, step):  # not ours to judge
+      raise error  # (checked before any process could move it aside)
+    if error is not None and jax.process_count() > 1:  # only process 0 logs
+      print(f'Process {jax.process_index()} cannot read checkpoint {step}: '
+            f'{first_line(error)}', flush=True)
+    failed = _processes_that_failed(error is not None)
+    if not failed:
+      return tree
+    moved = os.path.join(unreadable_dir(workdir), f'{step}.{int(time.time())}')
+    where = ('' if jax.process_count() == 1 else
+             f' on process(es) {failed} of {jax.process_count()}')
+    why = f' ({first_line(error)})' if error is not None else ''
+    log(f'WARNING: checkpoint {step} in {checkpoint_dir(workdir)} is unreadable{where}'
+        f'{why}; moving it to {moved} and falling back to the previous one.')
+    _move_aside(manager, step, moved)
   aside = unreadable_dir(workdir)
   if os.path.isdir(aside) and os.listdir(aside):
     raise UserError(
@@ -216,6 +159,62 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
         f'{aside}: {", ".join(sorted(os.listdir(aside)))}. Nothing was deleted. To train '
         f'this workdir from step 0, move or remove {aside}; or pass a new --workdir.')
   return None
+
+
+def _steps_of_process_0(manager: ocp.CheckpointManager) -> List[int]:
+  """The saved steps, newest first, as process 0 lists them (one list for all)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+  padded = np.zeros(count, np.int64)
+  padded[:min(count, len(steps))] = steps[:count]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _read_here(manager, step, target_tree, workdir, config):
+  """(the step's (state tree, data position), None) or (None, the read error) on this
+  process; a step that does not fit the run raises UserError."""
+  try:
+    saved = saved_state_tree(manager, step)
+  except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
+    return None, e
+  retired = _retired_keys(saved, target_tree)
+  differences = tree_differences({k: v for k, v in saved.items() if k not in retired},
+                                 target_tree)
+  if differences:
+    raise _mismatch_error(workdir, step, differences, config)
+  try:
+    return read_step(manager.directory, step, target_tree, partial=bool(retired)), None
+  except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
+    return None, e
+
+
+def read_step(directory, step: int, target_tree: Any, partial: bool = False):
+  """(state tree, data position) of `step`, read by this process alone: no barrier with
+  the others (CheckpointManager.restore has one), so a process that fails to read does
+  not leave the others waiting. `partial` reads around saved keys that `target_tree` lacks
+  (`RETIRED_KEYS`; orbax's standard restore insists on the whole saved tree)."""
+  path = epath.Path(directory) / str(step)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
+  if partial:
+    state = ocp.PyTreeCheckpointHandler().restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  else:
+    state = ocp.StandardCheckpointHandler().restore(
+        path / STATE_ITEM, args=ocp.args.StandardRestore(abstract))
+  data = ocp.JsonCheckpointHandler().restore(path / DATA_ITEM, args=ocp.args.JsonRestore())
+  return state, data
+
+
+def _processes_that_failed(failed_here: bool) -> List[int]:
+  if jax.process_count() == 1:
+    return [0] if failed_here else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array(failed_here))
+  return [i for i, failed in enumerate(np.asarray(flags).reshape(-1)) if failed]
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, destination: str):
@@ -226,123 +225,3 @@ def _move_aside(manager: ocp.CheckpointManager, step: int, destination: str):
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'move_aside_{step}')
   manager.reload()
-
-
-# --- readers: evaluate, predict, convert, load_variables --------------------------------
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """Silences orbax's warning for every item we deliberately leave unread ('data')."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-def _warn(message: str):
-  print(message, flush=True)
-
-
-def _read_variables(manager: ocp.CheckpointManager, step: int, target: Any) -> dict:
-  saved = _saved_tree(manager, step)
-  missing = [c for c in ('params', 'batch_stats') if c not in saved]
-  if missing:
-    raise UserError(f'The {STATE!r} item of step {step} in {manager.directory} has no '
-                    f'{" or ".join(missing)}; it holds {sorted(saved)}.')
-  saved = {c: saved[c] for c in ('params', 'batch_stats')}
-  if target is None:
-    # An explicit single-device target: without one orbax would rebuild the saving run's
-    # shardings, which fails ('Topology mismatch') when it had more devices than this one.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          saved)
-  else:
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    differences = tree_differences(saved, target)
-    if differences:
-      raise UserError(f'Checkpoint {step} in {manager.directory} does not fit the model of '
-                      f'model.json: {"; ".join(differences)}.')
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)}))
-  return restored[STATE]
-
-
-class _ListAgain(Exception):
-  """A step vanished while it was read: the writer rotated it away."""
-
-
-class _NothingReadable(Exception):
-  """Every listed step failed to read and the listing did not change."""
-
-
-def _read_newest_readable(directory: str, target: Any, step: Optional[int], failures: dict,
-                          log: Callable[[str], None]) -> dict:
-  """One pass of `restore_variables` over the steps orbax lists now."""
-  handlers = {STATE: ocp.PyTreeCheckpointHandler()}
-  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-  with _quiet_absl(), ocp.CheckpointManager(directory, options=options,
-                                            item_handlers=handlers) as manager:
-    listed = sorted(manager.all_steps(), reverse=True)
-    if step is not None and step not in listed:
-      raise UserError(f'{directory} has no step {step}; it has {sorted(listed)}.')
-    for candidate in [step] if step is not None else listed:
-      try:
-        return _read_variables(manager, candidate, target)
-      except UserError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  (fall back, never move)
-        failures[candidate] = _first_line(e)
-        if _vanished(manager, candidate):
-          raise _ListAgain() from None
-        log(f'WARNING: checkpoint {candidate} in {directory} is unreadable '
-            f'({failures[candidate]}); reading the one before.')
-  raise _NothingReadable()
-
-
-def restore_variables(workdir: str, target: Any = None, step: Optional[int] = None,
-                      log: Callable[[str], None] = _warn) -> dict:
-  """{'params', 'batch_stats'} of a training run's newest complete checkpoint that reads
-  (or of `step`), laid out like `target` (arrays or ShapeDtypeStructs with shardings;
-  default: as saved, on one device). The optimizer state is not read.
-
-  The one reader of workdir checkpoints, safe while a train.py writes the workdir: orbax
-  lists only committed steps; a step that vanishes while read (rotated away by the writer)
-  makes it list again; an unreadable one is reported and the one before is read. It never
-  creates, moves or deletes anything.
-  """
-  directory = checkpoint_dir(workdir)
-  failures = {}
-  for _ in range(READ_ATTEMPTS):
-    try:
-      return _read_newest_readable(directory, target, step, failures, log)
-    except (FileNotFoundError, _ListAgain):  # the writer rotated a step away: list again
-      continue
-    except _NothingReadable:
-      break
-  if not failures:
-    raise UserError(f'{directory} holds no saved step; train first or pass another '
-                    f'workdir.')
-  raise UserError(f'No readable checkpoint in {directory}: '
-                  + '; '.join(f'step {s}: {why}' for s, why in sorted(failures.items())))
-
-
-def restore_run(workdir: str, step: Optional[int] = None, sharding=None):
-  """(model, {'params', 'batch_stats'}) of a training run, on any number of devices.
-
-  The model is rebuilt from WORKDIR/model.json; the variables (in the model's own layout,
-  scanned if it scans) are placed with `sharding`, by default replicated on all devices.
-  """
-  with open(os.path.join(workdir, 'model.json')) as f:
-    model = model_from_config(json.load(f))
-  if sharding is None:
-    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
-  size = model.total_stride
-  target = jax.eval_shape(lambda: initial_variables(model, jax.random.PRNGKey(0),
-                                                    (1, size, size, model.in_channels)))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        target)
-  return model, restore_variables(workdir, target, step)

@@ -70,7 +70,7 @@ KEYS: Dict[str, Callable] = {
     # Run.
     'seed': _non_negative, 'log_every_steps': _any, 'eval_every_steps': _any,
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
-    'skip_nonfinite_steps': _any,
+    'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
 }
 
 

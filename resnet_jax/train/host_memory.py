@@ -2,8 +2,7 @@
 
 XLA:CPU allocates each step's buffers with malloc. glibc serves blocks this large with
 fresh mmap()s (and returns freed ones to the OS), so every step pays a page fault per
-4 KiB of activations: large elementwise ops ran at 3-5 GB/s instead of 20-40 GB/s on the
-2-core CI machine, and the cifar_resnet20 train step ran about 25% slower.
+4 KiB of activations; benchmarks/RESULTS.md records what that cost on the CI machine.
 """
 
 import ctypes

@@ -1,252 +1,31 @@
-"""The training loop: build everything from a config, train, evaluate, checkpoint, log.
+"""The training loop: set up a run from a config, restore it, train, evaluate, checkpoint."""
 
-The step is compiled once over a Mesh of all devices with the batch sharded along 'data'
-and the state replicated, so the same code runs on one CPU, N devices and multi-host pods.
-"""
-
-import collections
 import contextlib
-import functools
-import json
 import os
-import signal
-import tempfile
-from typing import Callable, Iterator, Optional
+from typing import NamedTuple, Optional
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
+from resnet_jax import run_dir
 from resnet_jax.data import create_pipeline
-from resnet_jax.load import model_from_config
-from resnet_jax.errors import Interrupted, NonFiniteLossError, UserError
-from resnet_jax.train import checkpoints, config_schema, optim, workdir_lock
-from resnet_jax.train.metrics import MetricWriter, Progress, log, progress_bar
-from resnet_jax.train.state import TrainState, create_train_state, model_spec
-from resnet_jax.train.step import eval_step, train_step
-
-DATA_AXIS = 'data'
-
-
-def create_mesh() -> Mesh:
-  """A 1-D mesh of every device of every process, along the data axis."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+from resnet_jax.errors import Interrupted
+from resnet_jax.train import checkpoints, config_schema, divergence, parallel, workdir_lock
+from resnet_jax.train.build import RunParts, build_run, initialize_from
+from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.metrics import (MetricWindow, MetricWriter, Progress, log, log_eval,
+                                      log_train, progress_bar)
+from resnet_jax.train.preemption import StopRequest
+from resnet_jax.train.state import TrainState
+from resnet_jax.train.watchdog import StepWatchdog
 
 
-def global_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """This process's numpy batch -> global arrays sharded along the data axis."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def device_batches(batches: Iterator[dict], sharding: NamedSharding,
-                   ahead: int = 2) -> Iterator[dict]:
-  """`global_batch` of each host batch, copied to the devices `ahead` batches before the
-  step that takes it, so the copies overlap with the steps still running."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(global_batch(batch, sharding))
-    if len(queue) > ahead:
-      yield queue.popleft()
-  yield from queue
-
-
-def compile_steps(mesh: Mesh, normalization: Optional[str] = None,
-                  skip_nonfinite: bool = False):
-  """(train_step, eval_step) jitted over `mesh`; train_step donates the old state.
-
-  Both normalize uint8 pixels with the `normalization` statistics (None: images go to the
-  model as they are).
-  """
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  step = functools.partial(train_step, normalization=normalization,
-                           skip_nonfinite=skip_nonfinite)
-  train = jax.jit(step, in_shardings=(replicated, sharded),
-                  out_shardings=(replicated, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, normalization=normalization),
-                     in_shardings=(replicated, sharded), out_shardings=replicated)
-  return train, evaluate
-
-
-def evaluate_split(eval_fn: Callable, state: TrainState, pipeline, split: str,
-                   batch_size: int, sharding: NamedSharding) -> dict:
-  """Loss, top-1 and top-5 over every example of `split` (padding masked out)."""
-  num_batches, batches = pipeline.eval_batches(split, batch_size)
-  totals = None
-  with progress_bar(num_batches, desc=f'eval {split}', unit='batch') as bar:
-    for batch in device_batches(batches(), sharding):
-      sums = eval_fn(state, batch)
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-      bar.update()
-  totals = jax.device_get(totals)
-  count = float(totals['count'])
-  return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
-          'top5': float(totals['top5']) / count, 'count': count}
-
-
-# Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
-# whose checkpoints were made with other values is refused rather than mixed.
-RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
-
-
-def check_workdir_matches(workdir: str, config, spec: dict):
-  """Refuses to resume a workdir holding checkpoints of another model or run."""
-  def read(name):
-    try:
-      with open(os.path.join(workdir, name)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
-  saved_spec, saved_config = read('model.json'), read('config.json')
-  fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
-         f'{workdir}.')
-  if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
-    raise UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
-                           f'there, {spec} now. {fix}')
-  for key in RUN_DEFINING_KEYS if saved_config else ():
-    saved, now = saved_config.get(key), config[key]
-    if saved is not None and json.loads(json.dumps(now)) != saved:
-      raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
-                             f'this config has {key}={now!r}. {fix}')
-
-
-def create_model_checked(spec: dict, image_size: int):
-  """The model of `spec`, or a UserError naming the valid choices."""
-  try:
-    model = model_from_config(spec)
-  except (ValueError, TypeError) as e:
-    raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
-  if image_size < model.total_stride:
-    raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
-                           f'which downsamples by {model.total_stride}: use image_size >= '
-                           f'{model.total_stride}.')
-  return model
-
-
-def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
-  """Loaded {'params', 'batch_stats'} over fresh ones; a head of another shape stays fresh."""
-  from resnet_jax.models import scan_variables  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  loaded = scan_variables(loaded) if scan else loaded
-  merged = {}
-  for collection, fresh in state_variables.items():
-    fresh_flat = traverse_util.flatten_dict(fresh, sep='/')
-    loaded_flat = traverse_util.flatten_dict(loaded.get(collection, {}), sep='/')
-    missing = sorted(set(fresh_flat) - set(loaded_flat))
-    extra = sorted(set(loaded_flat) - set(fresh_flat))
-    missing_body = [k for k in missing if not k.startswith('fc/')]
-    if missing_body or [k for k in extra if not k.startswith('fc/')]:
-      raise UserError(f'init_from checkpoint does not fit the model ({collection}): missing '
-                       f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
-    out = {}
-    for key, value in fresh_flat.items():
-      old = loaded_flat.get(key)
-      keep_fresh = old is None or (key.startswith('fc/') and np.shape(old) != value.shape)
-      if not keep_fresh and np.shape(old) != value.shape:
-        raise UserError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
-                         f'expects {value.shape}.')
-      out[key] = value if keep_fresh else np.asarray(old, value.dtype)
-    merged[collection] = traverse_util.unflatten_dict(out, sep='/')
-  return merged
-
-
-def check_writable(workdir: str):
-  """Creates `workdir` if needed and proves it takes files, or one UserError saying why not
-  (a read-only or missing mount, a file in the way), before any work that would be lost."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test.'):
-      pass
-  except OSError as e:
-    raise UserError(f'Cannot write to workdir {workdir!r} ({type(e).__name__}: '
-                    f'{e.strerror or e}); pass a writable --workdir.') from None
-
-
-def _write_run_files(workdir: str, config, spec: dict):
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'model.json'), 'w') as f:
-    json.dump(spec, f, indent=2)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-class _StopRequest:
-  """Turns SIGTERM and Ctrl-C (SIGINT) into a request to save and exit after this step.
-
-  With several processes the request is shared at log steps only (an all-gather of a
-  flag), so every process saves the same step and none waits forever on the others.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-    for signum in self.SIGNALS:
-      try:
-        self._previous[signum] = signal.signal(signum, self._handle)
-      except ValueError:  # not the main thread
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-    self.signal = signal.Signals(signum).name  # no printing here: it may interrupt a print
-
-  def requested(self, sync: bool) -> bool:
-    if jax.process_count() == 1:
-      return self.signal is not None
-    if not sync:
-      return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.array(self.signal is not None))
-    return bool(np.any(flags))
-
-  def restore_handlers(self):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-
-class _Window:
-  """Host copies of the per-step metrics since the last log line.
-
-  Metrics stay on the device until a log or a save reads them, so the host never waits on
-  a step it has just dispatched. Every row is checked for a non-finite loss when read,
-  and a save reads them all first: no checkpoint is written after a non-finite step.
-  The rows go into the checkpoint, so a resumed run logs the same averages.
-  """
-
-  def __init__(self, skip_nonfinite: bool, rows=()):
-    self.skip_nonfinite = skip_nonfinite
-    self.rows = [tuple(r) for r in rows]  # (step, loss, accuracy, finite)
-    self._pending = []
-
-  def add(self, step: int, metrics: dict):
-    self._pending.append((step, metrics))
-
-  def read(self):
-    """Fetches the pending metrics; raises at the first non-finite step unless skipping."""
-    host = jax.device_get([m for _, m in self._pending])
-    for (step, _), m in zip(self._pending, host):
-      finite = bool(m['finite'])
-      if not finite and not self.skip_nonfinite:
-        raise NonFiniteLossError(
-            f'Non-finite loss ({float(m["loss"])}) or gradients at step {step}; stopping '
-            f'before any checkpoint holds them (the last one is from an earlier step). Lower '
-            f'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True '
-            f'to skip such steps.')
-      if not finite:
-        log(f'WARNING: step {step} had a non-finite loss or gradients; skipped it.')
-      self.rows.append((step, float(m['loss']), float(m['accuracy']), finite))
-    self._pending = []
-
-  def means(self):
-    finite = [r for r in self.rows if r[3]] or self.rows
-    loss = float(np.mean(np.asarray([r[1] for r in finite], np.float64)))
-    accuracy = float(np.mean(np.asarray([r[2] for r in finite], np.float64)))
-    return loss, accuracy, len(self.rows) - sum(r[3] for r in self.rows)
+class _Run(NamedTuple):
+  mesh: Mesh
+  pipeline: object
+  parts: RunParts
+  manager: ocp.CheckpointManager
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -259,100 +38,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
   with contextlib.ExitStack() as held:  # the workdir lock, once taken
-    return _train_and_evaluate(config, workdir, held)
-
-
-def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dict:
-  mesh = create_mesh()
-  config_schema.check_config(config, jax.device_count())
-  if jax.process_index() == 0:
-    check_writable(workdir)
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  pipeline = create_pipeline(config)
-  pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
-  spec = model_spec(config, pipeline.num_classes, pipeline.channels)
-  model = create_model_checked(spec, config.image_size)
-  held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
-  if manager.all_steps():
-    check_workdir_matches(workdir, config, spec)
-
-  steps_per_epoch = pipeline.steps_per_epoch
-  total_steps = optim.num_train_steps(config, steps_per_epoch)
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, learning_rate_fn)
-  input_shape = (1, config.image_size, config.image_size, pipeline.channels)
-  init = functools.partial(create_train_state, model, tx, input_shape=input_shape,
-                           label_smoothing=config.label_smoothing)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
-
-  start_step, window_rows = 0, ()
-  # Refuses (UserError) a checkpoint that does not fit this config, and a workdir whose
-  # checkpoints are all unreadable; config.json is rewritten only once the run fits.
-  restored = checkpoints.restore_latest_good(manager, state.to_checkpoint(), workdir, log,
-                                             config)
-  _write_run_files(workdir, config, spec)
-  if restored is not None:
-    tree, data_position = restored
-    state, start_step = state.from_checkpoint(tree), data_position['batches_consumed']
-    window_rows = data_position.get('log_window', ())
-    log(f'Resumed from {checkpoints.checkpoint_dir(workdir)} at step {start_step}.')
-  if restored is None and config.init_from:
-    state = _init_from(config, state, spec, replicated)
-
-  skip_nonfinite = config.skip_nonfinite_steps
-  train_fn, eval_fn = compile_steps(mesh, pipeline.normalization, skip_nonfinite)
-  writer = MetricWriter(workdir)
-  progress = Progress(start_step, total_steps, config.batch_size)
-  stop = _StopRequest()
-  batches = device_batches(pipeline.train_batches(start_step), sharded)
-  window, eval_results = _Window(skip_nonfinite, window_rows), {}
-  log(f'Training {config.model} on {config.dataset}: {total_steps} steps of '
-      f'{config.batch_size} images ({steps_per_epoch} per epoch) on {jax.device_count()} '
-      f'device(s).')
-  step = start_step
-  bar = progress_bar(total_steps, start_step)
-  try:
-    while step < total_steps:
-      state, metrics = train_fn(state, next(batches))
-      window.add(step + 1, metrics)
-      step += 1
-      bar.update()
-      if step == start_step + 1:  # leave compilation out of images/second and the ETA
-        jax.block_until_ready(metrics)
-        progress = Progress(step, total_steps, config.batch_size)
-      log_due = _every(step, config.log_every_steps)
-      stopping = stop.requested(sync=log_due or step == total_steps)
-      last = step == total_steps or stopping
-      if log_due or last:
-        window.read()
-        _log_train(writer, progress, step, total_steps, window, learning_rate_fn)
-        if log_due or step == total_steps:  # a stop keeps its rows for the resumed run
-          window = _Window(skip_nonfinite)
-      top1 = None
-      if _every(step, config.eval_every_steps) or step == total_steps:
-        try:
-          eval_results = evaluate_split(eval_fn, state, pipeline, config.eval_split,
-                                        config.eval_batch_size, sharded)
-        except Exception:  # an evaluation failure must not cost the steps trained
-          _save(manager, step, state, window, config, steps_per_epoch, force=True)
-          log(f'Evaluation at step {step} failed; saved step {step} first, so the same '
-              f'command does not train it again (`python -m resnet_jax.evaluate --workdir '
-              f'{workdir}` evaluates it).')
-          raise
-        _log_eval(writer, step, eval_results)
-        top1 = eval_results['top1']
-      if _every(step, config.checkpoint_every_steps) or last:
-        _save(manager, step, state, window, config, steps_per_epoch, top1, force=last)
-      if stopping:
-        break
-  finally:
-    bar.close()
-    stop.restore_handlers()
-    manager.wait_until_finished()
-    writer.close()
-  if step < total_steps:
-    interrupted = Interrupted(stop.signal or 'SIGTERM', step)
+    run = _set_up(config, workdir, held)
+    state, start_step, window_rows = _restore(run, config, workdir)
+    step, eval_results, stop_signal = _train(run, config, workdir, state, start_step,
+                                             window_rows)
+  if stop_signal:
+    interrupted = Interrupted(stop_signal, step)
     log(str(interrupted))
     raise interrupted
   if jax.process_index() == 0:
@@ -361,46 +52,129 @@ def _train_and_evaluate(config, workdir: str, held: contextlib.ExitStack) -> dic
   return eval_results
 
 
-def _save(manager, step, state, window, config, steps_per_epoch, top1=None, force=False):
-  """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
-  window.read()  # raises before saving if a step since the last check was not finite
-  position = {'batches_consumed': step, 'batch_size': config.batch_size,
-              'steps_per_epoch': steps_per_epoch, 'log_window': window.rows}
-  checkpoints.save(manager, step, state.to_checkpoint(), position, top1, force=force)
+def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
+  """Checks everything checkable, builds the run and takes the workdir."""
+  mesh = parallel.create_mesh()
+  config_schema.check_config(config, jax.device_count())
+  pipeline = create_pipeline(config)
+  pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
+  if jax.process_index() == 0:
+    run_dir.check_writable(workdir)
+  parts = build_run(config, mesh, pipeline.num_classes, pipeline.channels,
+                    pipeline.steps_per_epoch)
+  held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+  if manager.all_steps():
+    run_dir.check_workdir_matches(workdir, config, parts.spec)
+  return _Run(mesh, pipeline, parts, manager)
 
 
-def _init_from(config, state, spec, replicated):
-  from resnet_jax import load_variables  # pylint: disable=g-import-not-at-top
+def _restore(run: _Run, config, workdir: str):
+  """(state, step, log-window rows) of the newest readable checkpoint, or a fresh state
+  (from config.init_from when set) at step 0."""
+  state = run.parts.init_state(jax.random.PRNGKey(config.seed))
+  # Refuses (UserError) a checkpoint that does not fit this config, and a workdir whose
+  # checkpoints are all unreadable; config.json is rewritten only once the run fits.
+  restored = checkpoints.restore_latest_good(run.manager, state.to_checkpoint(), workdir,
+                                             log, config)
+  run_dir.write_run_files(workdir, config, run.parts.spec)
+  if restored is None:
+    if config.init_from:
+      state = initialize_from(config, state, run.parts.spec, run.mesh)
+    return state, 0, ()
+  tree, position = restored
+  log(f'Resumed from {run_dir.checkpoint_dir(workdir)} at step '
+      f'{position["batches_consumed"]}.')
+  return (state.from_checkpoint(tree), position['batches_consumed'],
+          position.get('log_window', ()))
+
+
+def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
+           window_rows) -> tuple:
+  """Steps from `start_step` to the end or to a stop request; returns (the last step,
+  its eval results, the signal that stopped it or None)."""
+  total_steps, sharded = run.parts.total_steps, parallel.batch_sharding(run.mesh)
+  writer, stop, window = MetricWriter(workdir), StopRequest(), MetricWindow(window_rows)
+  progress = Progress(start_step, total_steps, config.batch_size)
+  batches = parallel.device_batches(run.pipeline.train_batches(start_step), sharded)
+  log(f'Training {config.model} on {config.dataset}: {total_steps} steps of '
+      f'{config.batch_size} images ({run.pipeline.steps_per_epoch} per epoch) on '
+      f'{jax.device_count()} device(s).')
+  step, eval_results, stopping = start_step, {}, False
+  bar = progress_bar(total_steps, start_step)
+  watchdog = StepWatchdog(config.stall_factor, config.stall_exit, _log_any_process)
   try:
-    loaded = load_variables(config.init_from)
-  except (ValueError, OSError) as e:
-    raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
-  merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
-                            loaded, spec.get('scan_blocks', False))
-  merged = jax.device_put(merged, replicated)
-  log(f'Initialized from {config.init_from}.')
-  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
+    while step < total_steps and not stopping:
+      state, metrics = run.parts.train_fn(state, next(batches))
+      step += 1
+      watchdog.dispatched(metrics)
+      window.add(step, metrics)
+      bar.update()
+      if step == start_step + 1:  # leave compilation out of images/second and the ETA
+        jax.block_until_ready(metrics)
+        progress = Progress(step, total_steps, config.batch_size)
+      log_due = _every(step, config.log_every_steps)
+      stopping = stop.requested(step)
+      last = step == total_steps or stopping
+      if log_due or last:
+        _read_window(window, config)
+        log_train(writer, progress, step, total_steps, window,
+                  float(run.parts.learning_rate_fn(step - 1)), config.skip_nonfinite_steps)
+        if log_due or step == total_steps:  # a stop keeps its rows for the resumed run
+          window = MetricWindow()
+      top1 = None
+      with watchdog.paused():  # evaluating and saving are not steps
+        if _every(step, config.eval_every_steps) or step == total_steps:
+          eval_results = _evaluate(run, config, workdir, step, state, window)
+          log_eval(writer, step, eval_results)
+          top1 = eval_results['top1']
+        if _every(step, config.checkpoint_every_steps) or last:
+          _save(run, config, step, state, window, top1, force=last)
+  finally:
+    watchdog.close()
+    bar.close()
+    stop.restore_handlers()
+    run.manager.wait_until_finished()
+    writer.close()
+  return step, eval_results, (stop.signal or 'SIGTERM') if step < total_steps else None
+
+
+def _evaluate(run: _Run, config, workdir: str, step: int, state: TrainState,
+              window: MetricWindow) -> dict:
+  """Eval results of `step`; if evaluating fails, the step is saved before the error
+  propagates, so the steps trained are not lost."""
+  try:
+    return evaluate_split(run.parts.eval_fn, state, run.pipeline, config.eval_split,
+                          config.eval_batch_size, parallel.batch_sharding(run.mesh))
+  except Exception:
+    _save(run, config, step, state, window, force=True)
+    log(f'Evaluation at step {step} failed; saved step {step} first, so the same command '
+        f'does not train it again (`python -m resnet_jax.evaluate --workdir {workdir}` '
+        f'evaluates it).')
+    raise
+
+
+def _read_window(window: MetricWindow, config):
+  divergence.check_finite(window.read(), config.skip_nonfinite_steps)
+
+
+def _save(run: _Run, config, step: int, state: TrainState, window: MetricWindow,
+          top1: Optional[float] = None, force: bool = False):
+  """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
+  _read_window(window, config)  # raises before saving if a step since the last check was not finite
+  epoch, batches_into_epoch = divmod(step, run.pipeline.steps_per_epoch)
+  # epoch .. process_count say where the data stands in words a changed run can check.
+  position = {'batches_consumed': step, 'batch_size': config.batch_size,
+              'steps_per_epoch': run.pipeline.steps_per_epoch, 'epoch': epoch,
+              'epoch_examples_consumed': batches_into_epoch * config.batch_size,
+              'process_count': jax.process_count(), 'log_window': window.rows}
+  checkpoints.save(run.manager, step, state.to_checkpoint(), position, top1, force=force)
+
+
+def _log_any_process(message: str):
+  print(message, flush=True)  # the stuck process may not be process 0
 
 
 def _every(step: int, period: int) -> bool:
   """Whether a periodic action is due; a period <= 0 means only at the end."""
   return period > 0 and step % period == 0
-
-
-def _log_train(writer, progress, step, total_steps, window, learning_rate_fn):
-  loss, accuracy, skipped = window.means()
-  scalars = {'train/loss': loss, 'train/accuracy': accuracy,
-             'train/learning_rate': float(learning_rate_fn(step - 1)),
-             **{f'train/{k}': v for k, v in progress.update(step).items()}}
-  if window.skip_nonfinite:
-    scalars['train/skipped_steps'] = skipped
-  writer.write(step, scalars)
-  log(f'step {step}/{total_steps} | loss {loss:.4f} | acc {accuracy:.4f} | '
-      f'lr {scalars["train/learning_rate"]:.4g} | '
-      f'{scalars["train/images_per_sec"]:,.0f} img/s | ETA {progress.eta(step)}')
-
-
-def _log_eval(writer, step, results):
-  writer.write(step, {f'eval/{k}': v for k, v in results.items() if k != 'count'})
-  log(f'eval at step {step}: loss {results["loss"]:.4f} | top-1 {results["top1"]:.4f} | '
-      f'top-5 {results["top5"]:.4f} ({int(results["count"])} images)')

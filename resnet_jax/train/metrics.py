@@ -1,4 +1,5 @@
-"""Where metrics go: console lines, WORKDIR/metrics.jsonl and TensorBoard event files.
+"""Where metrics go (console lines, WORKDIR/metrics.jsonl, TensorBoard event files), and
+the window of per-step metrics between two log lines.
 
 Only process 0 writes. Each line of metrics.jsonl is {"step": s, "train/loss": ..., ...};
 a resumed run appends, and readers keep the last value written for a step and skip a line
@@ -11,6 +12,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 
@@ -104,3 +106,57 @@ class Progress:
       return '?'
     seconds = int((self.total_steps - step) / self.rate)
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class MetricWindow:
+  """Host copies of the per-step metrics since the last log line.
+
+  Metrics stay on the device until a log or a save reads them, so the host never waits on
+  a step it has just dispatched. The rows go into the checkpoint, so a resumed run logs
+  the same averages.
+  """
+
+  def __init__(self, rows=()):
+    self.rows = [tuple(r) for r in rows]  # (step, loss, accuracy, finite)
+    self._pending = []
+
+  def add(self, step: int, metrics: dict):
+    self._pending.append((step, metrics))
+
+  def read(self) -> list:
+    """Fetches the pending metrics to the host; returns their new rows."""
+    host = jax.device_get([m for _, m in self._pending])
+    new = [(step, float(m['loss']), float(m['accuracy']), bool(m['finite']))
+           for (step, _), m in zip(self._pending, host)]
+    self.rows += new
+    self._pending = []
+    return new
+
+  def means(self):
+    """(mean loss, mean accuracy) over the finite rows, and the number of other rows."""
+    finite = [r for r in self.rows if r[3]] or self.rows
+    loss = float(np.mean(np.asarray([r[1] for r in finite], np.float64)))
+    accuracy = float(np.mean(np.asarray([r[2] for r in finite], np.float64)))
+    return loss, accuracy, len(self.rows) - sum(r[3] for r in self.rows)
+
+
+def log_train(writer: MetricWriter, progress: Progress, step: int, total_steps: int,
+              window: MetricWindow, learning_rate: float, count_skipped: bool):
+  """The train line of `step`: the window's means, the learning rate and the speed."""
+  loss, accuracy, skipped = window.means()
+  scalars = {'train/loss': loss, 'train/accuracy': accuracy,
+             'train/learning_rate': learning_rate,
+             **{f'train/{k}': v for k, v in progress.update(step).items()}}
+  if count_skipped:
+    scalars['train/skipped_steps'] = skipped
+  writer.write(step, scalars)
+  log(f'step {step}/{total_steps} | loss {loss:.4f} | acc {accuracy:.4f} | '
+      f'lr {learning_rate:.4g} | {scalars["train/images_per_sec"]:,.0f} img/s | '
+      f'ETA {progress.eta(step)}')
+
+
+def log_eval(writer: MetricWriter, step: int, results: dict):
+  """The eval line of `step`."""
+  writer.write(step, {f'eval/{k}': v for k, v in results.items() if k != 'count'})
+  log(f'eval at step {step}: loss {results["loss"]:.4f} | top-1 {results["top1"]:.4f} | '
+      f'top-5 {results["top5"]:.4f} ({int(results["count"])} images)')

@@ -1,4 +1,4 @@
-"""The train state: parameters, BatchNorm statistics, optimizer state, step and rng."""
+"""The train state: parameters, BatchNorm statistics, optimizer state and step."""
 
 from typing import Any
 
@@ -9,13 +9,12 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-CHECKPOINT_KEYS = ('params', 'batch_stats', 'opt_state', 'step', 'rng')
+CHECKPOINT_KEYS = ('params', 'batch_stats', 'opt_state', 'step')
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus running BN statistics, an rng and the loss's label smoothing."""
+  """Flax's TrainState plus running BN statistics and the loss's label smoothing."""
   batch_stats: Any = None
-  rng: jax.Array = None
   label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
   def to_checkpoint(self) -> dict:
@@ -32,23 +31,9 @@ def initial_variables(model: nn.Module, rng: jax.Array, input_shape) -> dict:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       input_shape, label_smoothing: float = 0.0, variables=None) -> TrainState:
-  """A fresh state; `variables` (e.g. from `init_from`) replace the random initialization."""
-  init_rng, state_rng = jax.random.split(rng)
-  if variables is None:
-    variables = initial_variables(model, init_rng, input_shape)
+                       input_shape, label_smoothing: float = 0.0) -> TrainState:
+  """A fresh state, initialized from the first half of `rng` (as it always has been)."""
+  variables = initial_variables(model, jax.random.split(rng)[0], input_shape)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}), rng=state_rng,
+                           batch_stats=variables.get('batch_stats', {}),
                            label_smoothing=label_smoothing)
-
-
-def model_spec(config, num_classes: int, in_channels: int) -> dict:
-  """The `create_model` arguments of a run, as written to WORKDIR/model.json."""
-  spec = {'name': config.model, 'num_classes': num_classes, 'in_channels': in_channels}
-  if config.dtype != 'float32':
-    spec['dtype'] = config.dtype
-  if config.bn_group_size:
-    spec['bn_group_size'] = config.bn_group_size
-  overrides = config.model_overrides
-  spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
-  return spec

@@ -1,4 +1,4 @@
-"""resnet_jax.load: converted checkpoint directories and training workdirs."""
+"""resnet_jax.run_dir: converted checkpoint directories and training workdirs."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 
 import resnet_jax
 from resnet_jax import create_model, scan_variables
-from resnet_jax.convert import save_checkpoint
+from resnet_jax.run_dir import save_converted
 
 ARCH = 'cifar_resnet20'
 
@@ -55,7 +55,7 @@ def write_workdir(path, steps, scanned=True):
 
 def test_converted_directory_round_trip(tmp_path):
   variables = init_variables()
-  save_checkpoint(variables, {'name': ARCH, 'num_classes': 10}, tmp_path / 'ckpt')
+  save_converted(variables, {'name': ARCH, 'num_classes': 10}, tmp_path / 'ckpt')
   assert_trees_equal(resnet_jax.load_variables(tmp_path / 'ckpt'), variables)
   model, loaded = resnet_jax.load_model(tmp_path / 'ckpt')
   assert model.num_classes == 10 and not model.scan_blocks

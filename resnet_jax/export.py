@@ -1,0 +1,260 @@
+"""Export a checkpoint for serving: uint8 pixels in, float32 logits out, any batch size.
+
+  python -m resnet_jax.export --checkpoint ckpt/ --output model.jaxexport
+  python -m resnet_jax.export --pretrained resnet50.tv2_in1k --output r50.jaxexport
+  python -m resnet_jax.export --checkpoint ckpt/ --output r50_savedmodel --format saved_model
+
+The exported function takes NHWC uint8 pixels at the model's image size and does the
+normalization itself, so a server only decodes, resizes and crops. The weights are
+baked in as constants; it is lowered for CPU and CUDA unless --platforms says otherwise.
+
+Formats:
+  - jax_export (default): OUTPUT holds the bytes of `jax.export.Exported.serialize()`;
+    load them with jax alone: `jax.export.deserialize(open(OUTPUT, 'rb').read()).call(x)`.
+    OUTPUT.json, next to it, is the input contract (`contract()`), with the sha256 of
+    OUTPUT.
+  - saved_model: a TensorFlow SavedModel directory (via jax2tf) whose 'serving_default'
+    signature maps `pixels` (uint8, [batch, H, W, C]) to `logits`; the contract is
+    assets.extra/resnet_jax_contract.json inside it.
+The image size and normalization come from a training workdir's config.json
+('image_size', and 'preprocess' through RECIPE_STATISTICS); a converted checkpoint
+(torchvision/timm weights) takes ImageNet statistics at 224 pixels.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from resnet_jax.errors import UserError
+
+CONTRACT_FORMAT = 'resnet_jax.serving/1'
+CONTRACT_SUFFIX = '.json'
+SAVED_MODEL_CONTRACT = Path('assets.extra') / 'resnet_jax_contract.json'
+TENSORFLOW_MISSING = ("--format saved_model needs TensorFlow, which is not installed; "
+                      "install it with `pip install 'resnet_jax[train]'` (or tensorflow-cpu).")
+
+
+def serving_settings(checkpoint: Path) -> Dict[str, Any]:
+  """{'normalization', 'image_size'} of a checkpoint directory: a training workdir's
+  config.json, else ImageNet's at 224 (converted torchvision/timm weights)."""
+  from resnet_jax.data.normalization import RECIPE_STATISTICS, checked_recipe
+  from resnet_jax.run_dir import eval_settings
+
+  settings = eval_settings(checkpoint)
+  return {'normalization': RECIPE_STATISTICS[checked_recipe(settings['preprocess'])],
+          'image_size': int(settings['image_size'])}
+
+
+def contract(model, model_config: Dict[str, Any], settings: Dict[str, Any],
+             batch: Optional[int], dtype: str, platforms: Sequence[str]) -> Dict[str, Any]:
+  """The artifact's input contract: what to feed it and what it returns."""
+  from resnet_jax.data.normalization import STATISTICS
+
+  size, name = settings['image_size'], settings['normalization']
+  mean, std = STATISTICS[name]
+  return {
+      'format': CONTRACT_FORMAT,
+      'model': model_config,
+      'input': {'name': 'pixels', 'dtype': 'uint8', 'layout': 'NHWC', 'range': [0, 255],
+                'shape': [batch, size, size, model.in_channels]},
+      'normalization': {'name': name, 'mean': list(mean), 'std': list(std),
+                        'formula': '(pixels / 255 - mean) / std, done inside the function'},
+      'output': {'name': 'logits', 'dtype': 'float32', 'shape': [batch, model.num_classes]},
+      'num_classes': model.num_classes,
+      'compute_dtype': dtype,
+      'platforms': list(platforms),
+  }
+
+
+def serving_function(model, variables, normalization: str) -> Callable:
+  """uint8 NHWC pixels -> float32 logits, with `variables` closed over (baked in)."""
+  import jax
+  import jax.numpy as jnp
+  from resnet_jax.data.normalization import normalize
+
+  def one_image(pixels):
+    logits = model.apply(variables, normalize(pixels[None], normalization), train=False)
+    return logits[0].astype(jnp.float32)
+  # The model picks its convolution formulation by batch size (models/convolution.py),
+  # which a symbolic batch cannot answer; vmap gives it a concrete one and batches the
+  # same convolutions, so the program is unchanged.
+  return jax.vmap(one_image)
+
+
+def _input_spec(batch: Optional[int], contract_: Dict[str, Any]):
+  import jax
+  import jax.numpy as jnp
+  _, height, width, channels = contract_['input']['shape']
+  size = jax.export.symbolic_shape('b')[0] if batch is None else batch
+  return jax.ShapeDtypeStruct((size, height, width, channels), jnp.uint8)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def write_jax_export(serve, contract_: Dict[str, Any], output: Path) -> None:
+  """OUTPUT (serialized jax.export.Exported) and OUTPUT.json (the contract)."""
+  import jax
+  exported = jax.export.export(jax.jit(serve), platforms=contract_['platforms'])(
+      _input_spec(contract_['input']['shape'][0], contract_))
+  data = exported.serialize()
+  sidecar = {**contract_, 'sha256': hashlib.sha256(data).hexdigest()}
+  contract_bytes = (json.dumps(sidecar, indent=2) + '\n').encode()
+  _write_files(output, {output.name: bytes(data), output.name + CONTRACT_SUFFIX: contract_bytes})
+
+
+def write_saved_model(serve, contract_: Dict[str, Any], output: Path) -> None:
+  """A SavedModel directory with a 'serving_default' signature pixels -> logits."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    raise UserError(TENSORFLOW_MISSING) from None
+  from jax.experimental import jax2tf
+
+  batch, height, width, channels = contract_['input']['shape']
+  converted = jax2tf.convert(serve, with_gradient=False,
+                             polymorphic_shapes=[f'({batch or "b"}, {height}, {width}, '
+                                                 f'{channels})'],
+                             native_serialization_platforms=contract_['platforms'])
+  module = tf.Module()
+  module.serve = tf.function(
+      lambda pixels: {'logits': converted(pixels)}, autograph=False,
+      input_signature=[tf.TensorSpec([batch, height, width, channels], tf.uint8, name='pixels')])
+
+  def write(directory: Path) -> None:
+    tf.saved_model.save(module, str(directory), signatures={'serving_default': module.serve})
+    (directory / SAVED_MODEL_CONTRACT).parent.mkdir(exist_ok=True)
+    (directory / SAVED_MODEL_CONTRACT).write_text(json.dumps(contract_, indent=2) + '\n')
+  _write_dir(output, write)
+
+
+def _write_files(output: Path, files: Dict[str, bytes]) -> None:
+  """Writes `files` (name -> bytes) into a temporary folder next to `output`, then renames
+  each into place: a failure leaves no partial file behind. The contract goes last."""
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
+  try:
+    for name, data in files.items():
+      (tmp / name).write_bytes(data)
+    for name in sorted(files, key=lambda n: n.endswith(CONTRACT_SUFFIX)):
+      os.replace(tmp / name, output.parent / name)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_dir(output: Path, write: Callable[[Path], None]) -> None:
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
+  try:
+    write(tmp / output.name)
+    if output.is_dir():  # --overwrite was checked by the caller
+      shutil.rmtree(output)
+    os.replace(tmp / output.name, output)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str = 'float32',
+           batch: Optional[int] = None,
+           platforms: Sequence[str] = ('cpu', 'cuda')) -> Dict[str, Any]:
+  """Writes the serving artifact of `checkpoint` to `output`; returns its contract."""
+  import jax.numpy as jnp
+  from resnet_jax.run_dir import load_model, read_model_config
+
+  model_config = read_model_config(checkpoint)
+  model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))
+  settings = serving_settings(checkpoint)
+  contract_ = contract(model, model_config, settings, batch, dtype, platforms)
+  serve = serving_function(model, variables, settings['normalization'])
+  (write_saved_model if fmt == 'saved_model' else write_jax_export)(serve, contract_, output)
+  return contract_
+
+
+def _outputs(output: Path, fmt: str):
+  return [output] if fmt == 'saved_model' else [output, Path(str(output) + CONTRACT_SUFFIX)]
+
+
+def _check_args(args) -> None:
+  """Raises one UserError for a missing checkpoint, an existing or unwritable output."""
+  if args.checkpoint is not None and not args.checkpoint.is_dir():
+    raise UserError(f'--checkpoint {args.checkpoint} is not a directory; pass a converted '
+                    f'checkpoint or a training workdir.')
+  existing = [str(p) for p in _outputs(args.output, args.format) if p.exists()]
+  if existing and not args.overwrite:
+    raise UserError(f'{" and ".join(existing)} already exist(s); remove or pass --overwrite.')
+  if args.format == 'saved_model':
+    try:
+      import tensorflow  # noqa: F401 pylint: disable=unused-import
+    except ImportError:
+      raise UserError(TENSORFLOW_MISSING) from None
+  parent = args.output.absolute().parent
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'Cannot create the folder of --output {args.output}: {e}.') from None
+  if not os.access(parent, os.W_OK):
+    raise UserError(f'--output {args.output}: {parent} is not writable; choose another path.')
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m resnet_jax.export',
+      description='Export a checkpoint as a self-contained serving function: uint8 NHWC '
+                  'pixels in, float32 logits out (normalization included).')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--checkpoint', type=Path,
+                      help='checkpoint directory (converted, or a training workdir)')
+  source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k')
+  parser.add_argument('--output', required=True, type=Path,
+                      help='the artifact: a file (jax_export) or a directory (saved_model)')
+  parser.add_argument('--format', choices=('jax_export', 'saved_model'), default='jax_export',
+                      help='jax_export (load with jax.export.deserialize) or a TensorFlow '
+                           'SavedModel via jax2tf')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype (the weights are stored as in the checkpoint)')
+  parser.add_argument('--batch', default='any',
+                      help="'any' (a symbolic batch dimension) or a fixed batch size")
+  parser.add_argument('--platforms', default='cpu,cuda',
+                      help='comma-separated platforms to lower for: cpu, cuda, rocm, tpu')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  return parser
+
+
+def _batch(parser, value: str) -> Optional[int]:
+  if value == 'any':
+    return None
+  if not value.isdigit() or int(value) < 1:
+    parser.error(f"--batch {value}: pass 'any' or a positive integer.")
+  return int(value)
+
+
+def main(argv=None) -> int:
+  """Entry point of `python -m resnet_jax.export`."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  batch = _batch(parser, args.batch)
+  platforms = tuple(p.strip() for p in args.platforms.split(',') if p.strip())
+  try:
+    _check_args(args)
+    checkpoint = args.checkpoint
+    if args.pretrained:
+      from resnet_jax.pretrained import ensure_cached
+      checkpoint = ensure_cached(args.pretrained)
+    result = export(checkpoint, args.output, args.format, args.dtype, batch, platforms)
+  except (ValueError, OSError) as e:  # UserError is a ValueError
+    parser.exit(2, f'{parser.prog}: error: {e}\n')
+  shape = ['batch' if d is None else d for d in result['input']['shape']]
+  print(f'wrote {args.output}: uint8 {shape} ({result["normalization"]["name"]} '
+        f'normalization) -> float32 logits [{shape[0]}, {result["num_classes"]}]')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,279 @@
+"""ResNets as Flax NNX modules, with torchvision's attribute names and the linen numerics.
+
+The architecture comes from the linen `resnet_jax.models.ResNet` dataclass, the zoo's
+spec, kept as `model.spec`; the computation calls the same pure functions as the linen
+modules (`conv2d`, `batch_norm`, the pools, `subsample_and_pad`), so an NNX model and
+`model.spec` give the same outputs on the same variables (see `resnet_jax.nnx.convert`).
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype
+
+from resnet_jax import models
+from resnet_jax.errors import UserError
+from resnet_jax.models import windows, zoo
+from resnet_jax.models.batch_norm import batch_norm
+from resnet_jax.models.blocks import SHORTCUTS, subsample_and_pad
+from resnet_jax.models.convolution import conv2d, conv_kernel_init
+from resnet_jax.models.pooling import avg_pool_2x2_ceil, max_pool_3x3_s2
+from resnet_jax.models.resnet import STEMS, torch_linear_init
+
+
+class Conv(nnx.Module):
+  """`models.Conv` in NNX: bias-free, padded as PyTorch pads, an HWIO `kernel`."""
+
+  def __init__(self, in_features: int, features: int, kernel_size: int, strides: int = 1,
+               groups: int = 1, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    shape = (kernel_size, kernel_size, in_features // groups, features)
+    self.kernel = nnx.Param(conv_kernel_init(rngs.params(), shape, param_dtype))
+    self.kernel_size, self.strides, self.groups, self.dtype = kernel_size, strides, groups, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    return conv2d(x.astype(self.dtype), kernel, self.strides,
+                  windows.torch_padding(self.kernel_size), self.groups)
+
+
+class BatchNorm(nnx.Module):
+  """`models.BatchNorm` in NNX: `scale`/`bias` Params, `mean`/`var` BatchStats.
+
+  `use_running_average` is switched by `model.train()` / `model.eval()` (or `nnx.view`),
+  as for `nnx.BatchNorm`; in train mode a call updates the running statistics with
+  PyTorch's rule. Other arguments as the linen module's attributes.
+  """
+
+  def __init__(self, num_features: int, *, use_running_average: bool = True,
+               momentum: float = 0.9, epsilon: float = 1e-5, unbiased_running_var: bool = True,
+               group_size: Optional[int] = None, axis_name: Optional[str] = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               scale_init=nn.initializers.ones, fused_gradient: bool = True, rngs: nnx.Rngs):
+    shape = (num_features,)
+    self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
+    self.bias = nnx.Param(jnp.zeros(shape, param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    self.use_running_average = use_running_average
+    self.momentum, self.epsilon, self.unbiased_running_var = momentum, epsilon, unbiased_running_var
+    self.group_size, self.axis_name, self.dtype = group_size, axis_name, dtype
+    self.fused_gradient = fused_gradient
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    train = not self.use_running_average
+    y, (mean, var) = batch_norm(
+        x, self.scale[...], self.bias[...], self.mean[...], self.var[...], train=train,
+        momentum=self.momentum, epsilon=self.epsilon,
+        unbiased_running_var=self.unbiased_running_var, group_size=self.group_size,
+        axis_name=self.axis_name, dtype=self.dtype, fused_gradient=self.fused_gradient)
+    if train:
+      self.mean[...], self.var[...] = mean, var
+    return y
+
+  def set_view(self, use_running_average: Optional[bool] = None):
+    """What `nnx.view(model, use_running_average=...)` sets."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class Sequential(nnx.List):
+  """Layers applied in order, indexed as torch's nn.Sequential (`conv1[0]`, `downsample[1]`).
+
+  Parameter-free steps (relu, pools) are plain functions that keep their torch index.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self:
+      x = layer(x)
+    return x
+
+
+def _identity(x):
+  return x
+
+
+def downsample(in_features, features, strides, conv, norm, avg_down) -> Sequential:
+  """The projection shortcut [conv, bn], or ResNet-D's [avg pool, conv, bn]
+  (`models.Downsample`)."""
+  if not avg_down:
+    return Sequential([conv(in_features, features, 1, strides), norm(features)])
+  pool = avg_pool_2x2_ceil if strides > 1 else _identity
+  return Sequential([pool, conv(in_features, features, 1), norm(features)])
+
+
+class _Block(nnx.Module):
+  """The shortcut shared by both blocks; subclasses build the residual branch first."""
+  expansion = 1
+
+  def __init__(self, in_features, out_features, *, strides, shortcut, avg_down, conv, norm):
+    reshapes = strides != 1 or in_features != out_features
+    projects = shortcut == 'C' or (reshapes and shortcut == 'B')
+    self.downsample = (downsample(in_features, out_features, strides, conv, norm, avg_down)
+                       if projects else None)
+    self.shortcut, self.strides, self.out_features = shortcut, strides, out_features
+    self.pads = reshapes and shortcut == 'A'
+
+  def residual(self, x):
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = self.residual(x)
+    if self.shortcut == 'none':
+      return nn.relu(out)
+    if self.downsample is not None:
+      x = self.downsample(x)
+    elif self.pads:  # option A
+      x = subsample_and_pad(x, self.out_features, self.strides)
+    return nn.relu(out + x)
+
+
+def _last_norm(norm, features, zero_init_last):
+  return norm(features, scale_init=nn.initializers.zeros if zero_init_last else
+              nn.initializers.ones)
+
+
+class BasicBlock(_Block):
+  """`models.BasicBlock` in NNX: conv1/bn1, conv2/bn2, optional `downsample`."""
+  expansion = 1
+
+  def __init__(self, in_features, features, *, conv, norm, strides=1, groups=1,
+               base_width=64, zero_init_last=False, **shortcut_kwargs):
+    if groups != 1 or base_width != 64:
+      raise ValueError('BasicBlock supports only groups=1 and base_width=64 '
+                       '(as in torchvision); use BottleneckBlock for wide or ResNeXt models.')
+    self.conv1 = conv(in_features, features, 3, strides)
+    self.bn1 = norm(features)
+    self.conv2 = conv(features, features, 3)
+    self.bn2 = _last_norm(norm, features, zero_init_last)
+    super().__init__(in_features, features, strides=strides, conv=conv, norm=norm,
+                     **shortcut_kwargs)
+
+  def residual(self, x):
+    x = nn.relu(self.bn1(self.conv1(x)))
+    return self.bn2(self.conv2(x))
+
+
+class BottleneckBlock(_Block):
+  """`models.BottleneckBlock` in NNX: conv1..3/bn1..3 (grouped conv2), optional `downsample`."""
+  expansion = 4
+
+  def __init__(self, in_features, features, *, conv, norm, strides=1, groups=1,
+               base_width=64, zero_init_last=False, **shortcut_kwargs):
+    width = int(features * (base_width / 64.0)) * groups
+    out_features = features * self.expansion
+    self.conv1 = conv(in_features, width, 1)
+    self.bn1 = norm(width)
+    self.conv2 = conv(width, width, 3, strides, groups)
+    self.bn2 = norm(width)
+    self.conv3 = conv(width, out_features, 1)
+    self.bn3 = _last_norm(norm, out_features, zero_init_last)
+    super().__init__(in_features, out_features, strides=strides, conv=conv, norm=norm,
+                     **shortcut_kwargs)
+
+  def residual(self, x):
+    x = nn.relu(self.bn1(self.conv1(x)))
+    x = nn.relu(self.bn2(self.conv2(x)))
+    return self.bn3(self.conv3(x))
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
+
+
+def _call_block(block, x):
+  return block(x)
+
+
+class ResNet(nnx.Module):
+  """The NNX ResNet of `spec`, a linen `models.ResNet` (e.g. from `zoo.create_model`).
+
+  Attributes follow torchvision: `conv1`, `bn1`, `layer1`..`layerK` (lists of blocks),
+  `fc` (None when `num_classes=0`). Built in eval mode, like linen's default
+  `train=False`: call `model.train()` before training, `model.eval()` after. Call as
+  `model(x)` on NHWC images for logits, or `model(x, return_features=True)` for the
+  linen model's dict of named features. With `spec.remat` each block runs under
+  `nnx.remat`. `spec.scan_blocks` is not supported (load scanned checkpoints with
+  `from_linen`, which unrolls them).
+  """
+
+  def __init__(self, spec: models.ResNet, *, rngs: nnx.Rngs):
+    _check_spec(spec)
+    self.spec = spec
+    conv = functools.partial(Conv, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+    norm = functools.partial(
+        BatchNorm, momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
+        unbiased_running_var=spec.bn_unbiased_running_var, group_size=spec.bn_group_size,
+        axis_name=spec.bn_axis_name, dtype=spec.dtype, param_dtype=spec.param_dtype,
+        fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
+    width = self._build_stem(conv, norm)
+    block_cls = BLOCKS[spec.block]
+    block_kwargs = dict(conv=conv, norm=norm, shortcut=spec.shortcut, avg_down=spec.avg_down,
+                        groups=spec.groups, base_width=spec.width_per_group,
+                        zero_init_last=spec.zero_init_residual)
+    for i, (size, features) in enumerate(zip(spec.stage_sizes, spec.stage_widths)):
+      blocks = []
+      for j in range(size):
+        strides = 2 if i > 0 and j == 0 else 1
+        blocks.append(block_cls(width, features, strides=strides, **block_kwargs))
+        width = features * block_cls.expansion
+      setattr(self, f'layer{i + 1}', nnx.List(blocks))
+    self.fc = (nnx.Linear(width, spec.num_classes, dtype=spec.dtype,
+                          param_dtype=spec.param_dtype, kernel_init=torch_linear_init,
+                          bias_init=nn.initializers.zeros, rngs=rngs)
+               if spec.num_classes else None)
+
+  def _build_stem(self, conv, norm) -> int:
+    spec = self.spec
+    if spec.stem == 'cifar':
+      width = spec.stage_widths[0]
+      self.conv1 = conv(spec.in_channels, width, 3)
+    elif spec.stem == 'deep':
+      width, w = 64, spec.stem_width
+      self.conv1 = Sequential([conv(spec.in_channels, w, 3, 2), norm(w), nn.relu,
+                               conv(w, w, 3), norm(w), nn.relu, conv(w, width, 3)])
+    else:
+      width = 64
+      self.conv1 = conv(spec.in_channels, width, 7, 2)
+    self.bn1 = norm(width)
+    return width
+
+  def __call__(self, x: jax.Array, return_features: bool = False):
+    self.spec.check_input(x)
+    features = {}
+    x = nn.relu(self.bn1(self.conv1(x.astype(self.spec.dtype))))
+    x = features['stem'] = x if self.spec.stem == 'cifar' else max_pool_3x3_s2(x)
+    run = nnx.remat(_call_block) if self.spec.remat else _call_block
+    for i in range(len(self.spec.stage_sizes)):
+      name = f'layer{i + 1}'
+      for block in getattr(self, name):
+        x = run(block, x)
+      features[name] = x
+    x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.fc is not None:
+      x = features['logits'] = self.fc(x).astype(jnp.float32)
+    return features if return_features else x
+
+
+def _check_spec(spec):
+  if spec.stem not in STEMS or spec.shortcut not in SHORTCUTS:
+    raise ValueError(f'stem must be one of {STEMS} and shortcut one of {SHORTCUTS}; '
+                     f'got stem={spec.stem!r}, shortcut={spec.shortcut!r}.')
+  if spec.scan_blocks:
+    raise UserError('The NNX models do not support scan_blocks=True; build them unrolled '
+                    '(from_linen unrolls a scanned checkpoint) and use remat=True to save '
+                    'activation memory.')
+
+
+def create_model(name: str, rngs: Optional[nnx.Rngs] = None, **overrides) -> ResNet:
+  """Builds a zoo model as an NNX module, e.g. `create_model('resnet50', num_classes=10)`.
+
+  Names and overrides as in `resnet_jax.models.create_model` (same table, same errors);
+  parameters are initialized from `rngs` (default `nnx.Rngs(0)`). The model starts in
+  eval mode.
+  """
+  spec = zoo.create_model(name, **overrides)
+  return ResNet(spec, rngs=nnx.Rngs(0) if rngs is None else rngs)

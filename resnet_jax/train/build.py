@@ -1,0 +1,97 @@
+"""What a training run is built from a config: model, optimizer, state and jitted steps.
+
+One function, `build_run`, for train.py (on the devices it has) and for the TPU planner
+(`resnet_jax.plan`, on compile-only devices of a topology), so that what is planned is
+what runs.
+"""
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from resnet_jax import run_dir
+from resnet_jax.data import normalization
+from resnet_jax.errors import UserError
+from resnet_jax.models import ResNet
+from resnet_jax.train import optim, parallel
+from resnet_jax.train.metrics import log
+from resnet_jax.train.state import TrainState, create_train_state
+
+
+class RunParts(NamedTuple):
+  """The pieces of a run: `init_state(rng)` places a fresh state on the mesh, and the
+  steps are jitted over it (`parallel.compile_steps`)."""
+  spec: dict
+  model: ResNet
+  tx: optax.GradientTransformation
+  learning_rate_fn: optax.Schedule
+  total_steps: int
+  init_state: Callable[[jax.Array], TrainState]
+  train_fn: Callable
+  eval_fn: Callable
+
+
+def create_model_checked(spec: dict, image_size: int) -> ResNet:
+  """The model of `spec`, or a UserError naming the valid choices."""
+  try:
+    model = run_dir.model_from_config(spec)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
+  if image_size < model.total_stride:
+    raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
+                    f'which downsamples by {model.total_stride}: use image_size >= '
+                    f'{model.total_stride}.')
+  return model
+
+
+def build_run(config, mesh: Mesh, num_classes: int, channels: int,
+              steps_per_epoch: int) -> RunParts:
+  """The model, optimizer, state initializer and steps of `config` over `mesh`."""
+  spec = run_dir.model_config_of_run(config, num_classes, channels)
+  model = create_model_checked(spec, config.image_size)
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, learning_rate_fn)
+  init = functools.partial(create_train_state, model, tx,
+                           input_shape=(1, config.image_size, config.image_size, channels),
+                           label_smoothing=config.label_smoothing)
+  statistics = normalization.RECIPE_STATISTICS[normalization.checked_recipe(config.preprocess)]
+  train_fn, eval_fn = parallel.compile_steps(mesh, statistics, config.skip_nonfinite_steps)
+  return RunParts(spec, model, tx, learning_rate_fn,
+                  optim.num_train_steps(config, steps_per_epoch),
+                  jax.jit(init, out_shardings=parallel.replicated(mesh)), train_fn, eval_fn)
+
+
+def abstract_batch(config, mesh: Mesh, channels: int, batch_size: int,
+                   eval_mask: bool = False) -> dict:
+  """Shapes and shardings of a global batch of uint8 pixels, as the pipelines make them."""
+  sharding = parallel.batch_sharding(mesh)
+  size = config.image_size
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.uint8,
+                                         sharding=sharding),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  if eval_mask:
+    batch['mask'] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)
+  return batch
+
+
+def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainState:
+  """`state` with the variables of config.init_from (a pretrained name, a converted
+  checkpoint or a training workdir); a head of another size stays fresh."""
+  from resnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  try:
+    loaded = (pretrained.load_pretrained(config.init_from)[1]
+              if pretrained.is_pretrained_name(config.init_from)
+              else run_dir.load_variables(config.init_from))
+  except (ValueError, OSError) as e:
+    raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
+  merged = run_dir.merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
+                                    loaded, spec.get('scan_blocks', False))
+  merged = jax.device_put(merged, parallel.replicated(mesh))
+  log(f'Initialized from {config.init_from}.')
+  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
+
+

@@ -1,0 +1,255 @@
+"""Several processes on one machine (jax.distributed over gloo on localhost): preemption,
+a dead process, a stuck one, an agreed checkpoint fallback, and data that stays
+exactly-once across a change of process count.
+
+Each multi-process test starts train.py as a user would (the README's command), two
+processes at a time; they share the compilation cache of the session.
+"""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+from resnet_jax.data import pipeline as pipeline_module
+
+
+# --- exactly-once data across a change of process count -----------------------------------
+
+def _global_batches(monkeypatch, count, start_step, num_steps, config):
+  """Global batches start_step .. start_step+num_steps-1 as `count` processes read them:
+  each process's host batches, made with a fake process index, concatenated."""
+  per_process = []
+  for index in range(count):
+    fake = type('jax', (), {'process_index': staticmethod(lambda i=index: i),
+                            'process_count': staticmethod(lambda: count)})
+    monkeypatch.setattr(pipeline_module, 'jax', fake)
+    stream = pipeline_module.Pipeline(config).train_batches(start_step)
+    per_process.append([next(stream) for _ in range(num_steps)])
+    monkeypatch.setattr(pipeline_module, 'jax', jax)
+  return [{key: np.concatenate([shards[key] for shards in step]) for key in step[0]}
+          for step in zip(*per_process)]
+
+
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 2)])
+@pytest.mark.parametrize('preprocess', ['none', 'digits'])
+def test_an_epoch_is_exactly_once_across_a_change_of_process_count(monkeypatch, before,
+                                                                   after, preprocess):
+  """`before` processes train 7 steps of epoch 1, `after` processes the rest of it: every
+  example of the epoch is used once, and (global order, per-example seeds) each step sees
+  the batch a one-process run sees, augmented alike."""
+  config = tiny_digits_config(preprocess=preprocess)
+  steps_per_epoch = pipeline_module.Pipeline(config).steps_per_epoch
+  start, stop_at = steps_per_epoch, steps_per_epoch + 7  # epoch 1, a few steps in
+  reference = _global_batches(monkeypatch, 1, start, steps_per_epoch, config)
+  changed = (_global_batches(monkeypatch, before, start, stop_at - start, config) +
+             _global_batches(monkeypatch, after, stop_at, steps_per_epoch - 7, config))
+  used = collections.Counter(image.tobytes() for batch in changed for image in batch['image'])
+  expected = collections.Counter(image.tobytes() for batch in reference
+                                 for image in batch['image'])
+  assert sum(used.values()) == steps_per_epoch * config.batch_size
+  assert used == expected  # every example of the epoch, each once
+  for a, b in zip(changed, reference):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+# --- two processes on localhost -------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from conftest import JAX_CACHE_DIR, REPO  # noqa: E402
+from test_fault_tolerance import (LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
+                                  assert_same_state, config_file)
+
+# Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
+# the process whose id is INJECT_PROCESS: the stalls and read failures of the tests.
+WRAPPER = '''
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from resnet_jax.train import distributed
+initialize = distributed.initialize
+def initialize_then_inject(*args, **kwargs):
+  initialize(*args, **kwargs)
+  import jax
+  if str(jax.process_index()) == os.environ.get('INJECT_PROCESS'):
+    exec(os.environ['INJECT'], dict())
+distributed.initialize = initialize_then_inject
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path({train!r}, run_name='__main__')
+'''
+
+
+def _start_pod(tmp_path, workdir, config, *flags, inject=None, inject_process=1,
+               heartbeat_s=10):
+  """Two train.py processes (the README command plus `flags`), their outputs in files."""
+  port, wrapper = _free_port(), tmp_path / 'wrapper.py'
+  wrapper.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / 'train.py')))
+  env = _env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
+  processes = []
+  for i in range(2):
+    log = open(tmp_path / f'process{i}.{time.monotonic_ns()}.log', 'w+')
+    args = [sys.executable, str(wrapper) if inject else 'train.py', '--config', config,
+            '--workdir', str(workdir), '--jax_cache_dir', JAX_CACHE_DIR,
+            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+            f'--process_id={i}', f'--heartbeat_timeout_s={heartbeat_s}', *flags]
+    processes.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+  return processes
+
+
+def _output(log):
+  log.flush()
+  log.seek(0)
+  return log.read()
+
+
+def _finish(processes, timeout=240):
+  """(return codes, outputs) once both processes exit."""
+  deadline = time.monotonic() + timeout
+  try:
+    for process, _ in processes:
+      process.wait(timeout=max(1, deadline - time.monotonic()))
+  finally:
+    for process, _ in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return [p.returncode for p, _ in processes], [_output(log) for _, log in processes]
+
+
+def _wait_for_checkpoint(processes, workdir, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not _steps(workdir):
+    if any(p.poll() is not None for p, _ in processes) or time.monotonic() > deadline:
+      codes, outputs = _finish(processes, timeout=1)
+      pytest.fail(f'No checkpoint appeared: {codes}\n' + '\n'.join(o[-2000:] for o in outputs))
+    time.sleep(0.02)
+
+
+def _run_pod(tmp_path, workdir, config, *flags, **kwargs):
+  codes, outputs = _finish(_start_pod(tmp_path, workdir, config, *flags, **kwargs))
+  assert codes == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+  return outputs
+
+
+@pytest.fixture(scope='module')
+def pod_reference(tmp_path_factory, config_file):
+  """The uninterrupted LONG run on two processes."""
+  tmp_path = tmp_path_factory.mktemp('pod_reference')
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS)
+  assert 'Process 0 of 2' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  print(f'uninterrupted two-process run: {time.monotonic() - start:.1f} s')
+  return str(tmp_path / 'run')
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file,
+                                                           pod_reference):
+  workdir = tmp_path / 'run'
+  processes = _start_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  _wait_for_checkpoint(processes, workdir)
+  time.sleep(0.3)  # land between checkpoints
+  processes[1][0].send_signal(signal.SIGTERM)
+  sent = time.monotonic()
+  codes, outputs = _finish(processes, timeout=60)
+  took = time.monotonic() - sent
+  print(f'SIGTERM to process 1 -> both saved and exited in {took:.1f} s')
+  assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
+  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])
+  assert _steps(workdir)[-1] == saved < 60, (saved, outputs[0])
+  assert took < 30
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
+  assert f'at step {saved}' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  assert_same_state(workdir, pod_reference)
+
+
+def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, config_file,
+                                                                     pod_reference):
+  workdir = tmp_path / 'run'
+  processes = _start_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  _wait_for_checkpoint(processes, workdir)
+  time.sleep(0.3)
+  processes[1][0].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  codes, outputs = _finish(processes, timeout=90)
+  took = time.monotonic() - killed
+  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after {took:.1f} s')
+  assert codes[1] == -signal.SIGKILL and codes[0] != 0, outputs[0][-3000:]
+  assert took < 60
+  # Ours (a failed collective) or JAX's (the coordination service saw the process die).
+  assert ('lost contact with another process' in outputs[0] and 'run the same command' in
+          outputs[0]) or 'another task died' in outputs[0], outputs[0][-3000:]
+  assert 'Process 0 of 2. If one stops, the others exit' in outputs[0]
+  start = time.monotonic()
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
+  print(f'restarted two-process run: {time.monotonic() - start:.1f} s')
+  assert 'Resumed from' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
+  assert_same_state(workdir, pod_reference)
+
+
+STALL_AT_STEP_25 = '''
+import time
+from resnet_jax.train import loop
+create = loop.create_pipeline
+def create_pipeline(config):
+  pipeline = create(config)
+  stream = pipeline.train_batches
+  def train_batches(start_step=0):
+    for step, batch in enumerate(stream(start_step), start_step + 1):
+      if step == 25:
+        time.sleep(12)
+      yield batch
+  pipeline.train_batches = train_batches
+  return pipeline
+loop.create_pipeline = create_pipeline
+'''
+
+
+def test_a_stalled_process_is_reported(tmp_path, config_file):
+  outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS,
+                     '--config.stall_factor=5', inject=STALL_AT_STEP_25)
+  assert 'WARNING: no step has finished on process 1' in outputs[1], outputs[1][-3000:]
+  assert 'step 60/60' in outputs[0]
+
+
+CANNOT_READ_STEP_60 = '''
+from resnet_jax.train import checkpoints
+read_step = checkpoints.read_step
+def failing_read_step(directory, step, target_tree):
+  if step == 60:
+    raise OSError('simulated: this host cannot read step 60')
+  return read_step(directory, step, target_tree)
+checkpoints.read_step = failing_read_step
+'''
+
+
+def _files(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
+                                                        pod_reference):
+  """Process 1 cannot read step 60: both restore step 50 (process 0 could read 60), step
+  60 is moved aside whole, and the run ends where the reference ends."""
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(pod_reference, workdir)
+  assert _steps(workdir) == [50, 60]
+  newest = _files(workdir / 'checkpoints' / '60')
+  outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS, inject=CANNOT_READ_STEP_60)
+  assert 'checkpoint 60' in outputs[0] and 'on process(es) [1] of 2' in outputs[0], outputs[0]
+  assert 'at step 50' in outputs[0], outputs[0]
+  moved = os.listdir(workdir / 'checkpoints_unreadable')
+  assert len(moved) == 1 and moved[0].startswith('60.')
+  assert _files(workdir / 'checkpoints_unreadable' / moved[0]) == newest  # nothing deleted
+  assert_same_state(workdir, pod_reference)
