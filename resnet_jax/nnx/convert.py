@@ -8,7 +8,6 @@ with `scan_blocks=True`'s layout) load into NNX models, and NNX weights go back.
 
 from typing import Any, Mapping, Union
 
-import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
