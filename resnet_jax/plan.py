@@ -142,7 +142,7 @@ def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -
     return StepPlan(name, batch_per_device, traced - start, time.perf_counter() - traced,
                     None, None, input_bytes, str(e).split('\n')[0])
   done = time.perf_counter()
-  flops = compiled.cost_analysis().get('flops')
+  flops = (compiled.cost_analysis() or {}).get('flops')  # None where XLA does not say
   return StepPlan(name, batch_per_device, traced - start, done - traced,
                   compiled.memory_analysis(), flops, input_bytes)
 
@@ -252,7 +252,8 @@ def format_report(plan: RunPlan) -> str:
               f'  batches ahead  {_size(BATCHES_AHEAD * s.input_bytes):>11}',
               f'  total          {_size(s.total_bytes):>11} of {_gib(plan.capacity)} GiB '
               f'({s.total_bytes / plan.capacity:.0%})',
-              f'  FLOPs per step per device: {s.flops / 1e9:,.1f} G']
+              f'  FLOPs per step per device: '
+              + (f'{s.flops / 1e9:,.1f} G' if s.flops is not None else 'not reported')]
   return '\n'.join(lines)
 
 
