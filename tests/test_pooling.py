@@ -10,18 +10,24 @@ from conftest import nchw, nhwc
 from resnet_jax.models import pooling
 
 
+# The pool train.py runs here (CPU) and the one it runs on TPU and GPU.
+MAX_POOLS = [pooling.max_pool_3x3_s2, pooling._reduce_window_max]  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('pool', MAX_POOLS)
 @pytest.mark.parametrize('size', [(8, 8), (7, 9), (97, 131)])
-def test_max_pool_matches_torch(size):
+def test_max_pool_matches_torch(size, pool):
   x = np.random.default_rng(1).normal(size=(2, *size, 3)).astype(np.float32) - 5
   expected = nhwc(torch.nn.MaxPool2d(3, 2, 1)(nchw(x)))
-  np.testing.assert_array_equal(pooling.max_pool_3x3_s2(jnp.asarray(x)), expected)
+  np.testing.assert_array_equal(pool(jnp.asarray(x)), expected)
 
 
-def test_max_pool_gradient_matches_torch():
+@pytest.mark.parametrize('pool', MAX_POOLS)
+def test_max_pool_gradient_matches_torch(pool):
   rng = np.random.default_rng(4)
   x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)  # continuous: no ties
   weights = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
-  grad = jax.grad(lambda x: jnp.sum(pooling.max_pool_3x3_s2(x) * weights))(jnp.asarray(x))
+  grad = jax.grad(lambda x: jnp.sum(pool(x) * weights))(jnp.asarray(x))
   x_torch = nchw(x).requires_grad_()
   (torch.nn.MaxPool2d(3, 2, 1)(x_torch) * nchw(weights)).sum().backward()
   np.testing.assert_allclose(grad, nhwc(x_torch.grad), atol=1e-6)

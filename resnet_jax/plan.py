@@ -1,0 +1,344 @@
+"""Will a run fit a TPU pod? Compile its steps for the pod's chips, from any machine.
+
+    python -m resnet_jax.plan --config configs/imagenet_resnet50.py --topology v5e:4x4 \\
+        [--config.KEY=VALUE ...] [--max-batch]
+
+libtpu (`pip install 'resnet_jax[tpu]'`) compiles for the compile-only devices of a TPU
+topology (`jax.experimental.topologies`) on a machine without a TPU. The run is built by
+`build_run`, the function train.py calls, over a mesh of all chips of all hosts, so the
+train and eval steps compiled here are the programs train.py would run there; the report
+is XLA's own accounting of each compiled program (`memory_analysis`, `cost_analysis`).
+Exit status: 0 when the run fits, 2 when it does not, 1 for bad input.
+"""
+
+import os
+
+# libtpu reads these when it loads: a machine that is no TPU VM has no metadata server to
+# ask for the accelerator and the workers, and without them libtpu logs errors to stderr.
+# ALLOW_MULTIPLE_LIBTPU_LOAD: compiling needs no exclusive TPU, so no lockfile either.
+_LIBTPU_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
+               'TPU_WORKER_HOSTNAMES': 'localhost', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+               'TPU_STDERR_LOG_LEVEL': '3', 'TPU_MIN_LOG_LEVEL': '3',
+               'TF_CPP_MIN_LOG_LEVEL': '3'}
+for _key, _value in _LIBTPU_ENV.items():
+  os.environ.setdefault(_key, _value)
+
+import importlib.util  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import List, NamedTuple, Optional, Sequence  # noqa: E402
+
+from resnet_jax.errors import UserError  # noqa: E402
+
+GiB = 2**30
+
+# HBM per chip, from Google's Cloud TPU system architecture pages (checked 2026-12-03):
+# v4 32 GiB (cloud.google.com/tpu/docs/v4), v5e 16 GB (cloud.google.com/tpu/docs/v5e),
+# v5p 95 GB (cloud.google.com/tpu/docs/v5p), v6e 32 GB (cloud.google.com/tpu/docs/v6e).
+# The pages that say GB are read as 10^9 bytes, the smaller reading. Keys are jax's
+# device_kind of each generation.
+HBM_PER_CHIP = {'TPU v4': 32 * GiB, 'TPU v5 lite': 16 * 10**9, 'TPU v5': 95 * 10**9,
+                'TPU v6 lite': 32 * 10**9}
+
+# The share of HBM a plan leaves free: XLA's figures are exact for the program, but the
+# TPU runtime keeps part of HBM for itself (libtpu offers 15.75 GiB of a v5e's 16 GiB to
+# programs) and saving a checkpoint or evaluating next to a donated state may need more.
+SAFETY_MARGIN = 0.10
+
+# train.py copies this many batches to the devices ahead of the step that takes them
+# (parallel.device_batches); they sit next to the step's own buffers.
+BATCHES_AHEAD = 2
+
+TOPOLOGY_FORMS = ('v4:AxBxC (e.g. v4:2x2x2), v5e:AxB (e.g. v5e:2x2, v5e:4x4), v5p:AxBxC '
+                  '(e.g. v5p:2x2x1), v6e:AxB (e.g. v6e:2x2)')
+
+# Classes and channels of the datasets whose builders say so; other datasets (synthetic,
+# image folders, other TFDS names) take config.num_classes and config.in_channels.
+KNOWN_DATASETS = {'imagenet2012': (1000, 3), 'imagenette': (10, 3), 'cifar10': (10, 3),
+                  'cifar100': (100, 3), 'digits': (10, 1), 'mnist': (10, 1),
+                  'fashion_mnist': (10, 1)}
+
+
+class StepPlan(NamedTuple):
+  """One compiled step: its figures per device, or the compiler's out-of-memory message."""
+  name: str
+  batch_per_device: int
+  trace_s: float
+  compile_s: float
+  memory: Optional[object]  # jax's CompiledMemoryStats; None when it did not compile
+  flops: Optional[float]
+  input_bytes: int  # one batch's share of a device (images + labels)
+  error: str = ''
+
+  @property
+  def total_bytes(self) -> Optional[int]:
+    """HBM per device: arguments + outputs - donated (aliased) + temporaries + code +
+    the batches train.py holds ahead."""
+    m = self.memory
+    if m is None:
+      return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes + m.generated_code_size_in_bytes
+            + BATCHES_AHEAD * self.input_bytes)
+
+
+class RunPlan(NamedTuple):
+  topology: str
+  device_kind: str
+  devices: int
+  chips: int
+  hosts: int
+  capacity: int  # HBM per device
+  classes_from: str
+  steps: List[StepPlan]
+
+  @property
+  def usable(self) -> float:
+    return self.capacity * (1 - SAFETY_MARGIN)
+
+  @property
+  def fits(self) -> bool:
+    return all(s.total_bytes is not None and s.total_bytes <= self.usable for s in self.steps)
+
+
+def topology_devices(name: str) -> list:
+  """The compile-only devices of every chip of every host of TPU topology `name`."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise UserError("Planning for a TPU needs libtpu, which is not installed: "
+                    "pip install 'resnet_jax[tpu]' (the extra pins the libtpu that matches "
+                    "this jax).")
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')  # never take a real TPU from a running job
+  if not re.fullmatch(r'v(4|5e|5p|6e):\d+(x\d+){1,2}', name or ''):
+    raise UserError(f'Unknown topology {name!r}: use one of {TOPOLOGY_FORMS}.')
+  try:
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e).split('\n')[0]
+    raise UserError(f'libtpu does not accept topology {name!r} ({message}); use one of '
+                    f'{TOPOLOGY_FORMS}, with chip counts of a real slice.') from None
+
+
+def classes_and_channels(config):
+  """(num_classes, channels, where they came from) for config.dataset."""
+  if config.dataset in KNOWN_DATASETS:
+    return (*KNOWN_DATASETS[config.dataset], f'the {config.dataset} dataset')
+  return config.num_classes, config.in_channels, 'config.num_classes, config.in_channels'
+
+
+def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -> StepPlan:
+  """Lowers and compiles `fn(*args)`; an out-of-HBM compile is a plan that does not fit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  traced = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return StepPlan(name, batch_per_device, traced - start, time.perf_counter() - traced,
+                    None, None, input_bytes, str(e).split('\n')[0])
+  done = time.perf_counter()
+  flops = (compiled.cost_analysis() or {}).get('flops')  # None where XLA does not say
+  return StepPlan(name, batch_per_device, traced - start, done - traced,
+                  compiled.memory_analysis(), flops, input_bytes)
+
+
+def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eval')
+             ) -> RunPlan:
+  """Builds the run of `config` over all `devices` as train.py would and compiles its
+  steps; raises UserError for a config train.py would refuse."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import config_schema, parallel  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.build import abstract_batch, build_run  # pylint: disable=g-import-not-at-top
+  config_schema.check_config(config, len(devices))
+  mesh = parallel.create_mesh(devices)
+  num_classes, channels, classes_from = classes_and_channels(config)
+  # The schedule's length does not change the program's buffers.
+  parts = build_run(config, mesh, num_classes, channels, steps_per_epoch=1000)
+  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
+  plans = []
+  for name in steps:
+    batch_size = config.batch_size if name == 'train' else config.eval_batch_size
+    batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
+    per_device = batch_size // len(devices)
+    input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
+                                   for x in batch.values())
+    fn = parts.train_fn if name == 'train' else parts.eval_fn
+    plans.append(compile_step(name, fn, (state, batch), per_device, input_bytes))
+  kind = devices[0].device_kind
+  chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], 'coords') else len(devices)
+  capacity = HBM_PER_CHIP.get(kind, 0) * chips // len(devices)
+  return RunPlan(topology, kind, len(devices), chips,
+                 len({d.process_index for d in devices}), capacity, classes_from, plans)
+
+
+def largest_fitting(fits, start: int) -> int:
+  """The largest size for which `fits(size)` holds (0 if not even 1 does), assuming it
+  holds up to some size and not past it: doubling or halving from `start`, then
+  bisection, over multiples of 8 once past 8 (the batch sizes TPUs tile well)."""
+  low, high, size = 0, None, max(1, start)
+  while True:
+    if fits(size):
+      low = size
+    else:
+      high = size
+    if high is None:  # still growing
+      size *= 2
+    elif low == 0:  # still shrinking
+      if high == 1:
+        return 0
+      size = high // 2
+    else:
+      step = 8 if low >= 8 else 1
+      size = max(low + step, (low + (high - low) // 2) // step * step)
+      if size >= high:
+        return low
+
+
+def max_batch(config, devices: Sequence, topology: str = '', log=print):
+  """(largest per-device train batch that fits, compiles, seconds), by compiling the
+  train step at each batch `largest_fitting` tries."""
+  start, compiles = time.perf_counter(), 0
+
+  def fits(per_device: int) -> bool:
+    nonlocal compiles
+    compiles += 1
+    trial = config.copy_and_resolve_references()
+    trial.batch_size = per_device * len(devices)
+    plan = plan_run(trial, devices, topology, steps=('train',))
+    step = plan.steps[0]
+    log(f'  per-device batch {per_device}: '
+        + (f'{_size(step.total_bytes)}' if step.memory else 'out of HBM')
+        + f', compiled in {step.compile_s:.0f} s -> {"fits" if plan.fits else "does not fit"}')
+    return plan.fits
+
+  best = largest_fitting(fits, config.batch_size // len(devices))
+  return best, compiles, time.perf_counter() - start
+
+
+def _gib(n) -> str:
+  return f'{n / GiB:.2f}'
+
+
+def _size(n) -> str:
+  """Bytes as GiB, or MiB below 1 GiB."""
+  return f'{n / GiB:.2f} GiB' if n >= GiB else f'{n / 2**20:.2f} MiB'
+
+
+def format_report(plan: RunPlan) -> str:
+  """The report: the topology, then per step its times, HBM per device and FLOPs."""
+  per_chip = plan.devices // plan.chips
+  lines = [f'{plan.topology}: {plan.chips} chips ({plan.device_kind}'
+           + (f', {per_chip} devices each' if per_chip > 1 else '')
+           + f'), {plan.hosts} host(s); classes and channels from {plan.classes_from}.',
+           f'HBM per device: {_gib(plan.capacity)} GiB, planned to use at most '
+           f'{_gib(plan.usable)} GiB ({SAFETY_MARGIN:.0%} kept free).']
+  for s in plan.steps:
+    lines.append(f'{s.name} step, batch {s.batch_per_device} per device: trace '
+                 f'{s.trace_s:.1f} s, compile {s.compile_s:.1f} s')
+    if s.memory is None:
+      lines.append(f'  does not fit: {s.error}')
+      continue
+    m = s.memory
+    lines += [f'  arguments      {_size(m.argument_size_in_bytes):>11}',
+              f'  outputs        {_size(m.output_size_in_bytes):>11}'
+              f'  (of which {_size(m.alias_size_in_bytes)} reuse donated arguments)',
+              f'  temporaries    {_size(m.temp_size_in_bytes):>11}',
+              f'  program code   {_size(m.generated_code_size_in_bytes):>11}',
+              f'  batches ahead  {_size(BATCHES_AHEAD * s.input_bytes):>11}',
+              f'  total          {_size(s.total_bytes):>11} of {_gib(plan.capacity)} GiB '
+              f'({s.total_bytes / plan.capacity:.0%})',
+              f'  FLOPs per step per device: '
+              + (f'{s.flops / 1e9:,.1f} G' if s.flops is not None else 'not reported')]
+  return '\n'.join(lines)
+
+
+def advice(config, plan: RunPlan) -> str:
+  """What to change when the run does not fit."""
+  overrides = dict(config.model_overrides)
+  tips = []
+  if not overrides.get('remat'):
+    tips.append('rematerialize blocks: add remat=True to config.model_overrides (in the '
+                'config file); about 2x less activation memory for ~30% more compute')
+  if config.dtype == 'float32':
+    tips.append('compute in bfloat16: --config.dtype=bfloat16 (params stay float32)')
+  tips.append('a smaller batch: --config.batch_size=N (--max-batch finds the largest '
+              'per-device batch that fits)')
+  if not overrides.get('scan_blocks'):
+    tips.append('scan_blocks=True in config.model_overrides: one compiled block per stage '
+                '(a smaller program, faster compiles)')
+  return 'To fit:\n' + '\n'.join(f'  - {t}' for t in tips)
+
+
+def verdict(config, plan: RunPlan) -> str:
+  if plan.fits:
+    worst = max(s.total_bytes for s in plan.steps)
+    return (f'Fits: {_size(worst)} of the {_gib(plan.usable)} GiB planned per device.')
+  return 'Does not fit.\n' + advice(config, plan)
+
+
+# --- The command line ---------------------------------------------------------------------
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _exit_unknown_key(error: Exception):
+  from resnet_jax.train.config_schema import unknown_override  # pylint: disable=g-import-not-at-top
+  sys.exit(f'Error: {unknown_override(sys.argv) or error}')
+
+
+def _define_flags():
+  try:
+    config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
+                                    'Training configuration file (as for train.py).',
+                                    lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _exit_unknown_key(e)
+  flags.DEFINE_string('topology', None, f'TPU topology: {TOPOLOGY_FORMS}.')
+  flags.DEFINE_bool('max-batch', False, 'Also find the largest per-device train batch '
+                    'that fits (compiles several times).')
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one message for a bad flag, value or config key."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'Error: {e}\nPass --helpfull to see the flags.')
+  except (AttributeError, KeyError) as e:
+    _exit_unknown_key(e)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  try:
+    if not FLAGS.topology:
+      raise UserError(f'Pass --topology: {TOPOLOGY_FORMS}.')
+    devices = topology_devices(FLAGS.topology)
+    plan = plan_run(FLAGS.config, devices, FLAGS.topology)
+    print(format_report(plan))
+    print(verdict(FLAGS.config, plan), flush=True)
+    if FLAGS['max-batch'].value:
+      print('Searching the largest per-device train batch that fits:', flush=True)
+      best, compiles, seconds = max_batch(FLAGS.config, devices, FLAGS.topology,
+                                             log=lambda s: print(s, flush=True))
+      print(f'Largest per-device batch that fits: {best or "none"} (global '
+            f'{best * len(devices)}); {compiles} compiles in {seconds:.0f} s.')
+  except UserError as e:
+    sys.exit(f'Error: {e}')
+  if not plan.fits:
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,119 @@
+"""resnet_jax.plan: TPU steps compiled with libtpu's compile-only devices, no TPU needed.
+
+The figures are checked against what they must be independently of XLA: a replicated
+state's bytes plus one device's share of the batch are the step's arguments.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_digits_config
+from resnet_jax import plan
+from resnet_jax.errors import UserError
+from resnet_jax.train import parallel
+from resnet_jax.train.build import build_run
+
+pytestmark = pytest.mark.skipif(
+    __import__('importlib').util.find_spec('libtpu') is None,
+    reason="needs libtpu: pip install 'resnet_jax[tpu]'")
+
+
+def _state_bytes(config, devices) -> int:
+  parts = build_run(config, parallel.create_mesh(devices), 10, 1, steps_per_epoch=10)
+  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(0))
+  for leaf in jax.tree.leaves(state):  # what train.py places: a full copy on each chip
+    assert leaf.sharding.is_fully_replicated
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+
+def test_figures_are_the_compiled_steps():
+  """One host of 4 chips and 4 hosts of 16 chips at the same batch per chip: the same
+  per-chip program (a replicated state, a batch sharded over all chips of all hosts)."""
+  plans = {}
+  for topology, chips, hosts in [('v5e:2x2', 4, 1), ('v5e:4x4', 16, 4)]:
+    devices = plan.topology_devices(topology)
+    config = tiny_digits_config(batch_size=8 * chips, eval_batch_size=4 * chips)
+    result = plans[topology] = plan.plan_run(config, devices, topology)
+    assert (result.chips, result.hosts, result.devices) == (chips, hosts, chips)
+    train, evaluate = result.steps
+    assert (train.batch_per_device, evaluate.batch_per_device) == (8, 4)
+    # The whole state plus 8 images (8x8x1 uint8) and labels: more with TPU tile padding.
+    assert train.memory.argument_size_in_bytes >= _state_bytes(config, devices) + 8 * 68
+    assert train.memory.alias_size_in_bytes > 0  # the donated state is reused
+    assert evaluate.memory.alias_size_in_bytes == 0
+    assert train.flops > evaluate.flops > 0
+    report = plan.format_report(result)
+    assert f'{chips} chips (TPU v5 lite), {hosts} host(s)' in report
+    for step in (train, evaluate):
+      m = step.memory
+      for figure in (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
+                     m.alias_size_in_bytes):
+        assert plan._size(figure) in report
+      assert step.total_bytes == (m.argument_size_in_bytes + m.output_size_in_bytes
+                                  - m.alias_size_in_bytes + m.temp_size_in_bytes
+                                  + m.generated_code_size_in_bytes + 2 * step.input_bytes)
+      assert f'{plan._size(step.total_bytes)} of 14.90 GiB' in report
+    assert result.fits
+  one_host, four_hosts = (plans[t].steps[0].memory for t in ('v5e:2x2', 'v5e:4x4'))
+  assert one_host.argument_size_in_bytes == four_hosts.argument_size_in_bytes
+
+
+def _run_plan(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.plan', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.cli
+def test_too_big_does_not_fit():
+  """1024 images of 512x512 per chip: the compiler refuses, fast, and the verdict says
+  what to change; the exit status is 2, and libtpu's log lines stay out of stderr."""
+  result = _run_plan('--config', 'configs/default.py', '--topology', 'v5e:2x2',
+                     '--config.image_size=512', '--config.batch_size=4096',
+                     '--config.eval_batch_size=4096')
+  assert result.returncode == 2, result.stderr
+  assert 'Does not fit' in result.stdout and 'remat=True' in result.stdout
+  assert 'exceeds available HBM' in result.stdout
+  assert result.stderr == ''
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+  monkeypatch.setattr(plan.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(UserError, match=r"pip install 'resnet_jax\[tpu\]'"):
+    plan.topology_devices('v5e:2x2')
+
+
+@pytest.mark.parametrize('name', ['tpu9', 'v5e', 'v5e:3x3'])
+def test_bad_topology_lists_the_forms(name):
+  with pytest.raises(UserError, match=r'v5e:2x2.*v5p:2x2x1'):
+    plan.topology_devices(name)
+
+
+def test_batch_not_divisible_over_the_chips():
+  with pytest.raises(UserError, match='multiple of the number of devices'):
+    plan.plan_run(tiny_digits_config(batch_size=30), plan.topology_devices('v5e:2x2'))
+
+
+@pytest.mark.parametrize('limit,start', [(0, 4), (1, 4), (5, 1), (37, 4), (300, 256), (96, 512)])
+def test_largest_fitting(limit, start):
+  tried = []
+  found = plan.largest_fitting(lambda size: tried.append(size) or size <= limit, start)
+  expected = limit if limit < 8 else limit // 8 * 8  # multiples of 8 past 8
+  assert found == expected and max(tried) <= 2 * max(limit, start) and len(tried) < 12
+
+
+def test_max_pool_gradient_keeps_no_padded_copies_on_tpu():
+  """The stem's max pool compiled for a TPU: its gradient needs no more than one copy of
+  the input beside it (the nine-view form, kept for CPU, held padded copies: 1.8x)."""
+  from resnet_jax.models import pooling  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh(plan.topology_devices('v5e:2x2')[:1])
+  x = jax.ShapeDtypeStruct((8, 112, 112, 64), np.dtype('bfloat16'),
+                           sharding=parallel.replicated(mesh))
+  grad = jax.jit(jax.grad(lambda x: pooling.max_pool_3x3_s2(x).astype(np.float32).sum()))
+  temporaries = grad.lower(x).compile().memory_analysis().temp_size_in_bytes
+  assert temporaries <= x.size * 2, temporaries  # 0 bytes here; 23 MB with the views
