@@ -224,10 +224,10 @@ def test_a_stalled_process_is_reported(tmp_path, config_file):
 CANNOT_READ_STEP_60 = '''
 from resnet_jax.train import checkpoints
 read_step = checkpoints.read_step
-def failing_read_step(directory, step, target_tree):
+def failing_read_step(directory, step, target_tree, **kwargs):
   if step == 60:
     raise OSError('simulated: this host cannot read step 60')
-  return read_step(directory, step, target_tree)
+  return read_step(directory, step, target_tree, **kwargs)
 checkpoints.read_step = failing_read_step
 '''
 
