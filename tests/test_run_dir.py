@@ -98,12 +98,9 @@ def test_import_resnet_jax_stays_light():
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 
 
-def test_loads_the_trainers_workdir(request):
+def test_loads_the_trainers_workdir(trained_workdir):
   """The contract with resnet_jax.train: a real (tiny) training run's workdir loads."""
-  try:
-    workdir, _ = request.getfixturevalue('trained_workdir')
-  except pytest.FixtureLookupError:
-    pytest.skip('tests/conftest.py has no trained_workdir fixture')
+  workdir, _ = trained_workdir
   model, variables = resnet_jax.load_model(workdir)
   size = model.total_stride
   x = jnp.zeros((2, size, size, model.in_channels))
