@@ -103,3 +103,17 @@ def test_inception_crop_windows_are_torchvisions():
         assert 0.075 <= w * h / (height * width) <= 1.0
   # No 8% window of 3/4-4/3 aspect fits: the central crop of aspect 4/3, as torchvision's.
   assert inception_crop(10, 1000, rng) == (493, 0, 13, 10)
+
+
+@requires_dali
+def test_trains_an_imagenet_style_run_and_resumes_it_exactly(jpeg_folder, tmp_path):
+  """train.py's loop on the DALI pipeline (CPU decoding): 4 steps in one go equal 2 + 2."""
+  from resnet_jax.train.loop import train_and_evaluate
+  from test_fault_tolerance import assert_same_state
+  config = dict(eval_batch_size=4, num_train_steps=4, checkpoint_every_steps=2)
+  results = train_and_evaluate(dali_config(jpeg_folder, **config), str(tmp_path / 'whole'))
+  assert results['count'] == 3 and 0 <= results['top1'] <= 1
+  train_and_evaluate(dali_config(jpeg_folder, **{**config, 'num_train_steps': 2}),
+                     str(tmp_path / 'resumed'))
+  train_and_evaluate(dali_config(jpeg_folder, **config), str(tmp_path / 'resumed'))
+  assert_same_state(tmp_path / 'resumed', tmp_path / 'whole')
