@@ -253,3 +253,24 @@ def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
   assert len(moved) == 1 and moved[0].startswith('60.')
   assert _files(workdir / 'checkpoints_unreadable' / moved[0]) == newest  # nothing deleted
   assert_same_state(workdir, pod_reference)
+
+
+@pytest.mark.parametrize('exit_on_stall', [False, True])
+def test_watchdog_warns_or_exits_when_steps_stop_finishing(exit_on_stall):
+  """In-process: 6 quick steps, then none; it warns once, or exits with status 1."""
+  from resnet_jax.train.watchdog import StepWatchdog
+  lines, exits = [], []
+  watchdog = StepWatchdog(5.0, exit_on_stall, lines.append, exit_fn=exits.append,
+                          poll_s=0.01)
+  try:
+    for _ in range(6):
+      watchdog.dispatched(jax.numpy.zeros(()))
+      time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not lines and time.monotonic() < deadline:
+      time.sleep(0.01)
+  finally:
+    watchdog.close()
+  assert len(lines) == 1 and 'no step has finished' in lines[0], lines
+  assert exits == ([1] if exit_on_stall else [])
+  assert lines[0].startswith('Error:' if exit_on_stall else 'WARNING:')
