@@ -8,22 +8,12 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from resnet_jax.train.command_line import define_config_flag, parse_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def _exit_unknown_key(error: Exception):
-  """ml_collections' AttributeError for a --config.KEY the config lacks, as one message."""
-  from resnet_jax.train.config_schema import unknown_override  # pylint: disable=g-import-not-at-top
-  sys.exit(f'Error: {unknown_override(sys.argv) or error}')
-
-
-try:  # ml_collections applies the default config's --config.KEY overrides here already
-  config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
-                                  'Training configuration file.', lock_config=True)
-except (AttributeError, KeyError) as e:
-  _exit_unknown_key(e)
+define_config_flag(os.path.join(HERE, 'configs', 'default.py'), 'Training configuration file.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics '
                     '(default: ./workdirs/<config name>).')
 flags.DEFINE_string('jax_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
@@ -39,16 +29,6 @@ flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_proces
 flags.DEFINE_integer('heartbeat_timeout_s', 30, 'Multi-process runs: a process silent this '
                      'long counts as dead, and the others exit.')
 FLAGS = flags.FLAGS
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with one message for a bad flag, value or config key."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'Error: {e}\nPass --helpfull to see the flags.')
-  except (AttributeError, KeyError) as e:
-    _exit_unknown_key(e)
 
 
 def main(argv):

@@ -252,7 +252,7 @@ def format_report(plan: RunPlan) -> str:
               f'  batches ahead  {_size(BATCHES_AHEAD * s.input_bytes):>11}',
               f'  total          {_size(s.total_bytes):>11} of {_gib(plan.capacity)} GiB '
               f'({s.total_bytes / plan.capacity:.0%})',
-              f'  FLOPs per step per device: '
+              '  FLOPs per step per device: '
               + (f'{s.flops / 1e9:,.1f} G' if s.flops is not None else 'not reported')]
   return '\n'.join(lines)
 
@@ -284,36 +284,18 @@ def verdict(config, plan: RunPlan) -> str:
 # --- The command line ---------------------------------------------------------------------
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from resnet_jax.train.command_line import define_config_flag, parse_flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _exit_unknown_key(error: Exception):
-  from resnet_jax.train.config_schema import unknown_override  # pylint: disable=g-import-not-at-top
-  sys.exit(f'Error: {unknown_override(sys.argv) or error}')
-
-
 def _define_flags():
-  try:
-    config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
-                                    'Training configuration file (as for train.py).',
-                                    lock_config=True)
-  except (AttributeError, KeyError) as e:
-    _exit_unknown_key(e)
+  define_config_flag(os.path.join(HERE, 'configs', 'default.py'),
+                     'Training configuration file (as for train.py).')
   flags.DEFINE_string('topology', None, f'TPU topology: {TOPOLOGY_FORMS}.')
   flags.DEFINE_bool('max-batch', False, 'Also find the largest per-device train batch '
                     'that fits (compiles several times).')
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with one message for a bad flag, value or config key."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'Error: {e}\nPass --helpfull to see the flags.')
-  except (AttributeError, KeyError) as e:
-    _exit_unknown_key(e)
 
 
 def main(argv):
