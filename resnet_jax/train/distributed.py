@@ -12,6 +12,7 @@ import jax
 
 from resnet_jax.errors import UserError
 
+SHUTDOWN_TIMEOUT_S = 120  # how long a finished process waits for the others at exit
 RESTART = ('run the same command on every process to resume from the newest complete '
            'checkpoint')
 
@@ -29,9 +30,12 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     raise UserError('--coordinator_address, --num_processes and --process_id go together: '
                     'pass all three (e.g. --coordinator_address=localhost:12345 '
                     '--num_processes=2 --process_id=0), or none to detect them.')
+  # Processes finish at different times (process 0 also plots; closing a data pipeline
+  # can take seconds on a loaded host): the shutdown barrier must not be the heartbeat's.
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s,
-                             shutdown_timeout_seconds=heartbeat_timeout_s)
+                             shutdown_timeout_seconds=max(heartbeat_timeout_s,
+                                                          SHUTDOWN_TIMEOUT_S))
 
 
 def describe(heartbeat_timeout_s: int) -> str:
