@@ -6,18 +6,19 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
-from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
+from conftest import REPO, tiny_digits_config
 
 import resnet_jax
 from resnet_jax import evaluate
 from resnet_jax.errors import UserError
 from resnet_jax.train import checkpoints, workdir_lock
 from resnet_jax.train.loop import train_and_evaluate
+from test_fault_tolerance import (_steps, _train_py, _truncate_files,
+                                  config_file)  # noqa: F401  (a fixture)
 
 
 def _env():
@@ -25,23 +26,10 @@ def _env():
           'PYTHONPATH': str(REPO)}
 
 
-def _steps(workdir):
-  directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
 def _copy(workdir, tmp_path):
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('.lock'))
   return copy
-
-
-def _truncate_files(directory):
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 2)
 
 
 # --- the best checkpoint across restarts -------------------------------------------------
@@ -151,24 +139,6 @@ def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
   assert killed.returncode == -9
   with workdir_lock.hold(str(tmp_path)):
     pass
-
-
-@pytest.fixture(scope='module')
-def config_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp('config') / 'tiny.py'
-  path.write_text(textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(REPO / 'tests')!r})
-      from conftest import tiny_digits_config
-      def get_config():
-        return tiny_digits_config()
-  '''))
-  return str(path)
-
-
-def _train_py(config_file, workdir, *flags):
-  return [sys.executable, 'train.py', '--config', config_file, '--workdir', str(workdir),
-          '--jax_cache_dir', JAX_CACHE_DIR, *flags]
 
 
 def _best_eval_step(workdir, steps):
