@@ -1,17 +1,32 @@
-"""Peak memory of one train step, with and without rematerialization.
+"""What the backward pass keeps: memory and speed of one train step for each remat setting.
 
     python benchmarks/memory.py [--batch 32] [--models resnet50 resnet152 cifar_resnet110]
+        [--time --steps 3 --rounds 3]
 
-Device figures are XLA's own accounting of the compiled step (arguments + outputs +
-temporaries - donated aliases), the memory the step needs on any backend (on the CPU the
-device is the host). The last line gives this process's peak resident set, compiles
-included.
+Three settings of the model: `kept` (elementwise_remat=False: the backward pass keeps
+BatchNorm and ReLU outputs), the default (elementwise_remat=True: it keeps convolution
+outputs and recomputes the elementwise rest) and `remat=True` (it recomputes whole
+blocks). Memory figures are XLA's own accounting of the compiled step (arguments +
+outputs + temporaries - donated aliases), the memory the step needs on any backend (on
+the CPU the device is the host). With --time the three steps are also timed on this
+backend in alternating rounds (median milliseconds per step). The last line gives this
+process's peak resident set, compiles included.
 """
 
 import argparse
+import itertools
 import resource
+import statistics
+import time
 
-from common import image_size, lowered_train_step, versions
+import jax
+import numpy as np
+
+from common import (image_size, lowered_train_step, normalization, train_state_factory,
+                    versions)
+from resnet_jax.train import parallel
+
+SETTINGS = {'kept': dict(elementwise_remat=False), 'default': {}, 'remat': dict(remat=True)}
 
 
 def step_bytes(compiled) -> int:
@@ -20,22 +35,64 @@ def step_bytes(compiled) -> int:
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def step_runner(name, batch, size, **overrides):
+  """A function running `steps` jitted train steps of `name` on one synthetic batch."""
+  model, make_state = train_state_factory(name, batch, size, scan_blocks=True, **overrides)
+  train_fn, _ = parallel.compile_steps(parallel.create_mesh(), normalization(name))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+           'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
+  holder = [make_state()]
+
+  def run(steps):
+    for _ in range(steps):
+      holder[0], metrics = train_fn(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def milliseconds_per_step(name, batch, steps, rounds):
+  """Median ms per step of each setting, timed in alternating rounds after a warm-up."""
+  runners = {label: step_runner(name, batch, image_size(name), **overrides)
+             for label, overrides in SETTINGS.items()}
+  times = {label: [] for label in runners}
+  for run in runners.values():
+    run(1)
+  for _, (label, run) in itertools.product(range(rounds), runners.items()):
+    start = time.perf_counter()
+    run(steps)
+    times[label].append((time.perf_counter() - start) * 1000 / steps)
+  return {label: statistics.median(t) for label, t in times.items()}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', nargs='+', default=['resnet50', 'resnet152', 'cifar_resnet110'])
   parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--time', action='store_true', help='also time the three steps')
+  parser.add_argument('--steps', type=int, default=3, help='with --time: steps per round')
+  parser.add_argument('--rounds', type=int, default=3, help='with --time: timed rounds')
   args = parser.parse_args()
   print(versions(), f'batch {args.batch}')
-  print('| model | step memory MiB | with remat MiB | remat / plain | temporaries MiB | '
-        'with remat MiB |')
+  print('| model | kept MiB | default MiB | remat MiB | default / kept | remat / kept |')
   print('|---|---:|---:|---:|---:|---:|')
   for name in args.models:
-    compiled = [lowered_train_step(name, args.batch, image_size(name), scan_blocks=True,
-                                   remat=remat).compile() for remat in (False, True)]
-    total = [step_bytes(c) / 2**20 for c in compiled]
-    temp = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in compiled]
-    print(f'| {name} | {total[0]:.0f} | {total[1]:.0f} | {total[1] / total[0]:.2f} | '
-          f'{temp[0]:.0f} | {temp[1]:.0f} |', flush=True)
+    total = {label: step_bytes(lowered_train_step(name, args.batch, image_size(name),
+                                                  scan_blocks=True, **overrides).compile())
+             / 2**20 for label, overrides in SETTINGS.items()}
+    print(f'| {name} | {total["kept"]:.0f} | {total["default"]:.0f} | {total["remat"]:.0f} | '
+          f'{total["default"] / total["kept"]:.2f} | {total["remat"] / total["kept"]:.2f} |',
+          flush=True)
+  if args.time:
+    print(f'\nms per step on {jax.default_backend()} (median of {args.rounds} alternating '
+          f'rounds of {args.steps} steps)')
+    print('| model | kept | default | remat | default / kept | remat / kept |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for name in args.models:
+      ms = milliseconds_per_step(name, args.batch, args.steps, args.rounds)
+      print(f'| {name} | {ms["kept"]:.1f} | {ms["default"]:.1f} | {ms["remat"]:.1f} | '
+            f'{ms["default"] / ms["kept"]:.2f} | {ms["remat"] / ms["kept"]:.2f} |', flush=True)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
   print(f'host peak resident set of this process: {peak:.0f} MiB')
 

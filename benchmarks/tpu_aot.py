@@ -2,21 +2,26 @@
 compiled ahead of time for TPU topologies from this machine (libtpu, no TPU needed).
 
     python benchmarks/tpu_aot.py [--topologies v5e:2x2 v5p:2x2x1] [--batches 256 128]
-        [--models resnet50 flax_resnet50 resnet152 resnet152_scan]
+        [--models resnet50 resnet50_keep flax_resnet50 resnet152 resnet152_scan ...]
 
 Ours is what `python -m resnet_jax.plan` compiles (configs/imagenet_resnet50.py through
-`build_run`, bfloat16); the reference is the Flax example's ResNet and train step (google/
-flax examples/imagenet), written here to the same architecture and numerics: 'SAME'
-max-pool, auto-named nn.Conv/nn.BatchNorm in bfloat16, zero-initialized last BN scale
-of each block, L2 penalty on every weight with ndim > 1 added to the loss, SGD with
-Nesterov momentum 0.9 over a warmup+cosine schedule, bfloat16 images as its input
-pipeline makes them. The example pmaps its step; here both steps are jitted over the
-same mesh with the state replicated, the batch sharded and the state donated.
+`build_run`, bfloat16); `resnet50_keep` is the same with `elementwise_remat=False` (the
+backward pass keeps BatchNorm and ReLU outputs instead of recomputing them). The reference
+is the Flax example's ResNet and train step (google/flax examples/imagenet), written here
+to the same architecture and numerics: 'SAME' max-pool, auto-named nn.Conv/nn.BatchNorm in
+bfloat16, zero-initialized last BN scale of each block, L2 penalty on every weight with
+ndim > 1 added to the loss, SGD with Nesterov momentum 0.9 over a warmup+cosine schedule,
+bfloat16 images as its input pipeline makes them. The example pmaps its step; here both
+steps are jitted over the same mesh with the state replicated, the batch sharded and the
+state donated.
 
 HBM per chip is XLA's accounting of the compiled program (arguments + outputs - donated +
-temporaries, no program code), as benchmarks/memory.py counts it; the "largest batch"
-column is a linear fit through two batch sizes, an estimate to confirm with
-`python -m resnet_jax.plan --max-batch`.
+temporaries, no program code), as benchmarks/memory.py counts it; "/ Flax" divides it by
+the Flax step's at the same depth, batch and topology in the same run. Traffic is XLA's
+estimate of the bytes the step reads and writes (`cost_analysis()['bytes accessed']`).
+The "largest batch" column is a linear fit through the first two batch sizes, an
+estimate to confirm with `python -m resnet_jax.plan --max-batch`. `--stage-sizes` and
+`--image-size` shrink every model (a quick check of the script itself).
 """
 
 import argparse
@@ -32,6 +37,7 @@ from resnet_jax import plan  # noqa: E402  (sets libtpu's environment before jax
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from flax.training import train_state  # noqa: E402
@@ -111,45 +117,51 @@ def flax_schedule(base_lr=0.4, warmup_steps=5 * 1251, total_steps=90 * 1251):
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
-def plan_flax(stage_sizes, devices, per_device: int) -> 'plan.StepPlan':
+def plan_flax(stage_sizes, devices, per_device: int, image_size: int) -> 'plan.StepPlan':
   mesh = parallel.create_mesh(devices)
   model = FlaxResNet(stage_sizes)
   lr = flax_schedule()
   tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+  image = (image_size, image_size, 3)
 
   def init(rng):
-    variables = model.init(rng, jnp.ones((1, 224, 224, 3), jnp.bfloat16), train=False)
+    variables = model.init(rng, jnp.ones((1, *image), jnp.bfloat16), train=False)
     return FlaxState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'])
 
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.eval_shape(jax.jit(init, out_shardings=replicated), jax.random.PRNGKey(0))
   batch_size = per_device * len(devices)
-  batch = {'image': jax.ShapeDtypeStruct((batch_size, 224, 224, 3), jnp.bfloat16,
-                                         sharding=sharded),
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, *image), jnp.bfloat16, sharding=sharded),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded)}
   step = jax.jit(functools.partial(flax_train_step, learning_rate_fn=lr),
                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                  donate_argnums=0)
   return plan.compile_step('train', step, (state, batch), per_device,
-                           per_device * (224 * 224 * 3 * 2 + 4))
+                           per_device * (np.prod(image) * 2 + 4))
 
 
-def plan_ours(name: str, devices, per_device: int) -> 'plan.StepPlan':
+def plan_ours(name: str, stage_sizes, devices, per_device: int, image_size: int,
+              **overrides) -> 'plan.StepPlan':
   config = imagenet_resnet50.get_config()
-  config.model = name.replace('_scan', '')
+  config.model = name
   config.model_overrides = ml_collections.ConfigDict(
-      {'zero_init_residual': True, 'scan_blocks': name.endswith('_scan')})
+      {'zero_init_residual': True, 'stage_sizes': tuple(stage_sizes), **overrides})
+  config.image_size = image_size
   config.batch_size = config.eval_batch_size = per_device * len(devices)
   return plan.plan_run(config, devices, steps=('train',)).steps[0]
 
 
+RESNET50, RESNET152 = (3, 4, 6, 3), (3, 8, 36, 3)
+# name: (depth, how to compile it for (stage_sizes, devices, batch per chip, image size))
 MODELS = {
-    'resnet50': functools.partial(plan_ours, 'resnet50'),
-    'flax_resnet50': functools.partial(plan_flax, (3, 4, 6, 3)),
-    'resnet152': functools.partial(plan_ours, 'resnet152'),
-    'resnet152_scan': functools.partial(plan_ours, 'resnet152_scan'),
-    'flax_resnet152': functools.partial(plan_flax, (3, 8, 36, 3)),
+    'resnet50': (RESNET50, functools.partial(plan_ours, 'resnet50')),
+    'resnet50_keep': (RESNET50, functools.partial(plan_ours, 'resnet50',
+                                                  elementwise_remat=False)),
+    'flax_resnet50': (RESNET50, plan_flax),
+    'resnet152': (RESNET152, functools.partial(plan_ours, 'resnet152')),
+    'resnet152_scan': (RESNET152, functools.partial(plan_ours, 'resnet152', scan_blocks=True)),
+    'flax_resnet152': (RESNET152, plan_flax),
 }
 
 
@@ -174,30 +186,41 @@ def main():
   parser.add_argument('--batches', nargs='+', type=int, default=[256, 128])
   parser.add_argument('--models', nargs='+', default=['resnet50', 'flax_resnet50'],
                       choices=sorted(MODELS))
+  parser.add_argument('--stage-sizes', nargs='+', type=int,
+                      help='blocks per stage for every model (default: each its own)')
+  parser.add_argument('--image-size', type=int, default=224)
   args = parser.parse_args()
   print(f'jax {jax.__version__}, libtpu compile-only; HBM per chip = arguments + outputs - '
         'donated + temporaries', flush=True)
-  print('| topology | model | batch/chip | compile s | HBM GiB/chip | of chip | '
-        'largest batch/chip (est., 90% of HBM) |')
-  print('|---|---|---:|---:|---:|---:|---:|', flush=True)
+  print('| topology | model | batch/chip | compile s | HBM GiB/chip | of chip | / Flax | '
+        'traffic GB/step | largest batch/chip (est., 90% of HBM) |')
+  print('|---|---|---:|---:|---:|---:|---:|---:|---:|', flush=True)
   for topology in args.topologies:
     devices = plan.topology_devices(topology)
     capacity = plan.HBM_PER_CHIP[devices[0].device_kind]
-    for name in args.models:
+    flax_bytes = {}  # (depth, batch per chip) -> the Flax step's HBM per chip
+    for name in sorted(args.models, key=lambda name: not name.startswith('flax')):
+      stage_sizes, compile_step = MODELS[name]
+      stage_sizes = tuple(args.stage_sizes or stage_sizes)
       points = []
       for per_device in args.batches:
         start = time.perf_counter()
-        step = MODELS[name](devices, per_device)
+        step = compile_step(stage_sizes, devices, per_device, args.image_size)
         seconds = time.perf_counter() - start
         if step.memory is None:
-          print(f'| {topology} | {name} | {per_device} | {seconds:.0f} | out of HBM | - | - |'
-                f' <!-- {step.error} -->', flush=True)
+          print(f'| {topology} | {name} | {per_device} | {seconds:.0f} | out of HBM | - | - | '
+                f'- | - | <!-- {step.error} -->', flush=True)
           continue
         used = step_bytes(step)
         points.append((per_device, used))
+        if name.startswith('flax'):
+          flax_bytes[stage_sizes, per_device] = used
+        reference = flax_bytes.get((stage_sizes, per_device))
+        ratio = f'{used / reference:.2f}x' if reference else '-'
         estimate = largest_batch(points, 0.9 * capacity) if len(points) == 2 else ''
         print(f'| {topology} | {name} | {per_device} | {step.compile_s:.0f} | '
-              f'{used / 2**30:.2f} | {used / capacity:.0%} | {estimate} |', flush=True)
+              f'{used / 2**30:.2f} | {used / capacity:.0%} | {ratio} | '
+              f'{step.bytes_accessed / 1e9:.1f} | {estimate} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -70,6 +70,7 @@ class StepPlan(NamedTuple):
   flops: Optional[float]
   input_bytes: int  # one batch's share of a device (images + labels)
   error: str = ''
+  bytes_accessed: Optional[float] = None  # XLA's estimate of the step's memory traffic
 
   @property
   def total_bytes(self) -> Optional[int]:
@@ -142,9 +143,10 @@ def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -
     return StepPlan(name, batch_per_device, traced - start, time.perf_counter() - traced,
                     None, None, input_bytes, str(e).split('\n')[0])
   done = time.perf_counter()
-  flops = (compiled.cost_analysis() or {}).get('flops')  # None where XLA does not say
+  cost = compiled.cost_analysis() or {}  # keys missing where XLA does not say
   return StepPlan(name, batch_per_device, traced - start, done - traced,
-                  compiled.memory_analysis(), flops, input_bytes)
+                  compiled.memory_analysis(), cost.get('flops'), input_bytes,
+                  bytes_accessed=cost.get('bytes accessed'))
 
 
 def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eval')
@@ -169,11 +171,18 @@ def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eva
                                    for x in batch.values())
     fn = parts.train_fn if name == 'train' else parts.eval_fn
     plans.append(compile_step(name, fn, (state, batch), per_device, input_bytes))
-  kind = devices[0].device_kind
-  chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], 'coords') else len(devices)
-  capacity = HBM_PER_CHIP.get(kind, 0) * chips // len(devices)
-  return RunPlan(topology, kind, len(devices), chips,
-                 len({d.process_index for d in devices}), capacity, classes_from, plans)
+  return RunPlan(topology, devices[0].device_kind, len(devices), _chips(devices),
+                 len({d.process_index for d in devices}), plan_capacity(devices),
+                 classes_from, plans)
+
+
+def _chips(devices) -> int:
+  return len({tuple(d.coords) for d in devices}) if hasattr(devices[0], 'coords') else len(devices)
+
+
+def plan_capacity(devices) -> int:
+  """HBM per device (a chip, or a TensorCore where each is its own device)."""
+  return HBM_PER_CHIP.get(devices[0].device_kind, 0) * _chips(devices) // len(devices)
 
 
 def largest_fitting(fits, start: int) -> int:
@@ -199,22 +208,28 @@ def largest_fitting(fits, start: int) -> int:
         return low
 
 
-def max_batch(config, devices: Sequence, topology: str = '', log=print):
+def max_batch(config, devices: Sequence, topology: str = '', log=print,
+              known: Optional[StepPlan] = None):
   """(largest per-device train batch that fits, compiles, seconds), by compiling the
-  train step at each batch `largest_fitting` tries."""
+  train step at each batch `largest_fitting` tries; `known`, a train step already
+  planned, is not compiled again."""
   start, compiles = time.perf_counter(), 0
+  usable = plan_capacity(devices) * (1 - SAFETY_MARGIN)
 
   def fits(per_device: int) -> bool:
     nonlocal compiles
-    compiles += 1
-    trial = config.copy_and_resolve_references()
-    trial.batch_size = per_device * len(devices)
-    plan = plan_run(trial, devices, topology, steps=('train',))
-    step = plan.steps[0]
+    step, how = known, 'planned above'
+    if known is None or known.batch_per_device != per_device:
+      compiles += 1
+      trial = config.copy_and_resolve_references()
+      trial.batch_size = per_device * len(devices)
+      step = plan_run(trial, devices, topology, steps=('train',)).steps[0]
+      how = f'compiled in {step.compile_s:.0f} s'
+    step_fits = step.total_bytes is not None and step.total_bytes <= usable
     log(f'  per-device batch {per_device}: '
         + (f'{_size(step.total_bytes)}' if step.memory else 'out of HBM')
-        + f', compiled in {step.compile_s:.0f} s -> {"fits" if plan.fits else "does not fit"}')
-    return plan.fits
+        + f', {how} -> {"fits" if step_fits else "does not fit"}')
+    return step_fits
 
   best = largest_fitting(fits, config.batch_size // len(devices))
   return best, compiles, time.perf_counter() - start
@@ -261,6 +276,10 @@ def advice(config, plan: RunPlan) -> str:
   """What to change when the run does not fit."""
   overrides = dict(config.model_overrides)
   tips = []
+  if overrides.get('elementwise_remat') is False:
+    tips.append('keep only convolution outputs for the backward pass: drop '
+                'elementwise_remat=False from config.model_overrides (the default recomputes '
+                'BatchNorm and ReLU outputs, for little compute)')
   if not overrides.get('remat'):
     tips.append('rematerialize blocks: add remat=True to config.model_overrides (in the '
                 'config file); about 2x less activation memory for ~30% more compute')
@@ -312,7 +331,8 @@ def main(argv):
     if FLAGS['max-batch'].value:
       print('Searching the largest per-device train batch that fits:', flush=True)
       best, compiles, seconds = max_batch(FLAGS.config, devices, FLAGS.topology,
-                                             log=lambda s: print(s, flush=True))
+                                          log=lambda s: print(s, flush=True),
+                                          known=plan.steps[0])
       print(f'Largest per-device batch that fits: {best or "none"} (global '
             f'{best * len(devices)}); {compiles} compiles in {seconds:.0f} s.')
   except UserError as e:

@@ -14,7 +14,12 @@ import jax  # noqa: E402
 jax.config.update('jax_disable_most_optimizations', True)
 
 
-# --- PyTorch layout (tests/test_batch_norm.py, test_pooling.py, test_convolution.py) --
+# --- PyTorch layout (tests/test_batch_norm.py, test_pooling.py, test_convolution.py) and
+# what a backward pass keeps (test_models.py, test_nnx.py) ---------------------------------
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -27,6 +32,20 @@ def nchw(x) -> torch.Tensor:
 def nhwc(t: torch.Tensor) -> np.ndarray:
   """A PyTorch NCHW output as an NHWC array, to compare with ours."""
   return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def saved_activations(loss, *args):
+  """(shape, description) of the values of image size (4 or more axes, more than one pixel)
+  that the backward pass of `loss(*args)` keeps, arguments aside, as
+  `jax.ad_checkpoint.print_saved_residuals` describes them."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):  # lines like "bf16[2,8,8,64] named 'x' from ..."
+    jax.ad_checkpoint.print_saved_residuals(loss, *args)
+  saved = [re.match(r'\w+\[([\d,]*)\] (.*)', line).groups()
+           for line in printed.getvalue().splitlines()]
+  shapes = [(tuple(int(d) for d in dims.split(',') if d), why) for dims, why in saved]
+  return [(shape, why) for shape, why in shapes
+          if len(shape) >= 4 and np.prod(shape[:-1]) > 1 and 'argument' not in why]
 
 
 # --- Training fixtures (tests/test_train.py, test_data.py, test_evaluate.py) ---------

@@ -59,10 +59,13 @@ def test_compile_time_and_memory_tables():
   low = (unrolled_total - 0.1) / (scan_total + 0.1)
   high = (unrolled_total + 0.1) / (scan_total - 0.1)
   assert low - 0.05 <= speedup <= high + 0.05
-  memory_rows = table_rows(run_benchmark('memory.py', '--models', 'cifar_resnet20', '--batch', '2'),
-                           'cifar_resnet20')
-  [(plain, remat, ratio, _, _)] = memory_rows
-  assert 0 < remat <= plain and 0 < ratio <= 1  # remat never needs more
+  output = run_benchmark('memory.py', '--models', 'cifar_resnet20', '--batch', '2', '--time',
+                         '--steps', '1', '--rounds', '1')
+  [memory, milliseconds] = table_rows(output, 'cifar_resnet20')
+  kept, default, remat, default_ratio, remat_ratio = memory
+  assert 0 < remat <= default <= kept  # each setting keeps less than the one before
+  assert abs(default_ratio - default / kept) <= 0.01 and abs(remat_ratio - remat / kept) <= 0.01
+  assert min(milliseconds) > 0
 
 
 def test_input_pipeline_compares_with_torchvision():
@@ -84,3 +87,24 @@ def test_file_check_times_the_header_check_and_a_full_decode():
   for round_ in (1, 2):
     [(checked, decoded)] = table_rows(output, f'{round_} |')
     assert checked > 0 and decoded > 0
+
+
+def test_tpu_aot_compares_with_the_flax_example():
+  pytest.importorskip('libtpu')
+  output = run_benchmark('tpu_aot.py', '--topologies', 'v5e:2x2', '--batches', '4', '2',
+                         '--models', 'resnet50', 'flax_resnet50', '--stage-sizes', '1', '1',
+                         '--image-size', '64')
+  rows = [[cell.strip() for cell in line.split('|')[2:-1]] for line in output.splitlines()
+          if line.startswith('| v5e:2x2 |')]
+  by_model = {(model, int(batch)): cells for model, batch, *cells in rows}
+  assert sorted(by_model) == [('flax_resnet50', 2), ('flax_resnet50', 4), ('resnet50', 2),
+                              ('resnet50', 4)]
+  for (model, batch), (compile_s, hbm, share, ratio, traffic, largest) in by_model.items():
+    flax_hbm = float(by_model['flax_resnet50', batch][1])
+    hbm = float(hbm)
+    assert float(compile_s) >= 0 and hbm > 0 and float(traffic) > 0
+    # GiB are printed to 0.005, the ratio to 0.005.
+    low, high = (hbm - 0.005) / (flax_hbm + 0.005), (hbm + 0.005) / max(flax_hbm - 0.005, 1e-9)
+    assert low - 0.005 <= float(ratio.rstrip('x')) <= high + 0.005
+    if batch == 2:  # the second batch gives the linear estimate of the largest batch
+      assert int(largest.lstrip('~')) > 4

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import nchw
+from conftest import nchw, saved_activations
 from flax import nnx, traverse_util
 
 import resnet_jax
@@ -142,6 +142,21 @@ def test_remat_gives_the_gradients_of_linen_remat():
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(grads))
   grads = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
   _assert_trees_close(grads, linen_grads, tol=1e-5)
+
+
+def test_elementwise_remat_keeps_what_linen_keeps():
+  spec, variables, x = _linen('resnet50', dict(num_classes=3, stage_sizes=(1, 1)), 32, batch=2)
+  model = rnnx.from_linen(variables, spec)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  kept = saved_activations(
+      lambda params: nnx.merge(graphdef, params, rest, copy=True)(x).sum(), params)
+  linen_kept = saved_activations(lambda params: spec.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+      mutable=['batch_stats'])[0].sum(), variables['params'])
+  # the stem's input, conv1 and the stem's output, 4 convs and the stage output per stage
+  assert sorted(shape for shape, _ in kept) == sorted(shape for shape, _ in linen_kept)
+  assert len(kept) == 3 + 2 * 5 - 1  # the last stage's output is not kept
 
 
 def test_round_trip_is_exact_also_from_the_scan_layout():

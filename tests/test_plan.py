@@ -107,6 +107,31 @@ def test_largest_fitting(limit, start):
   assert found == expected and max(tried) <= 2 * max(limit, start) and len(tried) < 12
 
 
+def test_max_batch_searches_from_the_planned_step_without_compiling_it_again(monkeypatch):
+  """The search's wiring, on steps whose memory grows by 1/4 GiB per example (no compile)."""
+  devices = plan.topology_devices('v5e:2x2')
+  usable = 16 * 10**9 * (1 - plan.SAFETY_MARGIN)
+
+  def step(per_device):
+    memory = type('Memory', (), dict(argument_size_in_bytes=0, output_size_in_bytes=0,
+                                      alias_size_in_bytes=0, generated_code_size_in_bytes=0,
+                                      temp_size_in_bytes=per_device * plan.GiB // 4))
+    return plan.StepPlan('train', per_device, 0.0, 1.0, memory, 1.0, 0)
+
+  compiled = []
+
+  def fake_plan_run(config, devices, topology, steps):
+    compiled.append(config.batch_size // len(devices))
+    return plan.RunPlan(topology, '', 4, 4, 1, 0, '', [step(compiled[-1])])
+
+  monkeypatch.setattr(plan, 'plan_run', fake_plan_run)
+  logged = []
+  best, compiles, _ = plan.max_batch(tiny_digits_config(batch_size=4 * 4), devices, 'v5e:2x2',
+                                     log=logged.append, known=step(4))
+  assert best == int(usable // (plan.GiB / 4)) // 8 * 8 == 48 and compiles == len(compiled)
+  assert 4 not in compiled and logged[0] == '  per-device batch 4: 1.00 GiB, planned above -> fits'
+
+
 def test_max_pool_gradient_keeps_no_padded_copies_on_tpu():
   """The stem's max pool compiled for a TPU: its gradient needs no more than one copy of
   the input beside it (the nine-view form, kept for CPU, held padded copies: 1.8x)."""

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.typing import Dtype
+from jax.ad_checkpoint import checkpoint_name
+
+from resnet_jax.models.remat import BN_STATISTICS
 
 
 class BatchNorm(nn.Module):
@@ -113,11 +116,13 @@ def scale_and_shift(x, mean, inv_std, scale, bias, dtype):
 
 
 def group_statistics(x, cross_device_mean=lambda value: value):
-  """Float32 mean and biased variance of (G, S, H, W, C) groups, shaped (G, 1, 1, 1, C)."""
+  """Float32 mean and biased variance of (G, S, H, W, C) groups, shaped (G, 1, 1, 1, C),
+  tagged `remat.BN_STATISTICS` so that recomputing the normalization never recomputes them."""
   x = x.astype(jnp.float32)
   axes = tuple(range(1, x.ndim - 1))
   mean = cross_device_mean(x.mean(axes, keepdims=True))
-  return mean, cross_device_mean(jnp.square(x - mean).mean(axes, keepdims=True))
+  var = cross_device_mean(jnp.square(x - mean).mean(axes, keepdims=True))
+  return checkpoint_name(mean, BN_STATISTICS), checkpoint_name(var, BN_STATISTICS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -134,7 +139,7 @@ def normalize_with_batch_statistics(x: jax.Array, scale: jax.Array, bias: jax.Ar
 
 def _normalize_forward(x, scale, bias, epsilon, dtype):
   mean, var = group_statistics(x)
-  inv_std = jax.lax.rsqrt(var + epsilon)
+  inv_std = checkpoint_name(jax.lax.rsqrt(var + epsilon), BN_STATISTICS)
   y = scale_and_shift(x, mean, inv_std, scale, bias, dtype)
   return y, (x, mean, inv_std, scale, bias)
 

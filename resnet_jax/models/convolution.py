@@ -20,8 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
+from jax.ad_checkpoint import checkpoint_name
 
 from resnet_jax.models import windows
+from resnet_jax.models.remat import CONV_OUTPUT
 from resnet_jax.models.windows import Padding
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -57,7 +59,14 @@ class Conv(nn.Module):
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
            groups: int = 1) -> jax.Array:
-  """`jax.lax.conv_general_dilated` on NHWC/HWIO with square strides, same results."""
+  """`jax.lax.conv_general_dilated` on NHWC/HWIO with square strides, same results.
+
+  The output is tagged `remat.CONV_OUTPUT`, the values `remat.SAVE_CONV_OUTPUTS` keeps.
+  """
+  return checkpoint_name(_conv2d(x, kernel, strides, padding, groups), CONV_OUTPUT)
+
+
+def _conv2d(x, kernel, strides, padding, groups):
   k = kernel.shape[0]
   if groups == 1 and k > 1 and min(x.shape[1:3]) < k:
     return _conv_as_matmul(x, kernel, strides, padding)

@@ -11,6 +11,7 @@ from resnet_jax.models.batch_norm import batch_norm_partial
 from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, ModuleDef, _Block
 from resnet_jax.models.convolution import Conv
 from resnet_jax.models.pooling import max_pool_3x3_s2
+from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 
 STEMS = ('imagenet', 'deep', 'cifar')
 
@@ -89,6 +90,12 @@ class ResNet(nn.Module):
       BatchNorm settings (see `batch_norm.BatchNorm`).
     scan_blocks: run the repeated blocks of each stage with `nn.scan`.
     remat: rematerialize blocks in the backward pass.
+    elementwise_remat: keep only convolution outputs and BN statistics for the backward
+      pass and recompute the rest (normalization, ReLU, residual additions, the max
+      pool's input) from them, one stage and the stem at a time
+      (`remat.SAVE_CONV_OUTPUTS`). Less activation memory for a few elementwise passes
+      (benchmarks/RESULTS.md); gradients equal up to rounding. Stages recompute
+      whole blocks instead when `remat` is set.
     bn_fused_gradient: train-mode BatchNorm gradient by its fused custom VJP (True) or
       by autodiff (False). None: fused unless `remat`, because under remat the fused
       gradient's saved residuals needed more memory (benchmarks/RESULTS.md). Either
@@ -115,6 +122,7 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   scan_blocks: bool = False
   remat: bool = False
+  elementwise_remat: bool = True
   bn_fused_gradient: Optional[bool] = None
 
   @property
@@ -133,13 +141,17 @@ class ResNet(nn.Module):
         axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
         fused_gradient=self.fuses_bn_gradient)
     features = {}
-    x = features['stem'] = self._stem(x.astype(self.dtype), conv, norm)
+    stem, stage = ResNet._stem, Stage
+    if self.elementwise_remat:
+      stem = nn.remat(stem, policy=SAVE_CONV_OUTPUTS, static_argnums=(2, 3))
+      stage = stage if self.remat else nn.remat(stage, policy=SAVE_CONV_OUTPUTS)
+    x = features['stem'] = stem(self, x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
                         groups=self.groups, base_width=self.width_per_group,
                         zero_init_last=self.zero_init_residual)
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       name = f'layer{i + 1}'
-      x = features[name] = Stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
+      x = features[name] = stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
                                  block_kwargs, self.scan_blocks, self.remat, name=name)(x)
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:

@@ -50,8 +50,8 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 # model.json keys that change neither the parameter names nor their shapes nor eval-mode
 # outputs: the torch layout is the unrolled float32 one, whatever the run trained with.
 LAYOUT_NEUTRAL = ('name', 'num_classes', 'dtype', 'param_dtype', 'scan_blocks', 'remat',
-                   'bn_momentum', 'bn_group_size', 'bn_axis_name', 'bn_unbiased_running_var',
-                   'zero_init_residual')
+                   'elementwise_remat', 'bn_momentum', 'bn_group_size', 'bn_axis_name',
+                   'bn_unbiased_running_var', 'zero_init_residual')
 
 
 def layout_overrides(model_config: Mapping[str, Any]) -> Dict[str, Any]:

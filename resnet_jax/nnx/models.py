@@ -22,6 +22,7 @@ from resnet_jax.models.batch_norm import batch_norm
 from resnet_jax.models.blocks import SHORTCUTS, subsample_and_pad
 from resnet_jax.models.convolution import conv2d, conv_kernel_init
 from resnet_jax.models.pooling import avg_pool_2x2_ceil, max_pool_3x3_s2
+from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 from resnet_jax.models.resnet import STEMS, torch_linear_init
 
 
@@ -188,6 +189,23 @@ def _call_block(block, x):
   return block(x)
 
 
+def _call_stage(blocks, x):
+  for block in blocks:
+    x = block(x)
+  return x
+
+
+def _call_stage_remat_blocks(blocks, x):
+  for block in blocks:
+    x = nnx.remat(_call_block)(block, x)
+  return x
+
+
+def _call_stem(conv1, bn1, x, pool: bool):
+  x = nn.relu(bn1(conv1(x)))
+  return max_pool_3x3_s2(x) if pool else x
+
+
 class ResNet(nnx.Module):
   """The NNX ResNet of `spec`, a linen `models.ResNet` (e.g. from `zoo.create_model`).
 
@@ -196,8 +214,10 @@ class ResNet(nnx.Module):
   `train=False`: call `model.train()` before training, `model.eval()` after. Call as
   `model(x)` on NHWC images for logits, or `model(x, return_features=True)` for the
   linen model's dict of named features. With `spec.remat` each block runs under
-  `nnx.remat`. `spec.scan_blocks` is not supported (load scanned checkpoints with
-  `from_linen`, which unrolls them).
+  `nnx.remat`; with `spec.elementwise_remat` the stem (and each stage, unless
+  `spec.remat`) runs under `nnx.remat` with `remat.SAVE_CONV_OUTPUTS`, as in linen.
+  `spec.scan_blocks` is not supported (load scanned checkpoints with `from_linen`, which
+  unrolls them).
   """
 
   def __init__(self, spec: models.ResNet, *, rngs: nnx.Rngs):
@@ -244,18 +264,25 @@ class ResNet(nnx.Module):
   def __call__(self, x: jax.Array, return_features: bool = False):
     self.spec.check_input(x)
     features = {}
-    x = nn.relu(self.bn1(self.conv1(x.astype(self.spec.dtype))))
-    x = features['stem'] = x if self.spec.stem == 'cifar' else max_pool_3x3_s2(x)
-    run = nnx.remat(_call_block) if self.spec.remat else _call_block
+    stem, stage = self._stem_and_stage_functions()
+    x = features['stem'] = stem(self.conv1, self.bn1, x.astype(self.spec.dtype))
     for i in range(len(self.spec.stage_sizes)):
       name = f'layer{i + 1}'
-      for block in getattr(self, name):
-        x = run(block, x)
-      features[name] = x
+      x = features[name] = stage(getattr(self, name), x)
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.fc is not None:
       x = features['logits'] = self.fc(x).astype(jnp.float32)
     return features if return_features else x
+
+  def _stem_and_stage_functions(self):
+    """The stem and a stage as functions, under `nnx.remat` as the spec asks."""
+    pool = self.spec.stem != 'cifar'
+    stem = lambda conv1, bn1, x: _call_stem(conv1, bn1, x, pool)  # noqa: E731
+    stage = _call_stage_remat_blocks if self.spec.remat else _call_stage
+    if self.spec.elementwise_remat:
+      stem = nnx.remat(stem, policy=SAVE_CONV_OUTPUTS)
+      stage = stage if self.spec.remat else nnx.remat(stage, policy=SAVE_CONV_OUTPUTS)
+    return stem, stage
 
 
 def _check_spec(spec):
