@@ -287,9 +287,9 @@ def advice(config, plan: RunPlan) -> str:
     tips.append('compute in bfloat16: --config.dtype=bfloat16 (params stay float32)')
   tips.append('a smaller batch: --config.batch_size=N (--max-batch finds the largest '
               'per-device batch that fits)')
-  if not overrides.get('scan_blocks'):
-    tips.append('scan_blocks=True in config.model_overrides: one compiled block per stage '
-                '(a smaller program, faster compiles)')
+  if overrides.get('scan_blocks'):
+    tips.append('unrolled stages: drop scan_blocks=True from config.model_overrides (a '
+                'scanned stage keeps more for the backward pass, benchmarks/RESULTS.md)')
   return 'To fit:\n' + '\n'.join(f'  - {t}' for t in tips)
 
 

@@ -1,7 +1,7 @@
 """The generic ResNet: a stem, stages of residual blocks, global pooling and a head."""
 
 import functools
-from typing import Any, Dict, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,8 @@ class Stage(nn.Module):
   `nn.scan`: their parameters are stacked along a leading axis under the name 'rest'
   (see `resnet_jax.models.scan` to convert to and from the unrolled layout), and the
   compiler sees one block instead of `num_blocks - 1`. With `remat` every block is
-  rematerialized in the backward pass, trading compute for activation memory.
+  rematerialized in the backward pass, trading compute for activation memory: all of it,
+  or what `remat_policy` does not keep.
   """
   block_cls: Type[_Block]
   num_blocks: int
@@ -32,10 +33,13 @@ class Stage(nn.Module):
   block_kwargs: Dict[str, Any]
   scan: bool = False
   remat: bool = False
+  remat_policy: Optional[Callable[..., bool]] = None
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
+    block_cls = self.block_cls
+    if self.remat:
+      block_cls = nn.remat(block_cls, policy=self.remat_policy)
     make = functools.partial(block_cls, self.features, **self.block_kwargs)
     x = make(strides=self.strides, name='0')(x)
     if self.scan and self.num_blocks > 1:
@@ -92,10 +96,11 @@ class ResNet(nn.Module):
     remat: rematerialize blocks in the backward pass.
     elementwise_remat: keep only convolution outputs and BN statistics for the backward
       pass and recompute the rest (normalization, ReLU, residual additions, the max
-      pool's input) from them, one stage and the stem at a time
-      (`remat.SAVE_CONV_OUTPUTS`). Less activation memory for a few elementwise passes
-      (benchmarks/RESULTS.md); gradients equal up to rounding. Stages recompute
-      whole blocks instead when `remat` is set.
+      pool's input) from them, for the stem and for each stage as a whole
+      (`remat.SAVE_CONV_OUTPUTS`): less activation memory for a few elementwise passes
+      (benchmarks/RESULTS.md), gradients equal up to rounding. With `scan_blocks` each
+      block is one such unit instead (a scanned stage would recompute all its blocks at
+      once); with `remat` stages recompute whole blocks.
     bn_fused_gradient: train-mode BatchNorm gradient by its fused custom VJP (True) or
       by autodiff (False). None: fused unless `remat`, because under remat the fused
       gradient's saved residuals needed more memory (benchmarks/RESULTS.md). Either
@@ -142,9 +147,13 @@ class ResNet(nn.Module):
         fused_gradient=self.fuses_bn_gradient)
     features = {}
     stem, stage = ResNet._stem, Stage
+    block_policy = None
     if self.elementwise_remat:
       stem = nn.remat(stem, policy=SAVE_CONV_OUTPUTS, static_argnums=(2, 3))
-      stage = stage if self.remat else nn.remat(stage, policy=SAVE_CONV_OUTPUTS)
+      if self.scan_blocks and not self.remat:  # a scan would recompute a stage at once
+        block_policy = SAVE_CONV_OUTPUTS
+      elif not self.remat:
+        stage = nn.remat(stage, policy=SAVE_CONV_OUTPUTS)
     x = features['stem'] = stem(self, x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
                         groups=self.groups, base_width=self.width_per_group,
@@ -152,7 +161,9 @@ class ResNet(nn.Module):
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       name = f'layer{i + 1}'
       x = features[name] = stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
-                                 block_kwargs, self.scan_blocks, self.remat, name=name)(x)
+                                 block_kwargs, self.scan_blocks,
+                                 self.remat or block_policy is not None, block_policy,
+                                 name=name)(x)
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:
       x = features['logits'] = nn.Dense(
