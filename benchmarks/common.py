@@ -1,13 +1,15 @@
-"""What the benchmarks share: the project's jitted train step on an abstract state, and
-folders of real JPEG files."""
+"""What the benchmarks share: the project's jitted train step on an abstract state or run
+on a batch, and folders of real JPEG files."""
 
 import io
+import itertools
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import resnet_jax
 from resnet_jax.train import optim, parallel, state as train_state
@@ -38,6 +40,33 @@ def lowered_train_step(name, batch, size, state=None, **overrides):
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return train_fn.lower(state, {'image': images, 'label': labels})
+
+
+def jax_runner(name, batch, size, dtype='float32', image_folder=None, **overrides):
+  """A closure running `steps` of the project's jitted train step of `name` (with model
+  `overrides`), on one synthetic batch or on the input pipeline's batches of `image_folder`."""
+  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype),
+                                          **overrides)
+  state = make_state()
+  mesh = parallel.create_mesh()
+  train_fn, _ = parallel.compile_steps(mesh, normalization(name))
+  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+  if image_folder:
+    batches = parallel.device_batches(
+        folder_pipeline(image_folder, batch, size).train_batches(), sharding)
+  else:
+    rng = np.random.default_rng(0)
+    host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+                  'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
+    batches = itertools.repeat(parallel.global_batch(host_batch, sharding))
+  holder = [state]
+
+  def run(steps):
+    for _ in range(steps):
+      holder[0], metrics = train_fn(holder[0], next(batches))
+    jax.block_until_ready(metrics)
+
+  return run
 
 
 def image_size(name):

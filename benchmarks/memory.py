@@ -20,11 +20,8 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-from common import (image_size, lowered_train_step, normalization, train_state_factory,
-                    versions)
-from resnet_jax.train import parallel
+from common import image_size, jax_runner, lowered_train_step, versions
 
 SETTINGS = {'kept': dict(elementwise_remat=False), 'default': {}, 'remat': dict(remat=True)}
 
@@ -35,26 +32,9 @@ def step_bytes(compiled) -> int:
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def step_runner(name, batch, size, **overrides):
-  """A function running `steps` jitted train steps of `name` on one synthetic batch."""
-  model, make_state = train_state_factory(name, batch, size, scan_blocks=True, **overrides)
-  train_fn, _ = parallel.compile_steps(parallel.create_mesh(), normalization(name))
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-           'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
-  holder = [make_state()]
-
-  def run(steps):
-    for _ in range(steps):
-      holder[0], metrics = train_fn(holder[0], batch)
-    jax.block_until_ready(metrics)
-
-  return run
-
-
 def milliseconds_per_step(name, batch, steps, rounds):
   """Median ms per step of each setting, timed in alternating rounds after a warm-up."""
-  runners = {label: step_runner(name, batch, image_size(name), **overrides)
+  runners = {label: jax_runner(name, batch, image_size(name), scan_blocks=True, **overrides)
              for label, overrides in SETTINGS.items()}
   times = {label: [] for label in runners}
   for run in runners.values():

@@ -24,7 +24,6 @@ images/s per GPU).
 
 import argparse
 import importlib.util
-import itertools
 import math
 import os
 import statistics
@@ -32,16 +31,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import torch
 import torchvision
-from jax.sharding import NamedSharding, PartitionSpec
 
 import input_pipeline
-from common import (folder_pipeline, image_size, normalization, train_state_factory,
-                    write_jpegs)
-from resnet_jax.train import host_memory, parallel
+from common import image_size, jax_runner, write_jpegs
+from resnet_jax.train import host_memory
 
 DEFAULT_BATCH = {'cifar_resnet20': 128, 'cifar_resnet56': 128, 'resnet18': 32, 'resnet50': 16}
 
@@ -89,32 +84,6 @@ def torch_model(name):
 
 
 # --- the two timed loops ----------------------------------------------------------------
-
-
-def jax_runner(name, batch, size, dtype, image_folder=None):
-  """A closure running `steps` of the project's jitted train step, on one synthetic batch
-  or on the input pipeline's batches of `image_folder`."""
-  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype))
-  state = make_state()
-  mesh = parallel.create_mesh()
-  train_fn, _ = parallel.compile_steps(mesh, normalization(name))
-  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
-  if image_folder:
-    batches = parallel.device_batches(
-        folder_pipeline(image_folder, batch, size).train_batches(), sharding)
-  else:
-    rng = np.random.default_rng(0)
-    host_batch = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-                  'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
-    batches = itertools.repeat(parallel.global_batch(host_batch, sharding))
-  holder = [state]
-
-  def run(steps):
-    for _ in range(steps):
-      holder[0], metrics = train_fn(holder[0], next(batches))
-    jax.block_until_ready(metrics)
-
-  return run
 
 
 def torch_runner(name, batch, size, dtype, device, compiled):

@@ -83,6 +83,10 @@ class StepPlan(NamedTuple):
             + m.temp_size_in_bytes + m.generated_code_size_in_bytes
             + BATCHES_AHEAD * self.input_bytes)
 
+  def fits(self, usable: float) -> bool:
+    """Whether the step compiled and its `total_bytes` stay within `usable` bytes."""
+    return self.total_bytes is not None and self.total_bytes <= usable
+
 
 class RunPlan(NamedTuple):
   topology: str
@@ -100,7 +104,7 @@ class RunPlan(NamedTuple):
 
   @property
   def fits(self) -> bool:
-    return all(s.total_bytes is not None and s.total_bytes <= self.usable for s in self.steps)
+    return all(s.fits(self.usable) for s in self.steps)
 
 
 def topology_devices(name: str) -> list:
@@ -225,11 +229,10 @@ def max_batch(config, devices: Sequence, topology: str = '', log=print,
       trial.batch_size = per_device * len(devices)
       step = plan_run(trial, devices, topology, steps=('train',)).steps[0]
       how = f'compiled in {step.compile_s:.0f} s'
-    step_fits = step.total_bytes is not None and step.total_bytes <= usable
     log(f'  per-device batch {per_device}: '
         + (f'{_size(step.total_bytes)}' if step.memory else 'out of HBM')
-        + f', {how} -> {"fits" if step_fits else "does not fit"}')
-    return step_fits
+        + f', {how} -> {"fits" if step.fits(usable) else "does not fit"}')
+    return step.fits(usable)
 
   best = largest_fitting(fits, config.batch_size // len(devices))
   return best, compiles, time.perf_counter() - start
