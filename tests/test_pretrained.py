@@ -95,8 +95,9 @@ def test_torchvision_weights_convert_once_and_match_torch(dirs, monkeypatch):
   assert model.num_classes == 1000
   _check_logits(state_dict, variables, 'resnet18')
   assert (dirs['ours'] / 'pretrained' / 'resnet18.tv_in1k' / 'model.json').is_file()
-  # No temporary directory is left next to the cache entry.
-  assert os.listdir(dirs['ours'] / 'pretrained') == ['resnet18.tv_in1k']
+  # No temporary directory is left next to the cache entry, only the (hidden) lock file.
+  assert sorted(os.listdir(dirs['ours'] / 'pretrained')) == ['.resnet18.tv_in1k.lock',
+                                                             'resnet18.tv_in1k']
 
   _forbid_conversion(monkeypatch)
   _, again = pretrained.load_pretrained('resnet18.tv_in1k')
