@@ -265,27 +265,41 @@ def _state_dict(name: str) -> Dict[str, Any]:
 
 
 class _Damaged(Exception):
-  """A cache entry that exists but cannot be read whole; the message says why."""
+  """A cache entry that exists but cannot be read whole; the message says why, `identity`
+  tells that entry from one another process renamed in since."""
+
+  def __init__(self, reason: str, identity: Tuple[int, int]):
+    super().__init__(reason)
+    self.identity = identity
+
+
+def _identity(path: Path) -> Tuple[int, int]:
+  try:
+    info = os.stat(path, follow_symlinks=False)
+  except OSError:
+    return (0, 0)
+  return info.st_dev, info.st_ino
 
 
 def _read_entry(name: str, directory: Path):
   """(model.json, variables) of the cache entry, None if there is none, or _Damaged."""
   if not os.path.lexists(directory):
     return None
+  identity = _identity(directory)
   try:
     config = run_dir.read_model_config(directory)
     if not run_dir.is_converted_checkpoint(directory):
       raise _Damaged(f'it holds {sorted(p.name for p in directory.iterdir())}, not exactly '
-                     f'{run_dir.MODEL_JSON} and {run_dir.VARIABLES_DIR}/')
+                     f'{run_dir.MODEL_JSON} and {run_dir.VARIABLES_DIR}/', identity)
     if config['name'] != PRETRAINED[name][0]:
-      raise _Damaged(f'its {run_dir.MODEL_JSON} names model {config["name"]!r}')
+      raise _Damaged(f'its {run_dir.MODEL_JSON} names model {config["name"]!r}', identity)
     return config, run_dir.load_variables(directory)
   except (_Damaged, MemoryError):
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Anything that stops our own entry from reading (orbax, tensorstore, JSON, missing
     # files) means it is damaged; the entry is then set aside, not deleted.
-    raise _Damaged(run_dir.first_line(e)) from None
+    raise _Damaged(run_dir.first_line(e), identity) from None
 
 
 @contextlib.contextmanager
@@ -367,33 +381,39 @@ def _remove_stale_temporaries(directory: Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
+def _try_read(name: str, directory: Path):
+  """(entry, None), (None, None) when there is none, or (None, _Damaged)."""
+  try:
+    return _read_entry(name, directory), None
+  except _Damaged as damaged:
+    return None, damaged
+
+
 def _cached(name: str):
   """(model.json, variables) of `name`'s cache entry, converting it first when it is
   absent, and setting it aside and converting it again when it is damaged."""
   directory = cache_dir(name)
-  try:
-    entry = _read_entry(name, directory)
-    if entry is not None:
-      return entry
-  except _Damaged:
-    pass  # judged again with the lock held: another process may be healing it
+  entry, damaged = _try_read(name, directory)
+  if entry is not None:
+    return entry
   with _lock(name, directory) as held:
-    try:
-      entry = _read_entry(name, directory)  # another process may have just written it
-    except _Damaged as damaged:
+    if damaged is None or damaged.identity != _identity(directory):
+      # Another process may have converted it, or healed it, while this one waited.
+      entry, damaged = _try_read(name, directory)
+      if entry is not None:
+        return entry
+    if damaged is not None:
       aside = _set_aside(directory)
       _warn(f'the cached conversion {directory} of the pretrained weights {name!r} cannot '
             f'be read ({damaged}); moved it to {aside} (delete it when you like) and '
             f'converting again.')
-    if entry is None:
-      if held:
-        _remove_stale_temporaries(directory)
-      _convert(name, directory)
-      try:
-        entry = _read_entry(name, directory)
-      except _Damaged as damaged:
-        raise UserError(f'The pretrained weights {name!r} were converted to {directory} but '
-                        f'do not read back ({damaged}).') from None
+    if held:
+      _remove_stale_temporaries(directory)
+    _convert(name, directory)
+    entry, damaged = _try_read(name, directory)
+  if damaged is not None:
+    raise UserError(f'The pretrained weights {name!r} were converted to {directory} but do '
+                    f'not read back ({damaged}).')
   return entry
 
 
