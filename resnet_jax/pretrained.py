@@ -182,6 +182,7 @@ def _download(name: str, url: str, cached: Path, note: str = '') -> None:
     raise _not_available(name, url, cached.parent, 'offline mode (HF_HUB_OFFLINE) is on', note)
   found = torch.hub.HASH_REGEX.search(cached.name)
   cached.parent.mkdir(parents=True, exist_ok=True)
+  print(f'Downloading {url} to {cached}', file=sys.stderr, flush=True)  # as torch.hub says
   try:
     torch.hub.download_url_to_file(url, str(cached), found.group(1) if found else None)
   except (OSError, RuntimeError) as e:  # no network (URLError), HTTP error, bad hash
@@ -219,29 +220,35 @@ def _hub_state_dict(name: str, repo_id: str) -> Dict[str, Any]:
   except UserError as error:
     damage = error
   if _offline():
-    raise UserError(f'Pretrained weights {name!r}: the cached file {path} (a link to '
-                    f'{path.resolve()}) cannot be read: {damage} Delete {path.resolve()}, '
-                    f'then run again with network, or run `hf download {repo_id} '
-                    f'{HF_FILENAME}` on a machine with network and copy its cache folder '
-                    f'models--{repo_id.replace("/", "--")} here.')
+    from huggingface_hub import constants
+    shown = f'{path} (a link to {path.resolve()})' if path.is_symlink() else str(path)
+    folder = Path(constants.HF_HUB_CACHE) / f'models--{repo_id.replace("/", "--")}'
+    raise UserError(f'Pretrained weights {name!r}: the cached file {shown} cannot be read: '
+                    f'{damage} Delete {path.resolve()} and run again with network, or run '
+                    f'`hf download {repo_id} {HF_FILENAME}` on a machine with network and '
+                    f'copy its cache folder models--{repo_id.replace("/", "--")} to {folder}.')
   _warn(f'{path} cannot be read ({damage}); downloading it again.')
-  path = _hub_file(name, repo_id, force_download=True)
+  path = _hub_file(name, repo_id, force_download=True,
+                   note=f' (The cached file {path.resolve()} cannot be read: delete it.)')
   try:
     return _read_torch_weights(path)
   except UserError as e:
     raise UserError(f'Pretrained weights {name!r}: downloaded again, {e}') from None
 
 
-def _hub_file(name: str, repo_id: str, force_download: bool = False) -> Path:
+def _hub_file(name: str, repo_id: str, force_download: bool = False, note: str = '') -> Path:
   from huggingface_hub import constants, hf_hub_download
   from huggingface_hub.errors import HfHubHTTPError
 
   try:
     return Path(hf_hub_download(repo_id, HF_FILENAME, force_download=force_download))
-  except (OSError, HfHubHTTPError) as e:  # LocalEntryNotFoundError is an OSError
+  except (OSError, HfHubHTTPError, ValueError) as e:
+    # LocalEntryNotFoundError is an OSError; a failed force_download a ValueError whose
+    # cause says why.
+    reason = e.__cause__ if isinstance(e, ValueError) and e.__cause__ else e
     url = f'https://huggingface.co/{repo_id}/resolve/main/{HF_FILENAME}'
     folder = Path(constants.HF_HUB_CACHE) / f'models--{repo_id.replace("/", "--")}'
-    raise _not_available(name, url, folder, e, hub_repo=repo_id) from None
+    raise _not_available(name, url, folder, reason, note, hub_repo=repo_id) from None
 
 
 def _not_available(name: str, url: str, folder: Path, reason, note: str = '',
@@ -308,8 +315,6 @@ def _lock(name: str, directory: Path):
   converts while the others wait (up to LOCK_TIMEOUT_S) and then read its result. Yields
   whether the lock is held (False on a filesystem without locks, where the atomic rename
   of the entry still keeps readers from a half-written one)."""
-  import fcntl
-
   directory.parent.mkdir(parents=True, exist_ok=True)
   path = directory.with_name(f'.{directory.name}.lock')
   try:
@@ -321,12 +326,14 @@ def _lock(name: str, directory: Path):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
       raise UserError(f'The lock file {path} of the pretrained cache is not a plain file; '
                       f'move it away and run again.')
-    yield _acquire(fcntl, fd, name, path)
+    yield _acquire(fd, name, path)
   finally:
     os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 
 
-def _acquire(fcntl, fd: int, name: str, path: Path) -> bool:
+def _acquire(fd: int, name: str, path: Path) -> bool:
+  import fcntl  # POSIX only, as the workdir lock
+
   deadline = time.monotonic() + LOCK_TIMEOUT_S
   waiting = False
   while True:

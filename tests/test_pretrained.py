@@ -8,7 +8,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import jax
@@ -396,3 +395,27 @@ def test_concurrent_loads_on_an_empty_cache_convert_once(fresh, tmp_path):
   assert len({out[-1] for out in lines}) == 1 and lines[0][-1].startswith('loaded'), lines
   assert sorted(os.listdir(fresh['ours'] / 'pretrained')) == ['.resnet18.tv_in1k.lock',
                                                               'resnet18.tv_in1k']
+
+
+def test_damaged_hub_file_online_is_downloaded_again(fresh, monkeypatch, capsys):
+  import huggingface_hub
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+  state_dict = _put_hub_weights(fresh, 'timm/resnet50d.ra2_in1k', 'resnet50d')
+  path = next((fresh['hf'] / 'hub').rglob(pretrained.HF_FILENAME))
+  good = path.read_bytes()
+  _damage(path, 'truncated')
+  # The network is down: one message naming the damaged file.
+  with pytest.raises(UserError, match=f'could not be downloaded.*{path} cannot be read'):
+    pretrained.load_pretrained('timm/resnet50d.ra2_in1k')
+  assert f'{path} cannot be read' in capsys.readouterr().err
+  # With network: huggingface_hub downloads it again (here a stand-in writes the good bytes).
+  read_cache = huggingface_hub.hf_hub_download
+
+  def download(repo_id, filename, force_download=False):
+    if force_download:
+      path.write_bytes(good)
+    return read_cache(repo_id, filename, local_files_only=True)
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+  _, variables = pretrained.load_pretrained('timm/resnet50d.ra2_in1k')
+  _check_logits(state_dict, variables, 'resnet50d')
