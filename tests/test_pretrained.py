@@ -373,8 +373,15 @@ print('loaded', hashlib.sha256(kernel.tobytes()).hexdigest(), flush=True)
 
 
 @pytest.mark.cli
-def test_concurrent_loads_on_an_empty_cache_convert_once(fresh, tmp_path):
+@pytest.mark.parametrize('cache', ['empty', 'damaged'])
+def test_concurrent_loads_convert_once(fresh, tmp_path, cache):
+  """Two processes started together (the hosts of a pod with init_from=<name>) on an empty
+  cache, or on a damaged entry: one converts (or sets aside and converts), the other
+  waits and reads its result."""
   _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
+  if cache == 'damaged':
+    pretrained.load_pretrained('resnet18.tv_in1k')
+    _damage_entry(fresh['ours'] / 'pretrained' / 'resnet18.tv_in1k', 'empty model.json')
   ready = tmp_path / 'ready'
   ready.mkdir()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
@@ -393,8 +400,10 @@ def test_concurrent_loads_on_an_empty_cache_convert_once(fresh, tmp_path):
   lines = [out.splitlines() for out, _ in outputs]
   assert sum(line == 'converting' for out in lines for line in out) == 1, lines
   assert len({out[-1] for out in lines}) == 1 and lines[0][-1].startswith('loaded'), lines
-  assert sorted(os.listdir(fresh['ours'] / 'pretrained')) == ['.resnet18.tv_in1k.lock',
-                                                              'resnet18.tv_in1k']
+  listing = sorted(os.listdir(fresh['ours'] / 'pretrained'))
+  assert listing[:2] == ['.resnet18.tv_in1k.lock', 'resnet18.tv_in1k'], listing
+  aside = ['resnet18.tv_in1k.damaged-'] if cache == 'damaged' else []  # set aside once
+  assert [name[:len('resnet18.tv_in1k.damaged-')] for name in listing[2:]] == aside, listing
 
 
 def test_damaged_hub_file_online_is_downloaded_again(fresh, monkeypatch, capsys):
