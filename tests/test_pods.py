@@ -219,7 +219,7 @@ def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path
   assert f'missing: process {missing}.' in outputs[0], outputs[0][-3000:]
   assert f'coordinator at localhost:{port}' in outputs[0]
   assert 'Traceback' not in outputs[0] and 'Check failure' not in outputs[0], outputs[0]
-  assert STARTUP_TIMEOUT_S <= took < STARTUP_TIMEOUT_S + 60
+  assert STARTUP_TIMEOUT_S <= took < 180  # JAX alone: an abort after 300 s or more
 
 
 def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
