@@ -42,8 +42,8 @@ def main(argv):
   from resnet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
   if FLAGS.keep_freed_memory and host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # before JAX starts its CPU client
-  from resnet_jax.accelerators import quiet_libtpu_without_tpu  # pylint: disable=g-import-not-at-top
-  quiet_libtpu_without_tpu()  # before JAX starts a backend
+  from resnet_jax import accelerators  # pylint: disable=g-import-not-at-top
+  accelerators.quiet_libtpu_without_tpu()  # before JAX starts a backend
   import jax  # pylint: disable=g-import-not-at-top
   from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
   from resnet_jax.train import distributed  # pylint: disable=g-import-not-at-top

@@ -22,7 +22,8 @@ def test_importing_the_planner_leaves_the_environment_alone():
   """libtpu's settings are the planner's to make when it compiles, not a side effect of an
   import (they would reach every JAX process and TF log level of the importer)."""
   code = ('import os, jax, tensorflow; before = dict(os.environ); import resnet_jax.plan; '
-          'print(sorted(k for k in {**before, **os.environ} if before.get(k) != os.environ.get(k)))')
+          'print(sorted(k for k in {**before, **os.environ} '
+          'if before.get(k) != os.environ.get(k)))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=ROOT)
   assert out.stdout.strip() == '[]', out.stdout
