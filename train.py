@@ -28,6 +28,9 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes of the run.')
 flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes-1.')
 flags.DEFINE_integer('heartbeat_timeout_s', 30, 'Multi-process runs: a process silent this '
                      'long counts as dead, and the others exit.')
+flags.DEFINE_integer('initialization_timeout_s', 300, 'Multi-process runs: how long each '
+                     'process waits at start-up for all the others to connect; then it exits '
+                     'with status 1 naming the missing ones.')
 FLAGS = flags.FLAGS
 
 
@@ -39,13 +42,16 @@ def main(argv):
   from resnet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
   if FLAGS.keep_freed_memory and host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # before JAX starts its CPU client
+  from resnet_jax import accelerators  # pylint: disable=g-import-not-at-top
+  accelerators.quiet_libtpu_without_tpu()  # before JAX starts a backend
   import jax  # pylint: disable=g-import-not-at-top
   from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
   from resnet_jax.train import distributed  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                             FLAGS.process_id, FLAGS.heartbeat_timeout_s)
+                             FLAGS.process_id, FLAGS.heartbeat_timeout_s,
+                             FLAGS.initialization_timeout_s)
   except UserError as e:
     sys.exit(f'Error: {e}')
   if FLAGS.jax_cache_dir:

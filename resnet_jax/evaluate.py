@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_jax import run_dir
+from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
 from resnet_jax.train.evaluation import evaluate_split
@@ -76,6 +77,7 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
 
 
 def main(argv=None):
+  quiet_libtpu_without_tpu()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a train.py workdir')

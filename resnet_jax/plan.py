@@ -16,12 +16,11 @@ import os
 # libtpu reads these when it loads: a machine that is no TPU VM has no metadata server to
 # ask for the accelerator and the workers, and without them libtpu logs errors to stderr.
 # ALLOW_MULTIPLE_LIBTPU_LOAD: compiling needs no exclusive TPU, so no lockfile either.
+# topology_devices sets them just before libtpu loads: importing this module changes nothing.
 _LIBTPU_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
                'TPU_WORKER_HOSTNAMES': 'localhost', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
                'TPU_STDERR_LOG_LEVEL': '3', 'TPU_MIN_LOG_LEVEL': '3',
                'TF_CPP_MIN_LOG_LEVEL': '3'}
-for _key, _value in _LIBTPU_ENV.items():
-  os.environ.setdefault(_key, _value)
 
 import importlib.util  # noqa: E402
 import re  # noqa: E402
@@ -113,6 +112,8 @@ def topology_devices(name: str) -> list:
     raise UserError("Planning for a TPU needs libtpu, which is not installed: "
                     "pip install 'resnet_jax[tpu]' (the extra pins the libtpu that matches "
                     "this jax).")
+  for key, value in _LIBTPU_ENV.items():
+    os.environ.setdefault(key, value)
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')  # never take a real TPU from a running job

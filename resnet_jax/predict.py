@@ -25,6 +25,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data.normalization import (RECIPE_STATISTICS, STATISTICS, checked_recipe,
                                            normalize)
 from resnet_jax.errors import UserError
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
   """Entry point of `python -m resnet_jax.predict`."""
   parser = _parser()
   args = parser.parse_args(argv)
+  quiet_libtpu_without_tpu()
 
   import jax
   from resnet_jax.pretrained import load_pretrained

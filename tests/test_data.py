@@ -1,6 +1,7 @@
 """Tests of resnet_jax.data: the digits builder, resumable order, eval padding, sources."""
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -129,6 +130,31 @@ def test_missing_dataset_says_what_to_do(tmp_path):
     TfdsSource('imagenet2012', str(tmp_path))
   with pytest.raises(ValueError, match='Unknown dataset'):
     TfdsSource('no_such_dataset_xyz', str(tmp_path))
+
+
+def test_first_preparation_of_digits_is_quiet(tmp_path, capsys, caplog):
+  """The first `python train.py` builds digits: no TFDS warning, no "Downloading" line, no
+  progress bars; the dataset is then prepared."""
+  caplog.set_level(logging.INFO)
+  source = TfdsSource('digits', str(tmp_path))
+  out, err = capsys.readouterr()
+  assert (out, err) == ('', '')
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+  assert source.builder.is_prepared() and source.num_examples('test') == 360
+
+
+def test_a_failed_digits_preparation_shows_what_tfds_printed(tmp_path, capsys, monkeypatch):
+  from resnet_jax.data import digits
+
+  def failing(self, images, labels, indices):
+    print('partial output of the build')
+    raise OSError('simulated: disk error')
+    yield  # pylint: disable=unreachable
+
+  monkeypatch.setattr(digits.Digits, '_generate_examples', failing)
+  with pytest.raises(RuntimeError, match='simulated: disk error'):
+    TfdsSource('digits', str(tmp_path))
+  assert 'partial output of the build' in capsys.readouterr().err
 
 
 def test_synthetic_data_needs_no_dataset():

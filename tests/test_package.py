@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,39 @@ def test_import_pulls_in_neither_tensorflow_nor_torch():
           'print(sorted({"tensorflow", "torch", "orbax", "optax"} & set(sys.modules)))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_importing_the_planner_leaves_the_environment_alone():
+  """libtpu's settings are the planner's to make when it compiles, not a side effect of an
+  import (they would reach every JAX process and TF log level of the importer)."""
+  code = ('import os, jax, tensorflow; before = dict(os.environ); import resnet_jax.plan; '
+          'print(sorted(k for k in {**before, **os.environ} '
+          'if before.get(k) != os.environ.get(k)))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=ROOT)
+  assert out.stdout.strip() == '[]', out.stdout
+
+
+def _extra(name, extras):
+  """The requirements of extra `name`, with this project's own extras expanded."""
+  found = []
+  for requirement in extras[name]:
+    own = re.fullmatch(r'resnet_jax\[(.*)\]', requirement.replace(' ', ''))
+    found += ([r for inner in own.group(1).split(',') for r in _extra(inner, extras)]
+              if own else [requirement])
+  return found
+
+
+def test_the_test_extra_installs_no_libtpu():
+  """libtpu makes JAX processes on a machine without a TPU print its errors: only the
+  `tpu` extra (the planner's) installs it."""
+  tomllib = pytest.importorskip('tomllib')
+  extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project'][
+      'optional-dependencies']
+  assert any(r.startswith('libtpu') for r in _extra('tpu', extras))
+  for name in extras:
+    if name != 'tpu':
+      assert not [r for r in _extra(name, extras) if r.startswith('libtpu')], name
 
 
 def _readme_commands():

@@ -87,13 +87,14 @@ runpy.run_path({train!r}, run_name='__main__')
 
 
 def _start_pod(tmp_path, workdir, config, *flags, inject=None, inject_process=1,
-               heartbeat_s=10):
-  """Two train.py processes (the README command plus `flags`), their outputs in files."""
-  port, wrapper = _free_port(), tmp_path / 'wrapper.py'
+               heartbeat_s=10, port=None, ids=(0, 1)):
+  """Processes `ids` of a two-process train.py run (the README command plus `flags`),
+  their outputs in files."""
+  port, wrapper = port or _free_port(), tmp_path / 'wrapper.py'
   wrapper.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / 'train.py')))
   env = _env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
   processes = []
-  for i in range(2):
+  for i in ids:
     log = open(tmp_path / f'process{i}.{time.monotonic_ns()}.log', 'w+')
     args = [sys.executable, str(wrapper) if inject else 'train.py', '--config', config,
             '--workdir', str(workdir), '--jax_cache_dir', JAX_CACHE_DIR,
@@ -194,6 +195,50 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, c
   print(f'restarted two-process run: {time.monotonic() - start:.1f} s')
   assert 'Resumed from' in outputs[0] and 'step 60/60' in outputs[0], outputs[0]
   assert_same_state(workdir, pod_reference)
+
+
+# --- start-up: a process that never starts, a coordinator port in use ----------------------
+
+STARTUP_TIMEOUT_S = 10
+STARTUP_FLAG = f'--initialization_timeout_s={STARTUP_TIMEOUT_S}'
+
+
+@pytest.mark.parametrize('missing', [0, 1])
+def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path, config_file,
+                                                                      missing):
+  """Only one process of two starts: it exits 1 after --initialization_timeout_s with one
+  message naming the other process and the coordinator's address (JAX alone aborts with
+  status 134 after 300 s, saying nothing about who is missing)."""
+  port = _free_port()
+  started = time.monotonic()
+  codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file, STARTUP_FLAG,
+                                      port=port, ids=[1 - missing]), timeout=120)
+  took = time.monotonic() - started
+  print(f'process {1 - missing} alone exited {codes[0]} after {took:.1f} s')
+  assert codes == [1], outputs[0][-3000:]
+  assert f'missing: process {missing}.' in outputs[0], outputs[0][-3000:]
+  assert f'coordinator at localhost:{port}' in outputs[0]
+  assert 'Traceback' not in outputs[0] and 'Check failure' not in outputs[0], outputs[0]
+  assert STARTUP_TIMEOUT_S <= took < 180  # JAX alone: an abort after 300 s or more
+
+
+def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
+  """Another program listens on the coordinator's port: process 0 stops at once naming the
+  port, process 1 (which reached that program, not a coordinator) after the start-up
+  timeout; both with status 1 and one message."""
+  import socket
+  with socket.socket() as holder:
+    holder.bind(('localhost', 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file,
+                                        STARTUP_FLAG, port=port), timeout=120)
+  assert codes == [1, 1], '\n'.join(o[-3000:] for o in outputs)
+  assert f'Port {port} of --coordinator_address=localhost:{port} is already in use' in \
+      outputs[0], outputs[0][-3000:]
+  assert 'missing: process 0.' in outputs[1], outputs[1][-3000:]
+  for output in outputs:
+    assert 'Traceback' not in output and 'Check failure' not in output, output
 
 
 STALL_AT_STEP_25 = '''

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from resnet_jax import run_dir
+from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.convert.conversion import flax_to_torch, torch_to_flax
 from resnet_jax.convert.files import (WEIGHT_SUFFIXES, check_output, read_torch_weights,
                                       write_atomically, write_torch_weights)
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
 
   parser = _parser()
   args = parser.parse_args(argv)
+  quiet_libtpu_without_tpu()
   to_flax = _check_paths(parser, args)
   try:
     # disable=None: a progress bar on a terminal, silence in logs and pipes.

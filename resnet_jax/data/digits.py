@@ -16,6 +16,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   """sklearn.datasets.load_digits as a TFDS builder, registered as 'digits'."""
 
   VERSION = tfds.core.Version('1.0.0')
+  NEEDS_NO_DOWNLOAD = True  # sources.py prepares it without TFDS's download messages
   RELEASE_NOTES = {'1.0.0': 'sklearn digits, 1437 train / 360 test images.'}
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -5,8 +5,12 @@ A source reads one process's shard of a split as a tf.data.Dataset of
 decode) and knows the split's size and class count.
 """
 
+import contextlib
+import io
+import logging
 import os
 import re
+import sys
 import warnings
 from concurrent import futures
 from typing import Callable, Optional, Sequence
@@ -264,10 +268,13 @@ def _cardinality(ds: tf.data.Dataset) -> int:
 
 def _ensure_prepared(builder, name):
   """Prepares datasets that need no download (digits); otherwise says what to do."""
-  if builder.is_prepared():
+  if _is_prepared(builder):
     return
   try:
-    builder.download_and_prepare()
+    if getattr(builder, 'NEEDS_NO_DOWNLOAD', False):
+      _quietly(builder.download_and_prepare)
+    else:
+      builder.download_and_prepare()
   except Exception as e:  # a network or manual-download failure: say what to do instead
     root = builder.data_dir_root
     manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
@@ -283,3 +290,31 @@ def _ensure_prepared(builder, name):
               f'`tfds build {name} --data_dir DIR`, copy DIR here and pass '
               f'--config.data_dir=DIR.')
     raise DatasetNotPreparedError(hint) from None
+
+
+class _BelowError(logging.Filter):
+  def filter(self, record):
+    return record.levelno >= logging.ERROR
+
+
+def _is_prepared(builder) -> bool:
+  """builder.is_prepared(), without its warning that a dataset not yet built has no
+  dataset_info.json (the answer no says as much; preparing it follows)."""
+  absl_logger, quiet = logging.getLogger('absl'), _BelowError()
+  absl_logger.addFilter(quiet)
+  try:
+    return builder.is_prepared()
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _quietly(prepare):
+  """Runs `prepare` with TFDS's "Downloading and preparing" lines and progress bars (a
+  second's work for digits) held back; shown after all if it fails."""
+  held = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+      prepare()
+  except BaseException:
+    sys.stderr.write(held.getvalue())
+    raise
