@@ -121,8 +121,14 @@ def _partial_folder(output: Path):
                              'host': socket.gethostname()}).encode())
     yield folder
   finally:
-    _remove_folder(folder)
+    if not _holds_an_old_output(folder):  # else it could not be put back: the next
+      _remove_folder(folder)                 # check of the output retries
     os.close(fd)
+
+
+def _holds_an_old_output(folder: Path) -> bool:
+  replaced = folder / REPLACED
+  return replaced.is_dir() and bool(os.listdir(replaced))
 
 
 def _swap(folder: Path, output: Path, names: Sequence[str]) -> None:
@@ -153,6 +159,8 @@ def _put_back(folder: Path, parent: Path) -> None:
   replaced = folder / REPLACED
   for name in sorted(os.listdir(replaced)):
     if os.path.lexists(parent / name):
+      if os.path.lexists(folder / name):  # then not the swap's new part: someone else's
+        raise FileExistsError(f'{parent / name} appeared after {folder} was left')
       os.rename(parent / name, folder / name)
     os.rename(replaced / name, parent / name)
 

@@ -1,7 +1,12 @@
-"""resnet_jax.outputs: what the removal of a killed writer's leftovers leaves alone. (The
-rule as convert and export use it, kills included: tests/test_convert.py, test_export.py.)"""
+"""resnet_jax.outputs: what removing a killed writer's leftovers leaves alone, and an old
+output never deleted before it is back in place. (The rule as convert and export use it,
+kills included: tests/test_convert.py, test_export.py.)"""
 
 import json
+import os
+from pathlib import Path
+
+import pytest
 
 from resnet_jax import outputs
 
@@ -32,3 +37,23 @@ def test_a_running_writer_and_folders_not_laid_out_as_ours_are_left_alone(tmp_pa
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*strangers, 'w.bin'])
   for name, files in strangers.items():
     assert {p.name: p.read_text() for p in (tmp_path / name).iterdir()} == files
+
+
+def test_an_old_output_that_cannot_be_put_back_is_kept_for_the_next_check(tmp_path,
+                                                                          monkeypatch):
+  output = tmp_path / 'w.bin'
+  output.write_bytes(b'old')
+  real_rename = os.rename
+
+  def rename(src, dst):  # the new output cannot be moved in, nor the old one back
+    if Path(dst) == output:
+      raise OSError('rename failed')
+    real_rename(src, dst)
+  monkeypatch.setattr(os, 'rename', rename)
+  with pytest.raises(OSError, match='rename failed'):
+    outputs.write_atomically(output, lambda path: path.write_bytes(b'new'), FILE, True)
+  assert not output.exists()
+  assert [p.read_bytes() for p in tmp_path.glob('.w.bin.*.partial/replaced/w.bin')] == [b'old']
+  monkeypatch.setattr(os, 'rename', real_rename)
+  outputs.check_output(output, FILE, overwrite=True)
+  assert output.read_bytes() == b'old' and os.listdir(tmp_path) == ['w.bin']
