@@ -16,6 +16,11 @@ Formats:
   - saved_model: a TensorFlow SavedModel directory (via jax2tf) whose 'serving_default'
     signature maps `pixels` (uint8, [batch, H, W, C]) to `logits`; the contract is
     assets.extra/resnet_jax_contract.json inside it.
+An existing output is replaced only with --overwrite and only if export wrote it (an
+artifact whose contract names its sha256, or a SavedModel directory holding only what
+TensorFlow writes and our contract): never the current directory or one holding the
+checkpoint. The new output is written beside it and swapped in (resnet_jax.outputs).
+--platforms takes names among cpu, cuda, rocm and tpu.
 The image size and normalization come from a training workdir's config.json
 ('image_size', and 'preprocess' through RECIPE_STATISTICS); a converted checkpoint
 (torchvision/timm weights) takes ImageNet statistics at 224 pixels.
@@ -25,12 +30,11 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from resnet_jax import outputs
 from resnet_jax.errors import UserError
 
 CONTRACT_FORMAT = 'resnet_jax.serving/1'
@@ -38,6 +42,22 @@ CONTRACT_SUFFIX = '.json'
 SAVED_MODEL_CONTRACT = Path('assets.extra') / 'resnet_jax_contract.json'
 TENSORFLOW_MISSING = ("--format saved_model needs TensorFlow, which is not installed; "
                       "install it with `pip install 'resnet_jax[train]'` (or tensorflow-cpu).")
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # the platforms jax.export lowers for
+# What tf.saved_model.save writes at the top of a SavedModel directory, and our contract.
+SAVED_MODEL_ENTRIES = {'saved_model.pb', 'variables', 'assets', 'fingerprint.pb',
+                       SAVED_MODEL_CONTRACT.parts[0]}
+
+
+def checked_platforms(platforms: Sequence[str]) -> Tuple[str, ...]:
+  """`platforms` as a tuple, or one UserError unless they are distinct names among
+  PLATFORMS, at least one (an artifact lowered for none runs nowhere)."""
+  platforms = tuple(platforms)
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if not platforms or unknown or len(set(platforms)) != len(platforms):
+    given = ','.join(platforms)
+    raise UserError(f'--platforms {given!r}: name one or more distinct platforms among '
+                    f'{", ".join(PLATFORMS)}, comma-separated (e.g. --platforms cpu,cuda).')
+  return platforms
 
 
 def serving_settings(checkpoint: Path) -> Dict[str, Any]:
@@ -98,18 +118,64 @@ def _input_spec(batch: Optional[int], contract_: Dict[str, Any]):
 # --------------------------------------------------------------------------- writers
 
 
-def write_jax_export(serve, contract_: Dict[str, Any], output: Path) -> None:
-  """OUTPUT (serialized jax.export.Exported) and OUTPUT.json (the contract)."""
+def _is_jax_export(output: Path) -> bool:
+  """Whether `output` and OUTPUT.json are an artifact and the contract naming its sha256."""
+  contract_path = Path(str(output) + CONTRACT_SUFFIX)
+  if any(p.is_symlink() or not p.is_file() for p in (output, contract_path)):
+    return False
+  try:
+    sidecar = json.loads(contract_path.read_text())
+    return (sidecar['format'] == CONTRACT_FORMAT
+            and sidecar['sha256'] == hashlib.sha256(output.read_bytes()).hexdigest())
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+def _is_saved_model(output: Path) -> bool:
+  """Whether `output` is a SavedModel directory write_saved_model wrote: only its entries,
+  and our contract inside."""
+  if output.is_symlink() or not output.is_dir():
+    return False
+  try:
+    entries = set(os.listdir(output))
+    contract_ = json.loads((output / SAVED_MODEL_CONTRACT).read_text())
+    return ('saved_model.pb' in entries and entries <= SAVED_MODEL_ENTRIES
+            and contract_['format'] == CONTRACT_FORMAT)
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+# What export writes, and so may replace with --overwrite.
+KINDS = {
+    'jax_export': outputs.Kind(
+        tool='export', is_ours=_is_jax_export, companions=(CONTRACT_SUFFIX,),
+        description=f'an artifact file and, beside it, its OUTPUT{CONTRACT_SUFFIX} contract '
+                    f'naming its sha256'),
+    'saved_model': outputs.Kind(
+        tool='export', is_ours=_is_saved_model,
+        description=f'a SavedModel directory holding only what TensorFlow writes and '
+                    f'{SAVED_MODEL_CONTRACT}'),
+}
+
+
+def write_jax_export(serve, contract_: Dict[str, Any], output: Path,
+                     overwrite: bool = False) -> None:
+  """OUTPUT (serialized jax.export.Exported) and OUTPUT.json (the contract), swapped in
+  together once both are written (the contract last)."""
   import jax
   exported = jax.export.export(jax.jit(serve), platforms=contract_['platforms'])(
       _input_spec(contract_['input']['shape'][0], contract_))
   data = exported.serialize()
   sidecar = {**contract_, 'sha256': hashlib.sha256(data).hexdigest()}
-  contract_bytes = (json.dumps(sidecar, indent=2) + '\n').encode()
-  _write_files(output, {output.name: bytes(data), output.name + CONTRACT_SUFFIX: contract_bytes})
+
+  def write(target: Path) -> None:
+    target.write_bytes(bytes(data))
+    Path(str(target) + CONTRACT_SUFFIX).write_text(json.dumps(sidecar, indent=2) + '\n')
+  outputs.write_atomically(output, write, KINDS['jax_export'], overwrite)
 
 
-def write_saved_model(serve, contract_: Dict[str, Any], output: Path) -> None:
+def write_saved_model(serve, contract_: Dict[str, Any], output: Path,
+                      overwrite: bool = False) -> None:
   """A SavedModel directory with a 'serving_default' signature pixels -> logits."""
   try:
     import tensorflow as tf
@@ -131,64 +197,45 @@ def write_saved_model(serve, contract_: Dict[str, Any], output: Path) -> None:
     tf.saved_model.save(module, str(directory), signatures={'serving_default': module.serve})
     (directory / SAVED_MODEL_CONTRACT).parent.mkdir(exist_ok=True)
     (directory / SAVED_MODEL_CONTRACT).write_text(json.dumps(contract_, indent=2) + '\n')
-  _write_dir(output, write)
-
-
-def _write_files(output: Path, files: Dict[str, bytes]) -> None:
-  """Writes `files` (name -> bytes) into a temporary folder next to `output`, then renames
-  each into place: a failure leaves no partial file behind. The contract goes last."""
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
-  try:
-    for name, data in files.items():
-      (tmp / name).write_bytes(data)
-    for name in sorted(files, key=lambda n: n.endswith(CONTRACT_SUFFIX)):
-      os.replace(tmp / name, output.parent / name)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_dir(output: Path, write: Callable[[Path], None]) -> None:
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
-  try:
-    write(tmp / output.name)
-    if output.is_dir():  # --overwrite was checked by the caller
-      shutil.rmtree(output)
-    os.replace(tmp / output.name, output)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  outputs.write_atomically(output, write, KINDS['saved_model'], overwrite)
 
 
 # ---------------------------------------------------------------------------- export
 
 
 def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str = 'float32',
-           batch: Optional[int] = None,
-           platforms: Sequence[str] = ('cpu', 'cuda')) -> Dict[str, Any]:
-  """Writes the serving artifact of `checkpoint` to `output`; returns its contract."""
+           batch: Optional[int] = None, platforms: Sequence[str] = ('cpu', 'cuda'),
+           overwrite: bool = False) -> Dict[str, Any]:
+  """Writes the serving artifact of `checkpoint` to `output`; returns its contract. An
+  existing output is replaced only with `overwrite` and only if export wrote it."""
   import jax.numpy as jnp
   from resnet_jax.run_dir import load_model, read_model_config
 
+  platforms = checked_platforms(platforms)
+  outputs.check_output(Path(output), KINDS[fmt], [checkpoint], overwrite)
   model_config = read_model_config(checkpoint)
   model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))
   settings = serving_settings(checkpoint)
   contract_ = contract(model, model_config, settings, batch, dtype, platforms)
   serve = serving_function(model, variables, settings['normalization'])
-  (write_saved_model if fmt == 'saved_model' else write_jax_export)(serve, contract_, output)
+  writer = write_saved_model if fmt == 'saved_model' else write_jax_export
+  writer(serve, contract_, output, overwrite)
   return contract_
 
 
-def _outputs(output: Path, fmt: str):
-  return [output] if fmt == 'saved_model' else [output, Path(str(output) + CONTRACT_SUFFIX)]
-
-
 def _check_args(args) -> None:
-  """Raises one UserError for a missing checkpoint, an existing or unwritable output."""
+  """Raises one UserError for a missing checkpoint, bad platforms, an output export may
+  not write (resnet_jax.outputs' rule), or an unwritable one."""
   if args.checkpoint is not None and not args.checkpoint.is_dir():
     raise UserError(f'--checkpoint {args.checkpoint} is not a directory; pass a converted '
                     f'checkpoint or a training workdir.')
-  existing = [str(p) for p in _outputs(args.output, args.format) if p.exists()]
-  if existing and not args.overwrite:
-    raise UserError(f'{" and ".join(existing)} already exist(s); remove or pass --overwrite.')
+  checked_platforms(args.platforms)
+  if args.pretrained:
+    from resnet_jax.pretrained import cache_dir
+    source = cache_dir(args.pretrained)
+  else:
+    source = args.checkpoint
+  outputs.check_output(args.output, KINDS[args.format], [source], args.overwrite)
   if args.format == 'saved_model':
     try:
       import tensorflow  # noqa: F401 pylint: disable=unused-import
@@ -221,10 +268,16 @@ def _parser() -> argparse.ArgumentParser:
                       help='compute dtype (the weights are stored as in the checkpoint)')
   parser.add_argument('--batch', default='any',
                       help="'any' (a symbolic batch dimension) or a fixed batch size")
-  parser.add_argument('--platforms', default='cpu,cuda',
-                      help='comma-separated platforms to lower for: cpu, cuda, rocm, tpu')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  parser.add_argument('--platforms', default='cpu,cuda', type=_platform_list,
+                      help=f'comma-separated platforms to lower for: {", ".join(PLATFORMS)}')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing output, only if it is one export writes; '
+                           'it is swapped out once the new output is complete')
   return parser
+
+
+def _platform_list(value: str) -> Tuple[str, ...]:
+  return tuple(p.strip() for p in value.split(',') if p.strip())
 
 
 def _batch(parser, value: str) -> Optional[int]:
@@ -240,14 +293,14 @@ def main(argv=None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   batch = _batch(parser, args.batch)
-  platforms = tuple(p.strip() for p in args.platforms.split(',') if p.strip())
   try:
     _check_args(args)
     checkpoint = args.checkpoint
     if args.pretrained:
       from resnet_jax.pretrained import ensure_cached
       checkpoint = ensure_cached(args.pretrained)
-    result = export(checkpoint, args.output, args.format, args.dtype, batch, platforms)
+    result = export(checkpoint, args.output, args.format, args.dtype, batch, args.platforms,
+                    args.overwrite)
   except (ValueError, OSError) as e:  # UserError is a ValueError
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   shape = ['batch' if d is None else d for d in result['input']['shape']]

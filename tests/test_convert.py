@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -377,7 +378,7 @@ def test_write_atomically_keeps_the_old_output_when_writing_or_swapping_fails(
   real_rename, real_replace = os.rename, os.replace
   def refuse_new_output(rename):
     def moved(src, dst, *args, **kwargs):
-      if Path(src).name == output.name and Path(src).parent != output.parent:
+      if Path(src).name == output.name and Path(src).parent.name.endswith('.partial'):
         raise OSError('rename failed')
       return rename(src, dst, *args, **kwargs)
     return moved
@@ -387,6 +388,51 @@ def test_write_atomically_keeps_the_old_output_when_writing_or_swapping_fails(
     convert.write_atomically(output, lambda path: _old_checkpoint(path), overwrite=True)
   assert (output / 'model.json').read_text() == old_config
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+# A writer killed on the way: writing, between moving the old output aside and the new one
+# in, or while deleting the old one. The next convert of that output finds it as it was
+# (or complete) and removes the hidden folder the killed one left.
+KILLED_WRITER = textwrap.dedent('''
+    import os, shutil, signal, sys
+    from pathlib import Path
+    from resnet_jax import convert
+    output, at = Path(sys.argv[1]), sys.argv[2]
+    die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    real_rename = os.rename
+    def rename(src, dst):
+      if at == 'swapping' and Path(dst) == output:
+        die()
+      real_rename(src, dst)
+    os.rename = rename
+    if at == 'removing':
+      shutil.rmtree = die
+    def write(path):
+      path.write_bytes(b'new weights')
+      if at == 'writing':
+        die()
+    convert.write_atomically(output, write, overwrite=True)
+''')
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize('at, left', [('writing', b'old weights'),
+                                      ('swapping', b'old weights'),
+                                      ('removing', b'new weights')])
+def test_a_killed_convert_leaves_nothing_the_next_one_does_not_clear(tmp_path, at, left):
+  output = tmp_path / 'w.safetensors'
+  output.write_bytes(b'old weights')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': str(Path(convert.__file__).parents[2])}
+  killed = subprocess.run([sys.executable, '-c', KILLED_WRITER, str(output), at], env=env,
+                          timeout=120, capture_output=True, text=True)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert len(list(tmp_path.glob('.w.safetensors.*'))) == 1  # what it left
+  (tmp_path / '.w.safetensors.mine').mkdir()  # a user's folder of a similar name stays
+  convert.check_output(output, overwrite=True)  # what the next convert checks first
+  assert output.read_bytes() == left
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['.w.safetensors.mine',
+                                                        'w.safetensors']
 
 
 # ------------------------------------------------ weights that would convert with a loss

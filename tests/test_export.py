@@ -94,6 +94,9 @@ def test_saved_model_runs_with_tensorflow_alone(trained_workdir, tmp_path):
   expected = _expected(workdir, pixels)
   for n in BATCH_SIZES:
     np.testing.assert_allclose(got[str(n)], expected[:n], rtol=1e-4, atol=1e-4)
+  assert export.KINDS['saved_model'].is_ours(artifact)  # so --overwrite may replace it
+  (artifact / 'notes.txt').write_text('mine')
+  assert not export.KINDS['saved_model'].is_ours(artifact)
 
 
 def test_fixed_batch_and_bfloat16(trained_workdir, tmp_path):
@@ -137,6 +140,81 @@ def test_bad_input_is_one_message_and_writes_nothing(trained_workdir, tmp_path, 
     assert output.read_text() == 'a file'
   else:
     assert not output.parent.exists()
+
+
+def _refused(args, capsys, why):
+  with pytest.raises(SystemExit) as exit_info:
+    export.main([str(a) for a in args])
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2 and error.count('error:') == 1, error
+  assert why in error and 'Traceback' not in error, error
+
+
+def _files(directory):
+  return sorted(str(p.relative_to(directory)) for p in directory.rglob('*'))
+
+
+def test_overwrite_replaces_only_what_export_wrote(trained_workdir, tmp_path, capsys,
+                                                   monkeypatch):
+  workdir, _ = trained_workdir
+  album = tmp_path / 'album'
+  (album / 'photos').mkdir(parents=True)
+  (album / 'photos' / 'cat.jpg').write_bytes(b'cat')
+  (album / 'notes.jaxexport').write_bytes(b'mine')
+  (album / 'notes.jaxexport.json').write_text('{"mine": true}')
+  before = _files(album)
+  source = ['--checkpoint', workdir, '--overwrite']
+  saved_model = source + ['--format', 'saved_model']
+  _refused(saved_model + ['--output', album], capsys, 'is not something export writes')
+  _refused(source + ['--output', album / 'notes.jaxexport'], capsys, 'is not something')
+  _refused(saved_model + ['--output', workdir], capsys, 'contains the input')
+  _refused(saved_model + ['--output', os.path.dirname(workdir)], capsys, 'contains the input')
+  monkeypatch.chdir(album / 'photos')
+  for output in ['.', '..', str(album)]:
+    _refused(saved_model + ['--output', output], capsys, 'current directory')
+    _refused(source + ['--output', output], capsys, 'current directory')
+  assert _files(album) == before
+
+  # What export wrote is replaced; an artifact that no longer matches its contract is not.
+  artifact = tmp_path / 'digits.jaxexport'
+  assert export.main(['--checkpoint', workdir, '--output', str(artifact)]) == 0
+  assert export.main(source + ['--output', str(artifact), '--batch', '7']) == 0
+  assert jax.export.deserialize(artifact.read_bytes()).in_avals[0].shape == (7, 8, 8, 1)
+  artifact.write_bytes(artifact.read_bytes() + b'edited')
+  _refused(source + ['--output', artifact], capsys, 'is not something export writes')
+  assert sorted(os.listdir(tmp_path)) == ['album', 'digits.jaxexport', 'digits.jaxexport.json']
+
+
+@pytest.mark.parametrize('platforms', ['foo', '', 'cpu,foo', 'cpu,cpu', ','])
+def test_platforms_are_checked(trained_workdir, tmp_path, capsys, platforms):
+  workdir, _ = trained_workdir
+  _refused(['--checkpoint', workdir, '--output', tmp_path / 'm.jaxexport', '--platforms',
+            platforms], capsys, 'cpu, cuda, rocm, tpu')
+  assert os.listdir(tmp_path) == []
+
+
+KILLED_EXPORT = textwrap.dedent('''
+    import os, pathlib, signal, sys
+    from resnet_jax import export
+    def die(*args, **kwargs):
+      os.kill(os.getpid(), signal.SIGKILL)
+    pathlib.Path.write_bytes = die  # killed while writing the artifact
+    export.main(['--checkpoint', sys.argv[1], '--output', sys.argv[2]])
+''')
+
+
+@pytest.mark.cli
+def test_what_a_killed_export_left_is_removed_by_the_next(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  artifact = tmp_path / 'digits.jaxexport'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': os.path.dirname(os.path.dirname(export.__file__))}
+  killed = subprocess.run([sys.executable, '-c', KILLED_EXPORT, workdir, str(artifact)],
+                          env=env, timeout=300, capture_output=True, text=True)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert [p.name.startswith('.digits.jaxexport.') for p in tmp_path.iterdir()] == [True]
+  assert export.main(['--checkpoint', workdir, '--output', str(artifact)]) == 0
+  assert sorted(os.listdir(tmp_path)) == ['digits.jaxexport', 'digits.jaxexport.json']
 
 
 def test_saved_model_without_tensorflow_says_what_to_install(trained_workdir, tmp_path,

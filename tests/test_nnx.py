@@ -187,6 +187,16 @@ def test_variables_of_another_model_are_refused_with_the_differences():
     rnnx.from_linen(variables, 'cifar_resnet32')
 
 
+@pytest.mark.parametrize('variables, stray', [({'foo': 1}, 'foo'), ({'params': 5}, 'params'),
+                                              ([1, 2], 'list (not a mapping')])
+def test_variables_that_are_not_collections_of_arrays_are_refused_alike(variables, stray):
+  with pytest.raises(UserError) as info:
+    rnnx.from_linen(variables, 'cifar_resnet20')
+  message = str(info.value)
+  assert message.startswith('The variables do not fit this model')
+  assert 'missing: bn1/bias, ' in message and f'unexpected: {stray}' in message
+
+
 def test_converted_torchvision_weights_give_torchvision_logits():
   torch_model = torch_reference_model('resnet18', num_classes=4).eval()
   model = rnnx.from_linen(torch_to_flax(torch_model.state_dict(), 'resnet18'), 'resnet18',

@@ -15,10 +15,11 @@ a silent loss: tensors that are not dense floats (complex, integer, bool, sparse
 integer `num_batches_tracked` excepted) are refused, and so are NaN/inf values unless
 --allow-nonfinite. The output is written next to its place and swapped in when complete;
 --overwrite replaces only what convert writes (a directory of model.json and variables/,
-or a weights file), never the current directory or one holding the input.
+or a weights file), never the current directory or one holding the input; the rule and the
+swap are resnet_jax.outputs', shared with export.
 
 This package is the only one that imports torch, and only inside the functions that need it:
-conversion.py (state_dicts both ways), files.py (weight files, safe replacement),
+conversion.py (state_dicts both ways), files.py (weight files, what convert replaces),
 verify.py (the PyTorch reference), cli.py; the name rule is resnet_jax.models.torch_names.
 """
 

@@ -1,15 +1,12 @@
-"""Weight files: reading and writing PyTorch state_dicts, and replacing an output safely."""
+"""Weight files: reading and writing PyTorch state_dicts; what convert may replace."""
 
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from resnet_jax import run_dir
+from resnet_jax import outputs, run_dir
 from resnet_jax.convert.conversion import strip_prefix
 from resnet_jax.errors import UserError
 
@@ -73,54 +70,28 @@ def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: Path) -> Non
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
 
 
+def _is_converted_output(output: Path) -> bool:
+  if output.is_dir():
+    return run_dir.is_converted_checkpoint(output)
+  return output.is_file() and output.suffix in WEIGHT_SUFFIXES
+
+
+# What convert writes, and so may replace with --overwrite.
+CONVERTED = outputs.Kind(
+    tool='convert', is_ours=_is_converted_output,
+    description=f'a directory of only model.json and variables/, or a '
+                f'{"/".join(WEIGHT_SUFFIXES)} file')
+
+
 def check_output(output: Path, inputs=(), overwrite: bool = False) -> None:
-  """One UserError unless `output` may be written: it must not be (or contain) the current
-  directory or an input, and if it exists, `overwrite` must be set and it must be
-  something convert writes (a converted checkpoint directory, or a weights file)."""
-  cwd = Path.cwd().resolve()
-  for out in {Path(os.path.abspath(output)), output.resolve()}:
-    if out == cwd or out in cwd.parents:
-      raise UserError(f'--output {output} is the current directory or contains it; '
-                      f'name a new directory or file, e.g. --output {output / "converted"}.')
-    for source in inputs:
-      source = Path(source).resolve()
-      if out == source or out in source.parents:
-        raise UserError(f'--output {output} is or contains the input {source}; '
-                        f'choose an output elsewhere.')
-  if not os.path.lexists(output):
-    return
-  if not overwrite:
-    raise UserError(f'--output {output} already exists; remove it or pass --overwrite.')
-  weights_file = output.is_file() and output.suffix in WEIGHT_SUFFIXES
-  if not (weights_file or (output.is_dir() and run_dir.is_converted_checkpoint(output))):
-    raise UserError(f'--output {output} exists and is not something convert writes (a '
-                    f'directory of only model.json and variables/, or a '
-                    f'{"/".join(WEIGHT_SUFFIXES)} file); refusing to replace it. Choose '
-                    f'another --output, or move it away yourself.')
+  """One UserError unless convert may write `output` (resnet_jax.outputs' rule): never the
+  current directory or an input; if it exists, only with `overwrite` and only a converted
+  checkpoint directory or a weights file."""
+  outputs.check_output(output, CONVERTED, inputs, overwrite)
 
 
 def write_atomically(output: Path, write, overwrite: bool = False) -> None:
-  """Calls write(tmp_path) on a temporary sibling of `output`, then swaps it into place:
-  an existing output (with `overwrite`, and only one `check_output` recognises) is renamed
-  aside, the new one renamed in, and only then the old one deleted. A failure before the
-  swap leaves the old output untouched and no temporaries behind."""
-  check_output(output, overwrite=overwrite)
-  output = Path(os.path.abspath(output))
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
-  try:
-    target = tmp / output.name
-    write(target)
-    if os.path.lexists(output):
-      check_output(output, overwrite=overwrite)  # still the output checked before writing
-      aside = tmp / 'replaced'
-      os.rename(output, aside)
-      try:
-        os.rename(target, output)
-      except OSError:
-        os.rename(aside, output)
-        raise
-    else:
-      os.rename(target, output)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # the temporary, and the replaced output
+  """Calls write(tmp_path) beside `output` and swaps the result into place: an existing
+  output (with `overwrite`, and only what convert writes) is deleted only once the new one
+  is in place. See resnet_jax.outputs."""
+  outputs.write_atomically(output, write, CONVERTED, overwrite)

@@ -40,8 +40,9 @@ def from_linen(variables: Mapping[str, Any], model: Union[str, models.ResNet],
   abstract = nnx.eval_shape(lambda: ResNet(spec, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   expected = {path: variable for path, variable in nnx.to_flat_state(state)}
-  given = _flat_nnx_paths(unscan_variables(variables))
-  _check_fits(given, expected)
+  collections, strays = _collections(variables)
+  given = _flat_nnx_paths(unscan_variables(collections))
+  _check_fits(given, expected, strays)
   values = {path: jnp.asarray(given[path], expected[path].dtype) for path in expected}
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
   return nnx.merge(graphdef, state)
@@ -54,6 +55,16 @@ def _linen_tree(state: nnx.State) -> dict:
       {tuple(str(key) for key in path): value for path, value in flat.items()})
 
 
+def _collections(variables: Any):
+  """({collection: tree} of the collections NNX models hold, [the names of anything else]):
+  other entries, or a collection that is not a mapping, do not fit any model."""
+  if not isinstance(variables, Mapping):
+    return {}, [f'{type(variables).__name__} (not a mapping of collections)']
+  fitting = {c: tree for c, tree in variables.items()
+             if c in COLLECTIONS and isinstance(tree, Mapping)}
+  return fitting, [str(c) for c in variables if c not in fitting]
+
+
 def _flat_nnx_paths(variables: Mapping[str, Any]) -> dict:
   """{(collection-free NNX path): array} over the collections NNX models hold."""
   flat = {}
@@ -63,10 +74,10 @@ def _flat_nnx_paths(variables: Mapping[str, Any]) -> dict:
   return flat
 
 
-def _check_fits(given: dict, expected: dict):
+def _check_fits(given: dict, expected: dict, strays=()):
   name = lambda path: '/'.join(map(str, path))
   missing = [name(p) for p in expected if p not in given]
-  unexpected = [name(p) for p in given if p not in expected]
+  unexpected = list(strays) + [name(p) for p in given if p not in expected]
   misshaped = [f'{name(p)} {tuple(jnp.shape(given[p]))} (expected {tuple(v.shape)})'
                for p, v in expected.items() if p in given and jnp.shape(given[p]) != v.shape]
   problems = [f'{label}: {", ".join(items[:8])}{" ..." if len(items) > 8 else ""}'
