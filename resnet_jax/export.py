@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from resnet_jax import outputs
+from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.errors import UserError
 
 CONTRACT_FORMAT = 'resnet_jax.serving/1'
@@ -290,6 +291,7 @@ def _batch(parser, value: str) -> Optional[int]:
 
 def main(argv=None) -> int:
   """Entry point of `python -m resnet_jax.export`."""
+  quiet_libtpu_without_tpu()
   parser = _parser()
   args = parser.parse_args(argv)
   batch = _batch(parser, args.batch)
