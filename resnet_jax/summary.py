@@ -3,7 +3,8 @@
     python -m resnet_jax.summary resnet50 --image-size 224 [--depth 2]
 
 Shapes are printed as C x H x W, as torchvision users read them. GFLOPs follow
-torchvision's convention: multiply-accumulates of the convolutions and the fc, per image.
+torchvision's convention: multiply-accumulates of the convolutions and the fc, per image
+(with those of the SE/ECA attentions' convolutions of the channel means).
 """
 
 import argparse
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import convolution, zoo
+from resnet_jax.models import attention, convolution, zoo
 
 
 @dataclasses.dataclass
@@ -31,8 +32,10 @@ def _macs(module: nn.Module, inputs, output) -> int:
   if isinstance(module, convolution.Conv):
     in_channels = inputs[0].shape[-1] // module.groups
     return int(np.prod(output.shape[1:])) * module.kernel_size ** 2 * in_channels
-  if isinstance(module, nn.Dense):
+  if isinstance(module, (nn.Dense, attention.PointwiseConv)):
     return int(np.prod(output.shape[1:])) * inputs[0].shape[-1]
+  if isinstance(module, attention.ChannelConv):
+    return int(np.prod(output.shape[1:])) * module.kernel_size
   return 0
 
 

@@ -18,6 +18,8 @@ import torch
 import torchvision
 
 from resnet_jax import convert, create_model
+from resnet_jax.models.torch_names import torch_layout
+from resnet_jax.models.zoo import PYTORCH_REFERENCE
 from resnet_jax.run_dir import load_variables, read_model_config, save_converted
 
 TOL = 1e-4
@@ -84,7 +86,21 @@ PARITY_CASES = [
     ('wide_resnet101_2', [(1, 64, 64)]),
     ('resnext101_32x8d', [(1, 64, 64)]),
     ('resnext101_64x4d', [(1, 64, 64)]),
+    # timm's families on their smallest members, at an odd 37x45: the tiered stem (basic
+    # and bottleneck), the deep stem 32 without (-c) and with (-d) avg-down, 64 (-s), SE,
+    # SE + ResNeXt + tiered stem, ECA with the tiered stem and with the 7x7 one.
+    ('resnet10t', [(2, 37, 45)]),
+    ('resnet14t', [(2, 37, 45)]),
+    ('resnet18d', [(2, 37, 45)]),
+    ('resnet50c', [(1, 37, 45)]),
+    ('resnet50s', [(1, 37, 45)]),
+    ('seresnet50', [(1, 37, 45)]),
+    ('seresnext26t_32x4d', [(2, 37, 45)]),
+    ('ecaresnet26t', [(2, 37, 45)]),
+    ('ecaresnetlight', [(1, 37, 45)]),
 ]
+
+TIMM_ARCHS = [a for a, library in PYTORCH_REFERENCE.items() if library == 'timm']
 
 
 @pytest.mark.parametrize('arch,shapes', PARITY_CASES, ids=[a for a, _ in PARITY_CASES])
@@ -106,6 +122,45 @@ def test_eval_logits_match_torch_and_round_trip_is_exact(arch, shapes):
       assert back[key].dtype == value.numpy().dtype
       np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
   reference.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+@pytest.mark.parametrize('arch', TIMM_ARCHS)
+def test_timm_names_shapes_and_parameter_count_are_ours(arch):
+  """Every timm architecture of the zoo, built by timm without memory (meta tensors):
+  its state_dict keys and shapes are our layout's, so its parameters are ours."""
+  import timm
+  with torch.device('meta'):
+    reference = timm.create_model(arch, pretrained=False)
+  shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()
+            if not k.endswith('num_batches_tracked')}
+  layout = torch_layout(arch)
+  assert {k: slot.torch_shape for k, slot in layout.items()} == shapes
+  ours = sum(int(np.prod(slot.torch_shape)) for slot in layout.values()
+             if slot.collection == 'params')
+  assert ours == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize('arch', ['resnet10t', 'resnet18d', 'seresnext26t_32x4d',
+                                  'ecaresnet26t'])
+def test_timm_train_mode_logits_and_running_statistics_match(arch):
+  reference = random_reference(arch, num_classes=5).train()
+  variables = convert.torch_to_flax(reference.state_dict(), arch)
+  x = images(3, 37, 45, seed=2)
+  with torch.no_grad():
+    expected_logits = torch_logits(reference, x)
+  expected = {k: v.numpy() for k, v in reference.state_dict().items()}
+
+  model = create_model(arch, num_classes=5)
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
+  np.testing.assert_allclose(np.asarray(logits), expected_logits, rtol=0, atol=TOL)
+  got = convert.flax_to_torch({'params': variables['params'], **updates}, arch)
+  before = convert.flax_to_torch(variables, arch)
+  statistics = [key for key in expected if 'running_' in key]
+  for key in statistics:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  # the forward pass moved every statistic, so the comparison above can see a wrong update
+  assert not any(np.allclose(got[key], before[key]) for key in statistics)
 
 
 def test_num_classes_follows_fc_and_scan_layout_exports():
@@ -248,6 +303,24 @@ def test_cli_converts_verifies_and_exports(resnet18_weights, tmp_path, capsys, s
     tensors = torch.load(exported, weights_only=True)
   reference = convert.torch_reference_model('resnet18')
   reference.load_state_dict(tensors, strict=True)
+  assert_same_weights(state_dict, {k: v.numpy() for k, v in tensors.items()})
+
+
+def test_cli_converts_verifies_and_exports_a_timm_seresnext(tmp_path, capsys):
+  """The issue's acceptance command: timm's SE-ResNeXt with the tiered stem, both ways."""
+  from safetensors.torch import save_file
+  state_dict = random_reference('seresnext26t_32x4d', num_classes=10, seed=4).state_dict()
+  save_file(state_dict, str(tmp_path / 'timm.safetensors'))
+  code, out, err = run_main(['--arch', 'seresnext26t_32x4d', '--input',
+                             tmp_path / 'timm.safetensors', '--output', tmp_path / 'out',
+                             '--verify'], capsys)
+  assert code == 0, err
+  assert 'max abs logit difference' in out and 'ok' in out
+  code, out, err = run_main(['--input', tmp_path / 'out', '--output', tmp_path / 'back.pth'],
+                            capsys)
+  assert code == 0, err
+  tensors = torch.load(tmp_path / 'back.pth', weights_only=True)
+  convert.torch_reference_model('seresnext26t_32x4d', 10).load_state_dict(tensors, strict=True)
   assert_same_weights(state_dict, {k: v.numpy() for k, v in tensors.items()})
 
 

@@ -1,5 +1,8 @@
 """The model zoo: parameter counts, shapes, BatchNorm state, precision, scan, remat, errors."""
 
+import re
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,8 @@ from conftest import saved_activations
 import resnet_jax
 from resnet_jax.models.blocks import subsample_and_pad
 
-# torchvision's counts (num_classes=1000), timm's for resnet200/resnet50d, the paper's CIFAR nets.
+# torchvision's counts (num_classes=1000), timm's for resnet200 and its resnet.py variants, the
+# paper's CIFAR nets.
 PARAM_COUNTS = {
     'resnet18': 11_689_512,
     'resnet34': 21_797_672,
@@ -24,6 +28,42 @@ PARAM_COUNTS = {
     'resnext101_32x8d': 88_791_336,
     'resnext101_64x4d': 83_455_272,
     'resnet50d': 25_576_264,
+    # timm 1.0.31's counts (`sum(p.numel() for p in model.parameters())`).
+    'resnet10t': 5_435_488,
+    'resnet14t': 10_081_632,
+    'resnet18d': 11_708_744,
+    'resnet34d': 21_816_904,
+    'resnet26': 15_995_176,
+    'resnet26d': 16_014_408,
+    'resnet26t': 16_011_872,
+    'resnet50c': 25_576_264,
+    'resnet50s': 25_680_808,
+    'resnet101c': 44_568_392,
+    'resnet101d': 44_568_392,
+    'resnet101s': 44_672_936,
+    'resnet152c': 60_212_040,
+    'resnet152d': 60_212_040,
+    'resnet152s': 60_316_584,
+    'resnet200d': 64_693_064,
+    'resnext50d_32x4d': 25_048_136,
+    'resnext101_32x4d': 44_177_704,
+    'resnext101_32x16d': 194_026_792,
+    'resnext101_32x32d': 468_530_472,
+    'seresnet50': 28_088_024,
+    'seresnet152d': 66_841_080,
+    'seresnext26d_32x4d': 16_809_512,
+    'seresnext26t_32x4d': 16_806_976,
+    'seresnext50_32x4d': 27_559_896,
+    'seresnext101_32x4d': 48_955_416,
+    'seresnext101_32x8d': 93_569_048,
+    'seresnext101d_32x8d': 93_588_280,
+    'seresnext101_64x4d': 88_232_984,
+    'ecaresnetlight': 30_162_046,
+    'ecaresnet26t': 16_011_916,
+    'ecaresnet50d': 25_576_350,
+    'ecaresnet50t': 25_573_814,
+    'ecaresnet101d': 44_568_563,
+    'ecaresnet269d': 102_093_077,
     'cifar_resnet20': 269_722,
     'cifar_resnet32': 464_154,
     'cifar_resnet44': 658_586,
@@ -61,6 +101,12 @@ def test_every_model_is_listed_with_a_count():
   assert sorted(resnet_jax.list_models()) == sorted(PARAM_COUNTS)
 
 
+def test_readme_tables_list_every_model_with_its_count():
+  readme = (Path(__file__).parent.parent / 'README.md').read_text()
+  rows = dict(re.findall(r'^\| `(\w+)` \| ([\d,]+) \|', readme, re.MULTILINE))
+  assert {name: int(count.replace(',', '')) for name, count in rows.items()} == PARAM_COUNTS
+
+
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
 def test_parameter_count(name):
   # Scanning stacks blocks without changing the parameters; it keeps the deep nets quick.
@@ -92,6 +138,17 @@ def test_stage_shapes_at_224(name, widths):
     assert features[f'layer{i + 1}'].shape == (2, size, size, width)
   assert features['pre_logits'].shape == (2, widths[-1])
   assert features['logits'].shape == (2, 1000)
+
+
+@pytest.mark.parametrize('name, first_convs, stem_out', [
+    ('resnet50s', (64, 64, 128), 128), ('resnet26t', (24, 32, 64), 64),
+    ('resnet50c', (32, 32, 64), 64)])
+def test_deep_stem_widths(name, first_convs, stem_out):
+  model = resnet_jax.create_model(name, num_classes=0)
+  variables = _init_shapes(model, 64)
+  stem = variables['params']['conv1']
+  assert tuple(stem[i]['kernel'].shape[-1] for i in ('0', '3', '6')) == first_convs
+  assert variables['params']['layer1']['0']['conv1']['kernel'].shape[2] == stem_out
 
 
 def test_cifar_stage_shapes():
@@ -186,7 +243,9 @@ def test_remat_gives_the_same_gradients(overrides):
     ('resnet18', dict(stage_sizes=(1, 1))),
     ('resnet50', dict(stage_sizes=(2, 1), dtype=jnp.bfloat16)),
     ('resnet50', dict(stage_sizes=(1, 3), scan_blocks=True)),
-    ('resnet50d', dict(stage_sizes=(1, 1), remat=True))])
+    ('resnet50d', dict(stage_sizes=(1, 1), remat=True)),
+    ('seresnext26t_32x4d', dict(stage_sizes=(1, 1))),
+    ('ecaresnet26t', dict(stage_sizes=(1, 2), scan_blocks=True))])
 def test_elementwise_remat_gives_the_same_gradients_and_statistics(name, overrides):
   model, variables, x = _init(name, 32, batch=4, num_classes=5, **overrides)
 
@@ -312,7 +371,12 @@ def test_plain_net_has_no_shortcut():
   assert float(jnp.abs(out['layer3']).max()) > 0.0
 
 
-@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+# timm's variants differ from these only in depth or width.
+JIT_NAMES = [name for name in PARAM_COUNTS if name not in resnet_jax.models.zoo.TIMM_MODELS
+             or name in ('resnet10t', 'resnet50d', 'seresnext26t_32x4d')]
+
+
+@pytest.mark.parametrize('name', sorted(JIT_NAMES))
 def test_every_model_jits(name):
   """init and the train-mode forward trace, lower and compile (executed in other tests)."""
   # Scanning keeps compile time small; test_scan_matches_unrolled covers the unrolled path.

@@ -15,13 +15,21 @@ from resnet_jax.convert import torch_reference_model, torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.models import scan_variables
 
-# (zoo name, overrides, image size): basic, option A, ghost BN, bottleneck, ResNeXt, ResNet-D.
+# (zoo name, overrides, image size): basic, option A, ghost BN, bottleneck, ResNeXt, ResNet-D,
+# and timm's stems and attentions.
 CASES = {
     'cifar_resnet20': ('cifar_resnet20', {}, 8),
     'cifar_ghost_bn': ('cifar_resnet20', dict(bn_group_size=2, num_classes=3), 8),
     'resnet18': ('resnet18', dict(num_classes=7), 32),
     'resnext': ('resnext50_32x4d', dict(num_classes=5, stage_sizes=(1, 2, 1, 1)), 32),
     'resnet50d': ('resnet50d', dict(num_classes=5, stage_sizes=(1, 2, 1, 1)), 32),
+    # timm's stems and attention: tiered stem + SE + ResNeXt, the -s stem, ECA.
+    'seresnext26t': ('seresnext26t_32x4d', dict(num_classes=5, stage_sizes=(1, 1, 1, 1)), 32),
+    'resnet50s': ('resnet50s', dict(num_classes=5, stage_sizes=(1, 1, 1, 1),
+                                    stage_widths=(16, 32, 64, 128)), 32),
+    'ecaresnetlight': ('ecaresnetlight', dict(num_classes=5, stage_sizes=(1, 1, 1, 1),
+                                              stage_widths=(16, 32, 64, 128)), 32),
+    'resnet10t': ('resnet10t', dict(num_classes=5), 32),
 }
 
 
@@ -197,11 +205,11 @@ def test_variables_that_are_not_collections_of_arrays_are_refused_alike(variable
   assert 'missing: bn1/bias, ' in message and f'unexpected: {stray}' in message
 
 
-def test_converted_torchvision_weights_give_torchvision_logits():
-  torch_model = torch_reference_model('resnet18', num_classes=4).eval()
-  model = rnnx.from_linen(torch_to_flax(torch_model.state_dict(), 'resnet18'), 'resnet18',
-                          num_classes=4)
-  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+@pytest.mark.parametrize('arch', ['resnet18', 'seresnext26t_32x4d', 'ecaresnet26t'])
+def test_converted_torchvision_and_timm_weights_give_their_logits(arch):
+  torch_model = torch_reference_model(arch, num_classes=4).eval()
+  model = rnnx.from_linen(torch_to_flax(torch_model.state_dict(), arch), arch, num_classes=4)
+  x = np.random.default_rng(0).normal(size=(2, 37, 45, 3)).astype(np.float32)
   with torch.no_grad():
     expected = torch_model(nchw(x)).numpy()
   np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)

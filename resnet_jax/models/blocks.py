@@ -4,7 +4,7 @@ A block gets its `conv` and `norm` constructors from the parent (already carryin
 BatchNorm mode and momentum), so it never decides precision or train/eval itself.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -63,6 +63,7 @@ class _Block(nn.Module):
   base_width: int = 64
   zero_init_last: bool = False
   act: Callable = nn.relu
+  attention: Optional[ModuleDef] = None
 
   expansion = 1
 
@@ -72,6 +73,8 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     out = self.residual(x)
+    if self.attention is not None:  # timm's place for it: after the last BN, named 'se'
+      out = self.attention(name='se')(out)
     if self.shortcut == 'none':
       return self.act(out)
     return self.act(out + self._shortcut(x))
@@ -102,6 +105,8 @@ class BasicBlock(_Block):
       changes), 'C' (projection in every block) or 'none' (a plain network).
     avg_down: average-pool the projection shortcut (ResNet-D).
     zero_init_last: start the last BN scale at zero, so the block starts as identity.
+    attention: constructor of the channel attention applied to the residual branch
+      (`resnet_jax.models.attention`), or None.
   """
   expansion = 1
 

@@ -7,13 +7,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.models.attention import ATTENTIONS, attention_partial
 from resnet_jax.models.batch_norm import batch_norm_partial
-from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, ModuleDef, _Block
+from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, _Block
 from resnet_jax.models.convolution import Conv
 from resnet_jax.models.pooling import max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
-
-STEMS = ('imagenet', 'deep', 'cifar')
+from resnet_jax.models.stems import DEEP_STEMS, STEMS, DeepStem, deep_stem_widths
 
 
 class Stage(nn.Module):
@@ -53,20 +53,6 @@ class Stage(nn.Module):
     return x
 
 
-class DeepStem(nn.Module):
-  """ResNet-D's stem: three 3x3 convs, the first strided (timm's `conv1.0`..`conv1.6`)."""
-  width: int
-  out_features: int
-  conv: ModuleDef
-  norm: ModuleDef
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(self.norm(name='1')(self.conv(self.width, 3, 2, name='0')(x)))
-    x = nn.relu(self.norm(name='4')(self.conv(self.width, 3, name='3')(x)))
-    return self.conv(self.out_features, 3, name='6')(x)
-
-
 class ResNet(nn.Module):
   """ResNet (He et al. 2015) with torchvision's parameter names.
 
@@ -80,12 +66,16 @@ class ResNet(nn.Module):
     block: 'basic' or 'bottleneck'.
     num_classes: classes of the fc head; 0 builds the model without a head.
     stage_widths: `features` of each stage's blocks (bottlenecks output 4x this).
-    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), 'deep' (ResNet-D's three 3x3 convs
-      + max-pool) or 'cifar' (one 3x3 conv, no pooling).
-    stem_width: channels of the deep stem's first convs (the cifar stem outputs
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), 'deep' or 'deep_tiered' (three 3x3
+      convs + max-pool, timm's -c/-d/-s and -t stems) or 'cifar' (one 3x3 conv, no
+      pooling); see `resnet_jax.models.stems`.
+    stem_width: the deep stems' width w: they output 2w channels (the cifar stem outputs
       stage_widths[0]; the imagenet stem outputs 64).
     shortcut: 'A', 'B', 'C' (the paper's options) or 'none' (plain nets).
     avg_down: average-pool downsampling in projection shortcuts (ResNet-D).
+    attention: None, 'se' (squeeze-and-excitation) or 'eca' (efficient channel
+      attention) on each block's residual branch, as timm's seresnet/ecaresnet; see
+      `resnet_jax.models.attention`.
     groups, width_per_group: ResNeXt cardinality and width (64 = plain ResNet).
     zero_init_residual: zero the last BN scale of each block.
     in_channels: image channels expected.
@@ -114,6 +104,7 @@ class ResNet(nn.Module):
   stem_width: int = 32
   shortcut: str = 'B'
   avg_down: bool = False
+  attention: Optional[str] = None
   groups: int = 1
   width_per_group: int = 64
   zero_init_residual: bool = False
@@ -157,7 +148,9 @@ class ResNet(nn.Module):
     x = features['stem'] = stem(self, x.astype(self.dtype), conv, norm)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
                         groups=self.groups, base_width=self.width_per_group,
-                        zero_init_last=self.zero_init_residual)
+                        zero_init_last=self.zero_init_residual,
+                        attention=attention_partial(self.attention, self.dtype,
+                                                    self.param_dtype))
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       name = f'layer{i + 1}'
       x = features[name] = stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
@@ -176,8 +169,8 @@ class ResNet(nn.Module):
     if self.stem == 'cifar':
       x = conv(self.stage_widths[0], 3, name='conv1')(x)
       return nn.relu(norm(name='bn1')(x))
-    if self.stem == 'deep':
-      x = DeepStem(self.stem_width, 64, conv, norm, name='conv1')(x)
+    if self.stem in DEEP_STEMS:
+      x = DeepStem(deep_stem_widths(self.stem, self.stem_width), conv, norm, name='conv1')(x)
     else:
       x = conv(64, 7, 2, name='conv1')(x)
     return max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
@@ -196,9 +189,16 @@ class ResNet(nn.Module):
       raise ValueError(f'Images of {x.shape[1]}x{x.shape[2]} are too small for this model, '
                        f'which downsamples by {self.total_stride}: use images of at least '
                        f'{self.total_stride}x{self.total_stride}.')
-    if self.stem not in STEMS or self.shortcut not in SHORTCUTS:
-      raise ValueError(f'stem must be one of {STEMS} and shortcut one of {SHORTCUTS}; '
-                       f'got stem={self.stem!r}, shortcut={self.shortcut!r}.')
+    check_choices(self)
+
+
+def check_choices(spec):
+  """Raises a ValueError unless the spec's stem, shortcut and attention are known."""
+  if (spec.stem not in STEMS or spec.shortcut not in SHORTCUTS
+      or spec.attention not in ATTENTIONS):
+    raise ValueError(f'stem must be one of {STEMS}, shortcut one of {SHORTCUTS} and attention '
+                     f'one of {ATTENTIONS}; got stem={spec.stem!r}, shortcut={spec.shortcut!r}, '
+                     f'attention={spec.attention!r}.')
 
 
 def torch_linear_init(key, shape, dtype=jnp.float32):

@@ -2,7 +2,8 @@
 
 Join the Flax path with '.' and rename the leaf: BatchNorm `scale` is torch's `weight`,
 `mean`/`var` are `running_mean`/`running_var`. Convolution kernels are HWIO here and OIHW
-in torch, dense kernels (in, out) here and (out, in) there. torch's `num_batches_tracked`
+in torch (ECA's 1-D kernel WIO here, OIW there), dense kernels (in, out) here and (out, in)
+there. torch's `num_batches_tracked`
 has no counterpart here. `torch_layout` lists, for a zoo model, every torch key with where
 it lives here and its torch shape; the other functions compare a state_dict's keys and
 shapes with it. No torch needed: the layout comes from the model's own shapes.
@@ -34,6 +35,8 @@ class Slot(NamedTuple):
 def to_torch_layout(array: np.ndarray) -> np.ndarray:
   if array.ndim == 4:  # conv HWIO -> OIHW
     return array.transpose(3, 2, 0, 1)
+  if array.ndim == 3:  # 1-D conv WIO -> OIW
+    return array.transpose(2, 1, 0)
   if array.ndim == 2:  # dense (in, out) -> (out, in)
     return array.T
   return array
@@ -42,6 +45,8 @@ def to_torch_layout(array: np.ndarray) -> np.ndarray:
 def to_flax_layout(array: np.ndarray) -> np.ndarray:
   if array.ndim == 4:
     return array.transpose(2, 3, 1, 0)
+  if array.ndim == 3:
+    return array.transpose(2, 1, 0)
   if array.ndim == 2:
     return array.T
   return array

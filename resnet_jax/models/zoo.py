@@ -12,6 +12,62 @@ def _imagenet(block, stage_sizes, **kwargs):
   return dict(block=block, stage_sizes=stage_sizes, **kwargs)
 
 
+# timm's stems and shortcuts, by the letter its names carry (resnet50c, resnet50d, ...):
+# see resnet_jax.models.stems.
+_C = dict(stem='deep', stem_width=32)  # deep stem 32, 32, 64
+_S = dict(stem='deep', stem_width=64)  # deep stem 64, 64, 128
+_D = dict(_C, avg_down=True)  # deep stem + average-pooled projection shortcuts
+_T = dict(stem='deep_tiered', stem_width=32, avg_down=True)  # tiered stem 24, 32, 64
+_SE = dict(attention='se')
+_ECA = dict(attention='eca')
+_X32x4 = dict(groups=32, width_per_group=4)
+_X32x8 = dict(groups=32, width_per_group=8)
+_X64x4 = dict(groups=64, width_per_group=4)
+
+_R26, _R50, _R101, _R152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
+
+# timm's resnet.py architectures that have pretrained weights there and are plain
+# ResNets (stems, avg-down, SE, ECA); the ones named as torchvision's are in MODELS above.
+TIMM_MODELS: Dict[str, Dict[str, Any]] = {
+    'resnet10t': _imagenet('basic', (1, 1, 1, 1), **_T),
+    'resnet14t': _imagenet('bottleneck', (1, 1, 1, 1), **_T),
+    'resnet18d': _imagenet('basic', (2, 2, 2, 2), **_D),
+    'resnet34d': _imagenet('basic', (3, 4, 6, 3), **_D),
+    'resnet26': _imagenet('bottleneck', _R26),
+    'resnet26d': _imagenet('bottleneck', _R26, **_D),
+    'resnet26t': _imagenet('bottleneck', _R26, **_T),
+    'resnet50c': _imagenet('bottleneck', _R50, **_C),
+    'resnet50d': _imagenet('bottleneck', _R50, **_D),
+    'resnet50s': _imagenet('bottleneck', _R50, **_S),
+    'resnet101c': _imagenet('bottleneck', _R101, **_C),
+    'resnet101d': _imagenet('bottleneck', _R101, **_D),
+    'resnet101s': _imagenet('bottleneck', _R101, **_S),
+    'resnet152c': _imagenet('bottleneck', _R152, **_C),
+    'resnet152d': _imagenet('bottleneck', _R152, **_D),
+    'resnet152s': _imagenet('bottleneck', _R152, **_S),
+    'resnet200d': _imagenet('bottleneck', (3, 24, 36, 3), **_D),
+    'resnext50d_32x4d': _imagenet('bottleneck', _R50, **_X32x4, **_D),
+    'resnext101_32x4d': _imagenet('bottleneck', _R101, **_X32x4),
+    'resnext101_32x16d': _imagenet('bottleneck', _R101, groups=32, width_per_group=16),
+    'resnext101_32x32d': _imagenet('bottleneck', _R101, groups=32, width_per_group=32),
+    'seresnet50': _imagenet('bottleneck', _R50, **_SE),
+    'seresnet152d': _imagenet('bottleneck', _R152, **_D, **_SE),
+    'seresnext26d_32x4d': _imagenet('bottleneck', _R26, **_X32x4, **_D, **_SE),
+    'seresnext26t_32x4d': _imagenet('bottleneck', _R26, **_X32x4, **_T, **_SE),
+    'seresnext50_32x4d': _imagenet('bottleneck', _R50, **_X32x4, **_SE),
+    'seresnext101_32x4d': _imagenet('bottleneck', _R101, **_X32x4, **_SE),
+    'seresnext101_32x8d': _imagenet('bottleneck', _R101, **_X32x8, **_SE),
+    'seresnext101d_32x8d': _imagenet('bottleneck', _R101, **_X32x8, **_D, **_SE),
+    'seresnext101_64x4d': _imagenet('bottleneck', _R101, **_X64x4, **_SE),
+    'ecaresnetlight': _imagenet('bottleneck', (1, 1, 11, 3), avg_down=True, **_ECA),
+    'ecaresnet26t': _imagenet('bottleneck', _R26, **_T, **_ECA),
+    'ecaresnet50d': _imagenet('bottleneck', _R50, **_D, **_ECA),
+    'ecaresnet50t': _imagenet('bottleneck', _R50, **_T, **_ECA),
+    'ecaresnet101d': _imagenet('bottleneck', _R101, **_D, **_ECA),
+    'ecaresnet269d': _imagenet('bottleneck', (3, 30, 48, 8), **_D, **_ECA),
+}
+
+
 def _cifar(depth, shortcut='A'):
   n, rest = divmod(depth - 2, 6)
   assert rest == 0, depth
@@ -31,8 +87,7 @@ MODELS: Dict[str, Dict[str, Any]] = {
     'resnext50_32x4d': _imagenet('bottleneck', (3, 4, 6, 3), groups=32, width_per_group=4),
     'resnext101_32x8d': _imagenet('bottleneck', (3, 4, 23, 3), groups=32, width_per_group=8),
     'resnext101_64x4d': _imagenet('bottleneck', (3, 4, 23, 3), groups=64, width_per_group=4),
-    'resnet50d': _imagenet('bottleneck', (3, 4, 6, 3), stem='deep', stem_width=32,
-                           avg_down=True),
+    **TIMM_MODELS,
     **{f'cifar_resnet{d}': _cifar(d) for d in (20, 32, 44, 56, 110, 1202)},
     **{f'cifar_plain{d}': _cifar(d, shortcut='none') for d in (20, 32, 44, 56, 110)},
 }
@@ -43,8 +98,8 @@ PYTORCH_REFERENCE: Dict[str, str] = {
     **{name: 'torchvision' for name in (
         'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
         'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d')},
-    'resnet50d': 'timm',
     'resnet200': 'timm',
+    **{name: 'timm' for name in TIMM_MODELS},
 }
 
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNet)

@@ -19,11 +19,13 @@ from resnet_jax import models
 from resnet_jax.errors import UserError
 from resnet_jax.models import windows, zoo
 from resnet_jax.models.batch_norm import batch_norm
-from resnet_jax.models.blocks import SHORTCUTS, subsample_and_pad
+from resnet_jax.models.blocks import subsample_and_pad
 from resnet_jax.models.convolution import conv2d, conv_kernel_init
 from resnet_jax.models.pooling import avg_pool_2x2_ceil, max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
-from resnet_jax.models.resnet import STEMS, torch_linear_init
+from resnet_jax.models.resnet import check_choices, torch_linear_init
+from resnet_jax.models.stems import DEEP_STEMS, deep_stem_widths
+from resnet_jax.nnx.attention import make_attention
 
 
 class Conv(nnx.Module):
@@ -108,10 +110,13 @@ def downsample(in_features, features, strides, conv, norm, avg_down) -> Sequenti
 
 
 class _Block(nnx.Module):
-  """The shortcut shared by both blocks; subclasses build the residual branch first."""
+  """The shortcut and the attention (`se`) shared by both blocks; subclasses build the
+  residual branch first."""
   expansion = 1
 
-  def __init__(self, in_features, out_features, *, strides, shortcut, avg_down, conv, norm):
+  def __init__(self, in_features, out_features, *, strides, shortcut, avg_down, conv, norm,
+               attention=None):
+    self.se = attention(out_features) if attention is not None else None
     reshapes = strides != 1 or in_features != out_features
     projects = shortcut == 'C' or (reshapes and shortcut == 'B')
     self.downsample = (downsample(in_features, out_features, strides, conv, norm, avg_down)
@@ -124,6 +129,8 @@ class _Block(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out = self.residual(x)
+    if self.se is not None:
+      out = self.se(out)
     if self.shortcut == 'none':
       return nn.relu(out)
     if self.downsample is not None:
@@ -210,7 +217,8 @@ class ResNet(nnx.Module):
   """The NNX ResNet of `spec`, a linen `models.ResNet` (e.g. from `zoo.create_model`).
 
   Attributes follow torchvision: `conv1`, `bn1`, `layer1`..`layerK` (lists of blocks),
-  `fc` (None when `num_classes=0`). Built in eval mode, like linen's default
+  `fc` (None when `num_classes=0`), and timm where torchvision has no counterpart (a deep
+  stem's `conv1[0]`..`conv1[6]`, a block's attention `se`). Built in eval mode, like linen's default
   `train=False`: call `model.train()` before training, `model.eval()` after. Call as
   `model(x)` on NHWC images for logits, or `model(x, return_features=True)` for the
   linen model's dict of named features. With `spec.remat` each block runs under
@@ -231,9 +239,12 @@ class ResNet(nnx.Module):
         fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
     width = self._build_stem(conv, norm)
     block_cls = BLOCKS[spec.block]
+    attention = (functools.partial(make_attention, spec.attention, dtype=spec.dtype,
+                                   param_dtype=spec.param_dtype, rngs=rngs)
+                 if spec.attention is not None else None)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=spec.shortcut, avg_down=spec.avg_down,
                         groups=spec.groups, base_width=spec.width_per_group,
-                        zero_init_last=spec.zero_init_residual)
+                        zero_init_last=spec.zero_init_residual, attention=attention)
     for i, (size, features) in enumerate(zip(spec.stage_sizes, spec.stage_widths)):
       blocks = []
       for j in range(size):
@@ -251,10 +262,11 @@ class ResNet(nnx.Module):
     if spec.stem == 'cifar':
       width = spec.stage_widths[0]
       self.conv1 = conv(spec.in_channels, width, 3)
-    elif spec.stem == 'deep':
-      width, w = 64, spec.stem_width
-      self.conv1 = Sequential([conv(spec.in_channels, w, 3, 2), norm(w), nn.relu,
-                               conv(w, w, 3), norm(w), nn.relu, conv(w, width, 3)])
+    elif spec.stem in DEEP_STEMS:
+      first, second, width = deep_stem_widths(spec.stem, spec.stem_width)
+      self.conv1 = Sequential([conv(spec.in_channels, first, 3, 2), norm(first), nn.relu,
+                               conv(first, second, 3), norm(second), nn.relu,
+                               conv(second, width, 3)])
     else:
       width = 64
       self.conv1 = conv(spec.in_channels, width, 7, 2)
@@ -286,9 +298,7 @@ class ResNet(nnx.Module):
 
 
 def _check_spec(spec):
-  if spec.stem not in STEMS or spec.shortcut not in SHORTCUTS:
-    raise ValueError(f'stem must be one of {STEMS} and shortcut one of {SHORTCUTS}; '
-                     f'got stem={spec.stem!r}, shortcut={spec.shortcut!r}.')
+  check_choices(spec)
   if spec.scan_blocks:
     raise UserError('The NNX models do not support scan_blocks=True; build them unrolled '
                     '(from_linen unrolls a scanned checkpoint) and use remat=True to save '
