@@ -3,7 +3,10 @@
 Each step directory holds the item 'state' (StandardSave of a dict with 'params',
 'batch_stats', 'opt_state' and 'step'; before 2026-12 also an unused 'rng', which restoring
 reads around) and the item 'data' (JsonSave of
-{'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>}).
+{'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>, the
+run-defining settings of `run_dir.RUN_DEFINING_KEYS` (before 2026-12 batch_size only),
+...}). The trainer's restore refuses a step whose recorded settings differ from its
+config, so a lost or damaged config.json never lets another run's settings resume it.
 Restoring onto a target with new shardings places the arrays on however many devices the
 restoring run has.
 
@@ -27,8 +30,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import UserError
 from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
-                                checkpoint_dir, first_line, saved_state_tree, step_vanished,
-                                tree_differences, unreadable_dir)
+                                checkpoint_dir, first_line, saved_state_tree,
+                                setting_differences, step_vanished, tree_differences,
+                                unreadable_dir)
 
 BEST_METRIC = 'eval_top1'
 DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
@@ -186,9 +190,25 @@ def _read_here(manager, step, target_tree, workdir, config):
   if differences:
     raise _mismatch_error(workdir, step, differences, config)
   try:
-    return read_step(manager.directory, step, target_tree, partial=bool(retired)), None
+    state, data = read_step(manager.directory, step, target_tree, partial=bool(retired))
   except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
     return None, e
+  if config is not None:
+    _check_recorded_settings(workdir, step, data, config)
+  return (state, data), None
+
+
+def _check_recorded_settings(workdir: str, step: int, data: dict, config):
+  """Refuses a step whose 'data' item records other run-defining settings than `config`
+  (it holds another run's batches), whatever config.json says or whether it exists."""
+  differences = setting_differences(data if isinstance(data, dict) else {}, config)
+  if differences:
+    settings = '; '.join(f'{key}={saved!r} (this config: {now!r})'
+                         for key, saved, now in differences)
+    raise UserError(
+        f'Checkpoint {step} in {checkpoint_dir(workdir)} was made by a run with {settings} '
+        f'(it reads fine; nothing was moved). Pass a new --workdir to train with these '
+        f'settings, or resume with the settings the checkpoint was made with.')
 
 
 def read_step(directory, step: int, target_tree: Any, partial: bool = False):
