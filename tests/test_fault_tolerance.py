@@ -463,7 +463,7 @@ def _image_folder(root, modes=('L', 'RGB', 'RGBA', 'CMYK')):
 
 def _folder_config(dataset):
   return tiny_digits_config(dataset=dataset, preprocess='cifar', batch_size=4,
-                            eval_batch_size=4, num_train_steps=1, log_every_steps=1,
+                            eval_batch_size=2, num_train_steps=1, log_every_steps=1,
                             checkpoint_every_steps=0, eval_every_steps=0)
 
 
