@@ -40,7 +40,8 @@ def main(argv):
   if FLAGS.keep_freed_memory and host_memory.cpu_only_host():
     host_memory.keep_freed_memory()  # before JAX starts its CPU client
   import jax  # pylint: disable=g-import-not-at-top
-  from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
+  from resnet_jax.errors import (  # pylint: disable=g-import-not-at-top
+      CheckpointSaveError, Interrupted, UserError)
   from resnet_jax.train import distributed  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
@@ -58,6 +59,10 @@ def main(argv):
     print(distributed.describe(FLAGS.heartbeat_timeout_s), flush=True)
   try:
     train_and_evaluate(FLAGS.config, workdir)
+  except CheckpointSaveError as e:  # not sys.exit: it would wait for orbax's stuck threads
+    sys.stdout.flush()
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    os._exit(1)
   except UserError as e:  # the message says what to fix; no traceback
     sys.exit(f'Error: {e}')
   except Interrupted as e:  # saved; not 0, so that a scheduler requeues the job

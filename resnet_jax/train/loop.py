@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import jax
@@ -40,6 +41,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
   with contextlib.ExitStack() as held:  # the workdir lock, once taken
+    held.enter_context(checkpoints.quiet_save_errors())  # one message, not orbax's logs
     run = _set_up(config, workdir, held)
     state, start_step, window_rows = _restore(run, config, workdir)
     step, eval_results, stop_signal = _train(run, config, workdir, state, start_step,
@@ -138,8 +140,14 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
     watchdog.close()
     bar.close()
     stop.restore_handlers()
-    run.manager.wait_until_finished()
-    writer.close()
+    try:
+      if sys.exc_info()[0] is None:
+        checkpoints.wait_until_saved(run.manager)
+      else:  # the error on its way up says more than a failure of the same save
+        with contextlib.suppress(Exception):
+          run.manager.wait_until_finished()
+    finally:
+      writer.close()
   return step, eval_results, (stop.signal or 'SIGTERM') if step < total_steps else None
 
 

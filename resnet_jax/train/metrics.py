@@ -42,9 +42,15 @@ class MetricWriter:
       self._tensorboard.add_scalar(key, value, step)
 
   def close(self):
+    """Closes the files; a failure to flush them (a full disk) is one warning line, so
+    that it does not hide the error that ended the run."""
     if self.enabled:
-      self._file.close()
-      self._tensorboard.close()
+      try:
+        self._file.close()
+        self._tensorboard.close()
+      except OSError as e:
+        log(f'WARNING: the last metrics may not be written to {self._file.name} '
+            f'({type(e).__name__}: {e.strerror or e}).')
 
 
 def _ends_with_newline(path: str) -> bool:
