@@ -150,6 +150,21 @@ def test_checkpoints_that_record_only_the_batch_size_still_resume(trained_workdi
   assert _steps(workdir) == [4, 6]
 
 
+def test_damaged_manifest_falls_back_with_one_warning(trained_workdir, tmp_path, capfd):
+  """Garbage in step 4's OCDBT manifest: one warning naming it, no traceback (reported
+  elsewhere as 138 lines of asyncio's 'Event loop is closed')."""
+  workdir = _copy(trained_workdir[0], tmp_path)
+  manifest = os.path.join(workdir, 'checkpoints', '4', 'state', 'manifest.ocdbt')
+  with open(manifest, 'wb') as f:
+    f.write(np.random.default_rng(0).bytes(300))
+  capfd.readouterr()
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  out, err = capfd.readouterr()
+  assert 'WARNING: checkpoint 4 in' in out and 'at step 2' in out, out
+  assert 'Traceback' not in out + err and 'Event loop is closed' not in out + err, err
+  assert len((out + err).strip().splitlines()) <= 10, out + err
+
+
 # --- readers: fall back, never move ---------------------------------------------------------
 
 def test_evaluate_falls_back_from_a_corrupt_checkpoint_without_moving_it(trained_workdir,
