@@ -115,7 +115,10 @@ def wait_until_saved(manager: ocp.CheckpointManager):
 
 
 def _save_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointSaveError:
-  steps = sorted(int(n) for n in os.listdir(manager.directory) if n.isdigit())
+  try:
+    steps = sorted(int(n) for n in os.listdir(manager.directory) if n.isdigit())
+  except OSError:
+    steps = []
   return CheckpointSaveError(
       f'Saving a checkpoint to {manager.directory} failed ({_os_error(error)}). The '
       f'checkpoints saved before it are intact ({steps or "none yet"}): free disk space or '
