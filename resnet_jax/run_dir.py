@@ -213,16 +213,16 @@ def changed_settings(workdir: str, config) -> List[str]:
 
 
 def check_writable(workdir: str, files: Tuple[str, ...] = ()):
-  """Creates `workdir` and its checkpoints/ if needed and proves that each folder the run
-  writes takes files (the workdir, checkpoints/, checkpoints_unreadable/ when present) and
+  """Creates `workdir` if needed and proves that each folder the run writes takes files
+  (the workdir, and checkpoints/ and checkpoints_unreadable/ when present) and
   that each of `files` (names in the workdir) present can be appended to, or raises one
   UserError naming the path and why (a read-only mount or folder, a file or a dangling
   link in the way), before any work that would be lost."""
   _check_directory(workdir, 'pass a writable --workdir', 'workdir ')
   fix = 'make it writable or move it away, or pass another --workdir'
-  _check_directory(checkpoint_dir(workdir), fix)
-  if os.path.lexists(unreadable_dir(workdir)):
-    _check_directory(unreadable_dir(workdir), fix)
+  for directory in (checkpoint_dir(workdir), unreadable_dir(workdir)):
+    if os.path.lexists(directory):  # else made in the workdir, which takes files
+      _check_directory(directory, fix)
   for name in files:
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):
