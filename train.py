@@ -45,7 +45,8 @@ def main(argv):
   from resnet_jax import accelerators  # pylint: disable=g-import-not-at-top
   accelerators.quiet_libtpu_without_tpu()  # before JAX starts a backend
   import jax  # pylint: disable=g-import-not-at-top
-  from resnet_jax.errors import Interrupted, UserError  # pylint: disable=g-import-not-at-top
+  from resnet_jax.errors import (  # pylint: disable=g-import-not-at-top
+      CheckpointSaveError, Interrupted, UserError)
   from resnet_jax.train import distributed  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
@@ -64,6 +65,10 @@ def main(argv):
     print(distributed.describe(FLAGS.heartbeat_timeout_s), flush=True)
   try:
     train_and_evaluate(FLAGS.config, workdir)
+  except CheckpointSaveError as e:  # not sys.exit: it would wait for orbax's stuck threads
+    sys.stdout.flush()
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    os._exit(1)
   except UserError as e:  # the message says what to fix; no traceback
     sys.exit(f'Error: {e}')
   except Interrupted as e:  # saved; not 0, so that a scheduler requeues the job

@@ -14,6 +14,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """Training diverged: a step had a non-finite loss or gradients (no checkpoint holds it)."""
 
 
+class CheckpointSaveError(UserError):
+  """Saving a checkpoint failed (a full disk, a folder that turned unwritable); the steps
+  saved before it are intact. train.py ends the process at once on it: the background
+  threads of orbax's failed save can wait minutes for signals that never come."""
+
+
 class Interrupted(Exception):
   """Training stopped at a stop request (SIGTERM, Ctrl-C) after saving its current step.
 

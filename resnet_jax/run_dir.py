@@ -18,10 +18,12 @@ own saving and restoring of the whole train state is `resnet_jax.train.checkpoin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -107,9 +109,27 @@ def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str,
   return spec
 
 
+def _write_atomically(path: Path, text: str) -> None:
+  """Writes `path` so that a reader, a kill or a full disk leaves the old file or the new
+  one, never an empty or partial one: a temporary file beside it, synced, then renamed."""
+  temporary = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+  # 0o666 (less the umask) as open() would give, not mkstemp's owner-only 0o600.
+  handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(handle, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temporary)
+    raise
+
+
 def write_model_config(directory: PathLike, spec: Dict[str, Any]) -> None:
-  """Writes DIRECTORY/model.json."""
-  Path(directory, MODEL_JSON).write_text(json.dumps(dict(spec), indent=2) + '\n')
+  """Writes DIRECTORY/model.json (atomically)."""
+  _write_atomically(Path(directory, MODEL_JSON), json.dumps(dict(spec), indent=2) + '\n')
 
 
 def read_run_config(workdir: PathLike) -> Optional[Dict[str, Any]]:
@@ -128,7 +148,7 @@ def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   write_model_config(workdir, spec)
-  Path(workdir, CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
+  _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
 
 
 def eval_settings(path: PathLike) -> Dict[str, Any]:
@@ -140,27 +160,43 @@ def eval_settings(path: PathLike) -> Dict[str, Any]:
 
 
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
-# whose checkpoints were made with other values is refused rather than mixed.
+# whose checkpoints were made with other values is refused rather than mixed. Each
+# checkpoint's 'data' item records them too (`run_settings`), so a workdir whose
+# config.json is lost or damaged is still checked.
 RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
 
 
+def run_settings(config) -> Dict[str, Any]:
+  """The run-defining settings of `config`, as JSON values (what a checkpoint records)."""
+  return {key: json.loads(json.dumps(config[key])) for key in RUN_DEFINING_KEYS}
+
+
+def setting_differences(saved: Mapping[str, Any], config) -> List[Tuple[str, Any, Any]]:
+  """(key, saved value, value now) of each run-defining setting that `saved` (config.json
+  or a checkpoint's record) holds with another value than `config`; settings `saved` lacks
+  (older checkpoints record only batch_size) are not compared."""
+  now = run_settings(config)
+  return [(key, saved[key], now[key]) for key in RUN_DEFINING_KEYS
+          if saved.get(key) is not None and saved[key] != now[key]]
+
+
 def check_workdir_matches(workdir: str, config, spec: dict):
-  """Refuses to resume a workdir holding checkpoints of another model or run."""
+  """Refuses to resume a workdir holding checkpoints of another model or run (as its
+  model.json and config.json say; the checkpoints' own records are checked on restore)."""
   try:
     saved_spec = json.loads(Path(workdir, MODEL_JSON).read_text())
   except (OSError, ValueError):
     saved_spec = None
-  saved_config = read_run_config(workdir)
   fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
          f'{workdir}.')
   if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
     raise UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
                     f'there, {spec} now. {fix}')
-  for key in RUN_DEFINING_KEYS if saved_config else ():
-    saved, now = saved_config.get(key), config[key]
-    if saved is not None and json.loads(json.dumps(now)) != saved:
-      raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
-                      f'this config has {key}={now!r}. {fix}')
+  differences = setting_differences(read_run_config(workdir) or {}, config)
+  if differences:
+    key, saved, now = differences[0]
+    raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
+                    f'this config has {key}={now!r}. {fix}')
 
 
 def changed_settings(workdir: str, config) -> List[str]:
@@ -176,16 +212,45 @@ def changed_settings(workdir: str, config) -> List[str]:
           if saved.get(k) != now.get(k)]
 
 
-def check_writable(workdir: str):
-  """Creates `workdir` if needed and proves it takes files, or one UserError saying why not
-  (a read-only or missing mount, a file in the way), before any work that would be lost."""
+def check_writable(workdir: str, files: Tuple[str, ...] = ()):
+  """Creates `workdir` if needed and proves that each folder the run writes takes files
+  (the workdir, and checkpoints/ and checkpoints_unreadable/ when present) and
+  that each of `files` (names in the workdir) present can be appended to, or raises one
+  UserError naming the path and why (a read-only mount or folder, a file or a dangling
+  link in the way), before any work that would be lost."""
+  _check_directory(workdir, 'pass a writable --workdir', 'workdir ')
+  fix = 'make it writable or move it away, or pass another --workdir'
+  for directory in (checkpoint_dir(workdir), unreadable_dir(workdir)):
+    if os.path.lexists(directory):  # else made in the workdir, which takes files
+      _check_directory(directory, fix)
+  for name in files:
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+      continue  # created in the workdir, which takes files
+    try:
+      if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, 'it is a directory')
+      with open(path, 'a'):  # appending nothing changes nothing
+        pass
+    except OSError as e:
+      raise UserError(f'Cannot write to {path!r} ({_why(e)}); {fix}.') from None
+
+
+def _check_directory(directory: str, fix: str, what: str = ''):
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test.'):
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+      raise NotADirectoryError(errno.ENOTDIR, 'it exists and is not a directory'
+                               + (' (a dangling link)' if not os.path.exists(directory)
+                                  else ''))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix='.write_test.'):
       pass
   except OSError as e:
-    raise UserError(f'Cannot write to workdir {workdir!r} ({type(e).__name__}: '
-                    f'{e.strerror or e}); pass a writable --workdir.') from None
+    raise UserError(f'Cannot write to {what}{directory!r} ({_why(e)}); {fix}.') from None
+
+
+def _why(error: OSError) -> str:
+  return f'{type(error).__name__}: {error.strerror or error}'
 
 
 # --- converted checkpoints --------------------------------------------------------------

@@ -103,6 +103,68 @@ def test_all_checkpoints_unreadable_is_refused_not_restarted(trained_workdir, tm
   assert _steps(workdir) == [2]
 
 
+# --- a lost config.json: the checkpoints' own records are checked ------------------------
+
+def _rewrite_data_items(workdir, edit):
+  for step in _steps(workdir):
+    path = os.path.join(workdir, 'checkpoints', str(step), 'data', checkpoints.DATA_FILE)
+    with open(path) as f:
+      data = json.load(f)
+    with open(path, 'w') as f:
+      json.dump(edit(data), f)
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'empty', 'not JSON'])
+def test_lost_config_json_is_checked_against_what_the_checkpoints_record(
+    trained_workdir, tmp_path, damage):
+  """Without a readable config.json, another batch size or seed is still refused (it
+  would mix two runs); the same settings resume and config.json is written again."""
+  workdir = _copy(trained_workdir[0], tmp_path)
+  config_json = os.path.join(workdir, 'config.json')
+  if damage == 'deleted':
+    os.remove(config_json)
+  else:
+    open(config_json, 'w').write('' if damage == 'empty' else '{"batch_size": 3')
+  with pytest.raises(UserError, match=r'Checkpoint 4 .* batch_size=32 \(this config: 16\).*'
+                                      r'nothing was moved.*new --workdir'):
+    train_and_evaluate(tiny_digits_config(batch_size=16, num_train_steps=6), workdir)
+  with pytest.raises(UserError, match=r'Checkpoint 4 .* seed=0 \(this config: 1\)'):
+    train_and_evaluate(tiny_digits_config(seed=1, num_train_steps=6), workdir)
+  assert _steps(workdir) == [2, 4]
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  assert _steps(workdir) == [4, 6]
+  assert json.load(open(config_json))['seed'] == 0
+
+
+def test_checkpoints_that_record_only_the_batch_size_still_resume(trained_workdir, tmp_path):
+  """Checkpoints of older versions record batch_size alone: that is checked, the rest
+  is not there to check."""
+  workdir = _copy(trained_workdir[0], tmp_path)
+  os.remove(os.path.join(workdir, 'config.json'))
+  _rewrite_data_items(workdir, lambda data: {k: v for k, v in data.items() if k not in (
+      'dataset', 'train_split', 'image_size', 'preprocess', 'seed')})
+  with pytest.raises(UserError, match=r'batch_size=32 \(this config: 16\)'):
+    train_and_evaluate(tiny_digits_config(batch_size=16, num_train_steps=6), workdir)
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  assert _steps(workdir) == [4, 6]
+
+
+def test_damaged_manifest_falls_back_with_one_warning(trained_workdir, tmp_path, capfd):
+  """Garbage in step 4's OCDBT manifest: one warning naming it, no traceback (reported
+  elsewhere as 138 lines of asyncio's 'Event loop is closed')."""
+  workdir = _copy(trained_workdir[0], tmp_path)
+  manifest = os.path.join(workdir, 'checkpoints', '4', 'state', 'manifest.ocdbt')
+  with open(manifest, 'wb') as f:
+    f.write(np.random.default_rng(0).bytes(300))
+  capfd.readouterr()
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
+  out, err = capfd.readouterr()
+  assert 'WARNING: checkpoint 4 in' in out and 'at step 2' in out, out
+  assert 'Traceback' not in out + err and 'Event loop is closed' not in out + err, err
+  assert len((out + err).strip().splitlines()) <= 10, out + err
+
+
 # --- readers: fall back, never move ---------------------------------------------------------
 
 def test_evaluate_falls_back_from_a_corrupt_checkpoint_without_moving_it(trained_workdir,

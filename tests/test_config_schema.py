@@ -12,7 +12,7 @@ from conftest import REPO, load_config, tiny_digits_config
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
-from resnet_jax.train.config_schema import KEYS, check_config
+from resnet_jax.train.config_schema import KEYS, check_config, check_eval_batch_size
 from resnet_jax.train.loop import train_and_evaluate
 
 CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != '__init__')
@@ -40,7 +40,7 @@ class _RecordingConfig(ml_collections.ConfigDict):
 @pytest.mark.parametrize('overrides', [
     {},  # digits, in memory
     dict(dataset='synthetic', image_size=8, in_channels=1, synthetic_train_size=64,
-         synthetic_eval_size=32, preprocess='none'),
+         synthetic_eval_size=32, eval_batch_size=32, preprocess='none'),
 ])
 def test_training_reads_only_keys_of_the_table(tmp_path, overrides):
   config = _RecordingConfig(tiny_digits_config(num_train_steps=2, **overrides).to_dict())
@@ -58,11 +58,33 @@ def test_training_reads_only_keys_of_the_table(tmp_path, overrides):
     ('schedule', 'linear', "schedule='linear' must be one of constant, cosine, step"),
     ('lr_boundaries', (20, 10), 'lr_boundaries=.* must be increasing'),
     ('keep_checkpoints', 0, 'keep_checkpoints=0 must be positive'),
+    # Non-finite values pass a comparison such as > 0: refused everywhere.
+    ('learning_rate', float('inf'), 'learning_rate=inf must be finite'),
+    ('weight_decay', float('inf'), 'weight_decay=inf must be finite'),
+    ('momentum', float('nan'), 'momentum=nan must be finite'),
+    ('lr_boundaries', (10, float('inf')), 'lr_boundaries=.* must be finite'),
+    ('seed', 99999999999999, 'seed=99999999999999 must be an integer from 0 to 4294967295'),
+    ('seed', -1, 'seed=-1 must be an integer from 0'),
+    ('dataset', '', "dataset='' must not be empty"),
+    ('eval_split', '', "eval_split='' must not be empty"),
+    ('train_split', 'train[:0]', r"Split 'train\[:0\]' of dataset 'digits' cannot be read "
+                                 r"\(.*\)\. Its splits: 'train' \(1437 examples\), 'test'"),
+    ('eval_split', 'tset', r"Split 'tset' of dataset 'digits' cannot be read"),
+    ('eval_batch_size', 1000000, r"eval_batch_size=1000000 is larger than the eval split "
+                                 r"'test' \(360 examples\); use at most eval_batch_size=360"),
 ])
 def test_impossible_values_are_refused_before_training(tmp_path, key, value, message):
   with pytest.raises(UserError, match=message):
     train_and_evaluate(tiny_digits_config(**{key: value}), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_eval_batch_is_at_most_the_eval_split_rounded_up_to_the_devices():
+  config = tiny_digits_config(eval_batch_size=16)
+  check_eval_batch_size(config, eval_examples=10, num_devices=8)  # 2 per device
+  config.eval_batch_size = 24
+  with pytest.raises(UserError, match=r'\(10 examples\); use at most eval_batch_size=16'):
+    check_eval_batch_size(config, eval_examples=10, num_devices=8)
 
 
 def test_unwritable_workdir_is_one_message(tmp_path):
@@ -83,6 +105,7 @@ def _train_py(*args):
     (['--config.model_overrides.zero_init_residual=True'],
      "config.model_overrides has no key 'zero_init_residual'"),
     (['--config.learning_rate=fast'], "could not convert string to float: 'fast'"),
+    (['--config.dataset='], "config.dataset='' must not be empty"),
 ])
 def test_train_py_bad_key_or_type_is_one_message(args, message):
   result = _train_py('--workdir', '/nonexistent/never/written', *args)

@@ -110,7 +110,7 @@ def test_trains_an_imagenet_style_run_and_resumes_it_exactly(jpeg_folder, tmp_pa
   """train.py's loop on the DALI pipeline (CPU decoding): 4 steps in one go equal 2 + 2."""
   from resnet_jax.train.loop import train_and_evaluate
   from test_fault_tolerance import assert_same_state
-  config = dict(eval_batch_size=4, num_train_steps=4, checkpoint_every_steps=2)
+  config = dict(eval_batch_size=2, num_train_steps=4, checkpoint_every_steps=2)  # 3 test images
   results = train_and_evaluate(dali_config(jpeg_folder, **config), str(tmp_path / 'whole'))
   assert results['count'] == 3 and 0 <= results['top1'] <= 1
   train_and_evaluate(dali_config(jpeg_folder, **{**config, 'num_train_steps': 2}),

@@ -281,6 +281,64 @@ def test_workdir_of_another_model_or_run_is_refused(trained_workdir):
     assert open(os.path.join(workdir, name)).read() == text
 
 
+# --- a save that fails: one message, and the process ends -----------------------------------
+
+# train.py, with the creation of each checkpoint's temporary folder refused as on a folder
+# made read-only after the start-up check (root ignores chmod, so this stands in for it).
+REFUSED_SAVE = """
+import os, runpy, sys
+makedirs = os.makedirs
+def refused(name, *args, **kwargs):
+  if 'orbax-checkpoint-tmp' in str(name):
+    raise PermissionError(13, 'Permission denied', str(name))
+  return makedirs(name, *args, **kwargs)
+os.makedirs = refused
+sys.argv = ['train.py', *sys.argv[1:]]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def _assert_one_message(result, reason):
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  assert 'Error: Saving a checkpoint to ' in result.stderr and reason in result.stderr, output
+  assert len(output.strip().splitlines()) <= 8, output
+
+
+def test_failed_save_ends_the_process_with_one_message(tmp_path, config_file):
+  """Before: a PermissionError traceback per orbax thread, then the process never exited
+  (orbax's threads wait 300 s for the failed save)."""
+  wrapper = tmp_path / 'refused_save.py'
+  wrapper.write_text(REFUSED_SAVE)
+  command = [sys.executable, str(wrapper), *_train_py(config_file, tmp_path / 'run')[2:]]
+  started = time.monotonic()
+  result = _run(command, timeout=150, check=False)
+  assert time.monotonic() - started < 120
+  _assert_one_message(result, 'PermissionError: Permission denied')
+
+
+def _can_mount_a_tmpfs():
+  try:
+    return subprocess.run(['unshare', '-Urm', 'true'], capture_output=True,
+                          timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+@pytest.mark.skipif(not _can_mount_a_tmpfs(), reason='needs user namespaces (unshare -Urm)')
+def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
+  """A real full disk: a 4 MiB tmpfs (mounted in a user namespace, so no root is needed)
+  with 100 KiB free, less than one checkpoint. Before: 176-530 lines of tracebacks."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  fill = f'head -c {4 * 1024 * 1024 - 100 * 1024} /dev/zero > {disk}/filler'
+  command = ['unshare', '-Urm', 'sh', '-c',
+             f'mount -t tmpfs -o size=4m tmpfs {disk} && {fill} && exec "$@"', 'sh',
+             *_train_py(config_file, disk / 'run')]
+  _assert_one_message(_run(command, timeout=300, check=False), 'No space left on device')
+
+
 # --- divergence ---------------------------------------------------------------------------
 
 def _nan_at_step_3(step, batch):
@@ -463,7 +521,7 @@ def _image_folder(root, modes=('L', 'RGB', 'RGBA', 'CMYK')):
 
 def _folder_config(dataset):
   return tiny_digits_config(dataset=dataset, preprocess='cifar', batch_size=4,
-                            eval_batch_size=4, num_train_steps=1, log_every_steps=1,
+                            eval_batch_size=2, num_train_steps=1, log_every_steps=1,
                             checkpoint_every_steps=0, eval_every_steps=0)
 
 

@@ -1,6 +1,9 @@
 """resnet_jax.run_dir: converted checkpoint directories and training workdirs."""
 
+import errno
+import io
 import json
+import os
 import subprocess
 import sys
 
@@ -10,9 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import tiny_digits_config
+
 import resnet_jax
-from resnet_jax import create_model, scan_variables
+from resnet_jax import create_model, run_dir, scan_variables
+from resnet_jax.errors import UserError
 from resnet_jax.run_dir import save_converted
+from resnet_jax.train import loop, parallel
 
 ARCH = 'cifar_resnet20'
 
@@ -108,3 +115,90 @@ def test_loads_the_trainers_workdir(trained_workdir):
   assert jax.tree.structure(variables) == jax.tree.structure(
       {'params': expected['params'], 'batch_stats': expected['batch_stats']})
   assert model.apply(variables, x).shape == (2, model.num_classes)
+
+
+# --- model.json and config.json are replaced whole ----------------------------------------
+
+class _FullDiskFile:
+  """A file opened for writing on a disk that fills up halfway through the first write."""
+
+  def __init__(self, file):
+    self._file = file
+
+  def write(self, text):
+    self._file.write(text[:len(text) // 2])
+    self._file.flush()
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  def __getattr__(self, name):
+    return getattr(self._file, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self._file.close()
+
+
+def test_run_files_survive_a_full_disk_while_rewritten(tmp_path, monkeypatch):
+  """Each start rewrites model.json and config.json: a full disk (or a kill) at that
+  moment leaves the old files whole, and no temporary file behind."""
+  spec = {'name': ARCH, 'num_classes': 10}
+  run_dir.write_run_files(tmp_path, tiny_digits_config(), spec)
+  before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+  real_open = io.open
+
+  def open_on_full_disk(file, mode='r', *args, **kwargs):
+    opened = real_open(file, mode, *args, **kwargs)
+    return _FullDiskFile(opened) if 'w' in mode else opened
+
+  monkeypatch.setattr(io, 'open', open_on_full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    run_dir.write_run_files(tmp_path, tiny_digits_config(seed=1), {**spec, 'num_classes': 3})
+  monkeypatch.undo()
+  assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+  assert json.loads(before['config.json'])['seed'] == 0
+
+
+# --- the start-up check covers every folder the run writes --------------------------------
+
+def _no_compile(*args, **kwargs):
+  raise AssertionError('the start-up check should refuse the workdir before compiling')
+
+
+def _file(path):
+  path.write_text('not a folder')
+
+
+def _dangling_link(path):
+  os.symlink(path.parent / 'missing' / 'folder', path)
+
+
+def _folder(path):
+  path.mkdir()
+
+
+# Things in the way that stop root too (chmod does not; see the test below for that).
+@pytest.mark.parametrize('name, make, message', [
+    ('checkpoints', _file, 'NotADirectoryError: it exists and is not a directory'),
+    ('checkpoints', _dangling_link, 'NotADirectoryError: .* \\(a dangling link\\)'),
+    ('checkpoints_unreadable', _file, 'NotADirectoryError'),
+    ('metrics.jsonl', _folder, 'IsADirectoryError'),
+])
+def test_unwritable_run_folder_or_file_is_refused_before_compiling(tmp_path, monkeypatch,
+                                                                   name, make, message):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  make(workdir / name)
+  monkeypatch.setattr(parallel, 'compile_steps', _no_compile)
+  with pytest.raises(UserError, match=f"Cannot write to '{workdir / name}' \\({message}.*"
+                                      f"pass another --workdir"):
+    loop.train_and_evaluate(tiny_digits_config(), str(workdir))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes to a read-only (chmod 555) folder')
+def test_read_only_checkpoints_folder_is_refused_before_compiling(tmp_path, monkeypatch):
+  (tmp_path / 'checkpoints').mkdir(mode=0o555)
+  monkeypatch.setattr(parallel, 'compile_steps', _no_compile)
+  with pytest.raises(UserError, match=r"checkpoints' \(PermissionError: Permission denied"):
+    loop.train_and_evaluate(tiny_digits_config(), str(tmp_path))

@@ -9,9 +9,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info line
 
 
 def create_pipeline(config):
-  """A pipeline with `num_classes`, `channels`, `steps_per_epoch`, `check_files(splits)`,
-  `train_batches(step)` and `eval_batches(split, batch_size)` for `config.dataset`, made by
-  `config.input_pipeline` ('tf.data' or 'dali')."""
+  """A pipeline with `num_classes`, `channels`, `steps_per_epoch`, `split_size(split)`,
+  `check_files(splits)`, `train_batches(step)` and `eval_batches(split, batch_size)` for
+  `config.dataset`, made by `config.input_pipeline` ('tf.data' or 'dali')."""
   if config.input_pipeline == 'dali':
     from resnet_jax.data.dali import DaliPipeline  # pylint: disable=g-import-not-at-top
     return DaliPipeline(config)

@@ -105,6 +105,9 @@ class DaliPipeline:
     self.steps_per_epoch = self.shard_size // self.batch
     self.device = decoder_device()
 
+  def split_size(self, split: str) -> int:
+    return self.source.num_examples(split)
+
   def check_files(self, splits):
     self.source.check_files(splits)
 

@@ -72,6 +72,10 @@ class Pipeline:
                        f'{config.train_split!r} ({self.shard_size} examples per process).')
     self.steps_per_epoch = self.shard_size // per_step
 
+  def split_size(self, split: str) -> int:
+    """The number of examples of `split` (a UserError if it names none)."""
+    return self.source.num_examples(split)
+
   def check_files(self, splits):
     """Refuses unreadable or oversized image files of `splits` before any step reads them
     (image folders; TFDS checked its records when preparing them)."""

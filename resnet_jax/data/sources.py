@@ -71,7 +71,21 @@ class TfdsSource:
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
   def num_examples(self, split: str) -> int:
-    return _cardinality(self.builder.as_dataset(split=split))
+    """The size of `split`; a split that TFDS cannot parse or that holds no examples
+    (e.g. 'train[:0]') is a UserError naming the dataset's splits."""
+    try:
+      count = _cardinality(self.builder.as_dataset(split=split))
+    except ValueError as e:  # TFDS: unknown split, bad slice syntax, empty slice
+      raise UserError(self._split_message(split, _first_line(e))) from None
+    if not count:
+      raise UserError(self._split_message(split, 'it holds no examples'))
+    return count
+
+  def _split_message(self, split: str, why: str) -> str:
+    splits = ', '.join(f'{name!r} ({info.num_examples} examples)'
+                       for name, info in self.builder.info.splits.items())
+    return (f'Split {split!r} of dataset {self.builder.name!r} cannot be read ({why}). '
+            f'Its splits: {splits}; a part is written like \'train[:90%]\'.')
 
   def check_files(self, splits: Sequence[str]):
     """Nothing to check: TFDS checked the records when it prepared them."""
@@ -157,7 +171,11 @@ class FolderSource:
         load, num_parallel_calls=tf.data.AUTOTUNE)
 
   def num_examples(self, split):
-    return len(self._files(split)[0])
+    count = len(self._files(split)[0])
+    if not count:
+      raise UserError(f'Split {split!r} of image folder {self.root!r} holds no images '
+                      f'({", ".join(IMAGE_EXTENSIONS)}).')
+    return count
 
   def check_files(self, splits: Sequence[str]):
     """Refuses, before any training step, the files of `splits` that TensorFlow cannot

@@ -29,6 +29,11 @@ class SyntheticPipeline:
         'label': rng.integers(0, self.num_classes, host).astype(np.int32),
     }
 
+  def split_size(self, split: str) -> int:
+    """synthetic_train_size for the train split, else synthetic_eval_size."""
+    return (self.config.synthetic_train_size if split == self.config.train_split
+            else self.config.synthetic_eval_size)
+
   def check_files(self, splits):
     del splits  # no files
 

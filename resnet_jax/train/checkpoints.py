@@ -3,7 +3,10 @@
 Each step directory holds the item 'state' (StandardSave of a dict with 'params',
 'batch_stats', 'opt_state' and 'step'; before 2026-12 also an unused 'rng', which restoring
 reads around) and the item 'data' (JsonSave of
-{'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>}).
+{'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>, the
+run-defining settings of `run_dir.RUN_DEFINING_KEYS` (before 2026-12 batch_size only),
+...}). The trainer's restore refuses a step whose recorded settings differ from its
+config, so a lost or damaged config.json never lets another run's settings resume it.
 Restoring onto a target with new shardings places the arrays on however many devices the
 restoring run has.
 
@@ -13,8 +16,11 @@ a step whose saved tree differs from the run's (another optimizer, another model
 UserError that names the difference.
 """
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, List, Optional
@@ -25,10 +31,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import CheckpointSaveError, UserError
 from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
-                                checkpoint_dir, first_line, saved_state_tree, step_vanished,
-                                tree_differences, unreadable_dir)
+                                checkpoint_dir, first_line, saved_state_tree,
+                                setting_differences, step_vanished, tree_differences,
+                                unreadable_dir)
 
 BEST_METRIC = 'eval_top1'
 DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
@@ -85,12 +92,75 @@ def create_manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.
 
 def save(manager: ocp.CheckpointManager, step: int, state_tree: Any, data_position: dict,
          eval_top1: Optional[float] = None, force: bool = False) -> bool:
-  """Starts an asynchronous save; `eval_top1` (when this step was evaluated) ranks it."""
+  """Starts an asynchronous save; `eval_top1` (when this step was evaluated) ranks it.
+
+  A failure of this save or of the one before it (orbax reports a background failure at
+  the next call) is a CheckpointSaveError."""
   score = None if eval_top1 is None else float(eval_top1)
-  return manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state_tree),
-      DATA_ITEM: ocp.args.JsonSave({**data_position, BEST_METRIC: score})}),
-      metrics={BEST_METRIC: score}, force=force)
+  try:
+    return manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state_tree),
+        DATA_ITEM: ocp.args.JsonSave({**data_position, BEST_METRIC: score})}),
+        metrics={BEST_METRIC: score}, force=force)
+  except Exception as e:  # pylint: disable=broad-except  (any failure of the writer)
+    raise _save_error(manager, e) from None
+
+
+def wait_until_saved(manager: ocp.CheckpointManager):
+  """Waits for the save in flight; its failure is a CheckpointSaveError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from None
+
+
+def _save_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointSaveError:
+  try:
+    steps = sorted(int(n) for n in os.listdir(manager.directory) if n.isdigit())
+  except OSError:
+    steps = []
+  return CheckpointSaveError(
+      f'Saving a checkpoint to {manager.directory} failed ({_os_error(error)}). The '
+      f'checkpoints saved before it are intact ({steps or "none yet"}): free disk space or '
+      f'make the folder writable, then run the same command to resume.')
+
+
+def _os_error(error: Exception) -> str:
+  """The operating system's words for `error` (orbax and TensorStore wrap them)."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.strerror:
+      return f'{type(e).__name__}: {e.strerror}'
+  text = str(error)
+  reason = re.search(r': ([^:"\[]+) \[os_error_code', text)  # TensorStore's form
+  return reason[1].strip() if reason else first_line(error)
+
+
+class QuietSaveErrors(logging.Filter):
+  """Drops the error records (each with a traceback) that orbax's background threads log
+  when a save or read fails, and asyncio's 'Event loop is closed' ones of its read loops:
+  a failed save reaches the trainer as one CheckpointSaveError, a failed read as one
+  warning (`restore_latest_good`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (f'{os.sep}orbax{os.sep}' in (record.pathname or '')
+                or 'Event loop is closed' in str(error))
+
+
+@contextlib.contextmanager
+def quiet_save_errors():
+  """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's."""
+  quiet = QuietSaveErrors()
+  loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(quiet)
 
 
 def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int] = None):
@@ -186,9 +256,25 @@ def _read_here(manager, step, target_tree, workdir, config):
   if differences:
     raise _mismatch_error(workdir, step, differences, config)
   try:
-    return read_step(manager.directory, step, target_tree, partial=bool(retired)), None
+    state, data = read_step(manager.directory, step, target_tree, partial=bool(retired))
   except Exception as e:  # pylint: disable=broad-except  (the tree fits: a read failure)
     return None, e
+  if config is not None:
+    _check_recorded_settings(workdir, step, data, config)
+  return (state, data), None
+
+
+def _check_recorded_settings(workdir: str, step: int, data: dict, config):
+  """Refuses a step whose 'data' item records other run-defining settings than `config`
+  (it holds another run's batches), whatever config.json says or whether it exists."""
+  differences = setting_differences(data if isinstance(data, dict) else {}, config)
+  if differences:
+    settings = '; '.join(f'{key}={saved!r} (this config: {now!r})'
+                         for key, saved, now in differences)
+    raise UserError(
+        f'Checkpoint {step} in {checkpoint_dir(workdir)} was made by a run with {settings} '
+        f'(it reads fine; nothing was moved). Pass a new --workdir to train with these '
+        f'settings, or resume with the settings the checkpoint was made with.')
 
 
 def read_step(directory, step: int, target_tree: Any, partial: bool = False):

@@ -7,6 +7,7 @@ set), and the tests check both against the table.
 """
 
 import difflib
+import math
 from typing import Callable, Dict, Optional, Sequence
 
 from resnet_jax.data.normalization import RECIPES
@@ -48,13 +49,35 @@ def _decay_factor(value) -> Optional[str]:
   return None if 0 < value <= 1 else 'must be in (0, 1]'
 
 
+def _name(value) -> Optional[str]:
+  return None if isinstance(value, str) and value.strip() else 'must not be empty'
+
+
+def _seed(value) -> Optional[str]:
+  # What jax.random.PRNGKey and the data order's 64-bit seeds take without overflow.
+  if isinstance(value, bool) or int(value) != value or not 0 <= value < 2**32:
+    return f'must be an integer from 0 to {2**32 - 1}'
+  return None
+
+
+def _non_finite(value) -> bool:
+  """Whether `value` is or holds (in a tuple, list or dict) an infinite or NaN float."""
+  if isinstance(value, float):
+    return not math.isfinite(value)
+  if isinstance(value, (tuple, list)):
+    return any(map(_non_finite, value))
+  if hasattr(value, 'items'):
+    return any(_non_finite(v) for _, v in value.items())
+  return False
+
+
 # Every key the code reads, with the check of its value.
 KEYS: Dict[str, Callable] = {
     # Model.
     'model': _any, 'model_overrides': _any, 'num_classes': _positive, 'in_channels': _positive,
     'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
     # Data.
-    'dataset': _any, 'data_dir': _any, 'train_split': _any, 'eval_split': _any,
+    'dataset': _name, 'data_dir': _any, 'train_split': _name, 'eval_split': _name,
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
     'shuffle_buffer': _positive, 'input_pipeline': _one_of(INPUT_PIPELINES),
     'synthetic_train_size': _positive,
@@ -68,7 +91,7 @@ KEYS: Dict[str, Callable] = {
     'weight_decay': _non_negative, 'weight_decay_exclude_bn_and_bias': _any,
     'label_smoothing': _unit_interval,
     # Run.
-    'seed': _non_negative, 'log_every_steps': _any, 'eval_every_steps': _any,
+    'seed': _seed, 'log_every_steps': _any, 'eval_every_steps': _any,
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
     'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
 }
@@ -96,7 +119,7 @@ def check_config(config, num_devices: int):
   """Checks everything that can be checked before any data is read or model built."""
   check_keys(config)
   for key, check in KEYS.items():
-    problem = check(config[key])
+    problem = 'must be finite' if _non_finite(config[key]) else check(config[key])
     if problem:
       raise UserError(f'config.{key}={config[key]!r} {problem}.')
   for key in ('batch_size', 'eval_batch_size'):
@@ -109,6 +132,17 @@ def check_config(config, num_devices: int):
     raise UserError(f'config.num_train_steps={steps}, num_epochs={epochs}: set '
                     f'num_train_steps to a positive number, or to -1 with a positive '
                     f'num_epochs.')
+
+
+def check_eval_batch_size(config, eval_examples: int, num_devices: int):
+  """Refuses an eval batch larger than the eval split (rounded up to a multiple of the
+  devices): it would only be padding, and a large one exhausts host memory at the first
+  evaluation, after steps were trained."""
+  largest = -(-eval_examples // num_devices) * num_devices
+  if config.eval_batch_size > largest:
+    raise UserError(f'config.eval_batch_size={config.eval_batch_size} is larger than the eval '
+                    f'split {config.eval_split!r} ({eval_examples} examples); use at most '
+                    f'eval_batch_size={largest}.')
 
 
 def unknown_override(argv: Sequence[str], config_keys: Sequence[str] = tuple(KEYS),

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import jax
@@ -14,11 +15,13 @@ from resnet_jax.errors import Interrupted
 from resnet_jax.train import checkpoints, config_schema, divergence, parallel, workdir_lock
 from resnet_jax.train.build import RunParts, build_run, initialize_from
 from resnet_jax.train.evaluation import evaluate_split
-from resnet_jax.train.metrics import (MetricWindow, MetricWriter, Progress, log, log_eval,
-                                      log_train, progress_bar)
+from resnet_jax.train.metrics import (METRICS_FILE, MetricWindow, MetricWriter, Progress, log,
+                                      log_eval, log_train, progress_bar)
 from resnet_jax.train.preemption import StopRequest
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.watchdog import StepWatchdog
+
+CURVES_FILE = 'curves.png'  # the run's plot, written at its end
 
 
 class _Run(NamedTuple):
@@ -38,6 +41,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
   with contextlib.ExitStack() as held:  # the workdir lock, once taken
+    held.enter_context(checkpoints.quiet_save_errors())  # one message, not orbax's logs
     run = _set_up(config, workdir, held)
     state, start_step, window_rows = _restore(run, config, workdir)
     step, eval_results, stop_signal = _train(run, config, workdir, state, start_step,
@@ -48,7 +52,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise interrupted
   if jax.process_index() == 0:
     from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
-    plot_runs([workdir], os.path.join(workdir, 'curves.png'))
+    plot_runs([workdir], os.path.join(workdir, CURVES_FILE))
   return eval_results
 
 
@@ -57,9 +61,11 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   mesh = parallel.create_mesh()
   config_schema.check_config(config, jax.device_count())
   pipeline = create_pipeline(config)
+  config_schema.check_eval_batch_size(config, pipeline.split_size(config.eval_split),
+                                      jax.device_count())
   pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
-  if jax.process_index() == 0:
-    run_dir.check_writable(workdir)
+  if jax.process_index() == 0:  # every folder and file it will write
+    run_dir.check_writable(workdir, files=(METRICS_FILE, CURVES_FILE))
   parts = build_run(config, mesh, pipeline.num_classes, pipeline.channels,
                     pipeline.steps_per_epoch)
   held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
@@ -134,8 +140,14 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
     watchdog.close()
     bar.close()
     stop.restore_handlers()
-    run.manager.wait_until_finished()
-    writer.close()
+    try:
+      if sys.exc_info()[0] is None:
+        checkpoints.wait_until_saved(run.manager)
+      else:  # the error on its way up says more than a failure of the same save
+        with contextlib.suppress(Exception):
+          run.manager.wait_until_finished()
+    finally:
+      writer.close()
   return step, eval_results, (stop.signal or 'SIGTERM') if step < total_steps else None
 
 
@@ -163,8 +175,9 @@ def _save(run: _Run, config, step: int, state: TrainState, window: MetricWindow,
   """Starts saving `step`; `top1` (when this step was evaluated) ranks it for keeping."""
   _read_window(window, config)  # raises before saving if a step since the last check was not finite
   epoch, batches_into_epoch = divmod(step, run.pipeline.steps_per_epoch)
-  # epoch .. process_count say where the data stands in words a changed run can check.
-  position = {'batches_consumed': step, 'batch_size': config.batch_size,
+  # epoch .. process_count say where the data stands in words a changed run can check;
+  # the run-defining settings (batch_size among them) are checked on restore.
+  position = {'batches_consumed': step, **run_dir.run_settings(config),
               'steps_per_epoch': run.pipeline.steps_per_epoch, 'epoch': epoch,
               'epoch_examples_consumed': batches_into_epoch * config.batch_size,
               'process_count': jax.process_count(), 'log_window': window.rows}

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+METRICS_FILE = 'metrics.jsonl'
+
 
 class MetricWriter:
   """Writes scalars for a step to the console, metrics.jsonl and TensorBoard."""
@@ -24,7 +26,7 @@ class MetricWriter:
     self._file = self._tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._file = open(os.path.join(workdir, METRICS_FILE), 'a')
       if self._file.tell() and not _ends_with_newline(self._file.name):
         self._file.write('\n')  # close a line a killed run left half-written
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -40,9 +42,15 @@ class MetricWriter:
       self._tensorboard.add_scalar(key, value, step)
 
   def close(self):
+    """Closes the files; a failure to flush them (a full disk) is one warning line, so
+    that it does not hide the error that ended the run."""
     if self.enabled:
-      self._file.close()
-      self._tensorboard.close()
+      try:
+        self._file.close()
+        self._tensorboard.close()
+      except OSError as e:
+        log(f'WARNING: the last metrics may not be written to {self._file.name} '
+            f'({type(e).__name__}: {e.strerror or e}).')
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -66,7 +74,7 @@ def _records(path: str):
 def read_metrics(workdir: str) -> dict:
   """{key: ([steps], [values])} from WORKDIR/metrics.jsonl, last write per step winning."""
   rows = {}
-  for record in _records(os.path.join(workdir, 'metrics.jsonl')):
+  for record in _records(os.path.join(workdir, METRICS_FILE)):
     step = record.pop('step')
     for key, value in record.items():
       rows.setdefault(key, {})[step] = value
