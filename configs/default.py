@@ -37,15 +37,29 @@ def get_config():
   config.num_epochs = -1
   config.learning_rate = 0.1
   config.learning_rate_batch_base = 0  # if > 0, lr is scaled by batch_size / this
-  config.schedule = 'cosine'  # 'constant', 'cosine' or 'step'
+  config.schedule = 'cosine'  # 'constant', 'cosine', 'step' or 'polynomial' (MLPerf's)
+  config.end_learning_rate = 0.0  # where 'cosine' and 'polynomial' end
+  config.polynomial_power = 2.0  # 'polynomial': (lr - end) * (1 - t / T)^power + end
   config.warmup_steps = 25  # linear warmup from 0 (or warmup_epochs, when this is 0)
   config.warmup_epochs = 0.0
   config.lr_boundaries = ()  # steps where 'step' multiplies the lr by lr_decay_factor
   config.lr_decay_factor = 0.1
-  config.momentum = 0.9
-  config.nesterov = True
-  config.weight_decay = 5e-4
+  # 'sgd' (coupled L2 decay, torch.optim.SGD), 'lars' (MLPerf's), 'lamb' (timm's) or
+  # 'adamw' (torch.optim.AdamW); see resnet_jax.train.optim.
+  config.optimizer = 'sgd'
+  config.momentum = 0.9  # 'sgd' and 'lars'
+  config.nesterov = True  # 'sgd' and 'lars'
+  config.lars_eta = 0.001  # 'lars': trust coefficient
+  config.lars_eps = 0.0  # 'lars': added to the trust ratio's denominator
+  config.adam_beta1 = 0.9  # 'lamb' and 'adamw'
+  config.adam_beta2 = 0.999
+  config.adam_eps = 1e-8  # timm's Lamb uses 1e-6
+  config.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm (timm's Lamb: 1.0)
+  config.weight_decay = 5e-4  # coupled for 'sgd' and 'lars', decoupled for 'lamb', 'adamw'
+  # No weight decay on BN scales/biases and biases (timm, MLPerf; 'lars' always skips them).
   config.weight_decay_exclude_bn_and_bias = False
+  # No weight decay on BN scales/biases only (torchvision's norm_weight_decay=0).
+  config.weight_decay_exclude_norm = False
   config.label_smoothing = 0.0
   # Run.
   config.seed = 0

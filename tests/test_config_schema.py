@@ -58,6 +58,8 @@ def test_training_reads_only_keys_of_the_table(tmp_path, overrides):
     ('schedule', 'linear', "schedule='linear' must be one of constant, cosine, step"),
     ('lr_boundaries', (20, 10), 'lr_boundaries=.* must be increasing'),
     ('keep_checkpoints', 0, 'keep_checkpoints=0 must be positive'),
+    ('optimizer', 'adam', "optimizer='adam' must be one of sgd, lars, lamb, adamw"),
+    ('adam_beta2', 1.0, r'adam_beta2=1.0 must be in \[0, 1\)'),
 ])
 def test_impossible_values_are_refused_before_training(tmp_path, key, value, message):
   with pytest.raises(UserError, match=message):

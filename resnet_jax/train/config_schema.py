@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
-from resnet_jax.train.optim import SCHEDULES
+from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 INPUT_PIPELINES = ('tf.data', 'dali')
@@ -62,10 +62,14 @@ KEYS: Dict[str, Callable] = {
     # Optimization.
     'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
     'num_epochs': _any, 'learning_rate': _positive, 'learning_rate_batch_base': _non_negative,
-    'schedule': _one_of(SCHEDULES), 'warmup_steps': _non_negative,
+    'schedule': _one_of(SCHEDULES), 'end_learning_rate': _non_negative,
+    'polynomial_power': _positive, 'warmup_steps': _non_negative,
     'warmup_epochs': _non_negative, 'lr_boundaries': _boundaries,
     'lr_decay_factor': _decay_factor, 'momentum': _unit_interval, 'nesterov': _any,
     'weight_decay': _non_negative, 'weight_decay_exclude_bn_and_bias': _any,
+    'optimizer': _one_of(OPTIMIZERS), 'lars_eta': _positive, 'lars_eps': _non_negative,
+    'adam_beta1': _unit_interval, 'adam_beta2': _unit_interval, 'adam_eps': _non_negative,
+    'grad_clip_norm': _non_negative, 'weight_decay_exclude_norm': _any,
     'label_smoothing': _unit_interval,
     # Run.
     'seed': _non_negative, 'log_every_steps': _any, 'eval_every_steps': _any,
