@@ -17,6 +17,9 @@ def get_config():
   config.in_channels = 3  # image channels (used by synthetic data; datasets know their own)
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params/BN stats stay f32
   config.bn_group_size = 0  # 0: BN statistics over the global batch; N: over groups of N
+  # Stochastic depth: the last block drops its residual branch with this probability, the
+  # others with less, linearly in the block index (timm's drop_path_rate); 0: off.
+  config.drop_path_rate = 0.0
   # Data.
   config.dataset = 'digits'  # a TFDS name, 'folder:/path' or 'synthetic'
   config.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets)
@@ -61,12 +64,25 @@ def get_config():
   # No weight decay on BN scales/biases only (torchvision's norm_weight_decay=0).
   config.weight_decay_exclude_norm = False
   config.label_smoothing = 0.0
+  # Batch mixing on the devices, as timm's Mixup: lam ~ Beta(alpha, alpha); with both > 0
+  # each batch gets CutMix or Mixup with probability 0.5 each; 0: off.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  # 'softmax' (cross-entropy) or 'bce' (timm's binary cross-entropy on the smoothed,
+  # mixed targets); bce_target_thresh > 0 makes targets above it 1, the rest 0.
+  config.loss = 'softmax'
+  config.bce_target_thresh = 0.0
+  # Weight EMA (torchvision's ExponentialMovingAverage): its decay before torchvision's
+  # adjustment by batch_size * ema_every_steps / epochs (resnet_jax.train.ema); 0: off.
+  config.ema_decay = 0.0
+  config.ema_every_steps = 32  # update the EMA every N steps of an epoch
   # Run.
   config.seed = 0
   config.log_every_steps = 50
   config.eval_every_steps = 250
   config.checkpoint_every_steps = 250
-  config.keep_checkpoints = 2  # the latest N, plus the best by eval top-1
+  config.keep_checkpoints = 2  # the latest N, plus the best by best_metric
+  config.best_metric = 'eval/top1'  # or 'eval_ema/top1' (the EMA's)
   config.init_from = ''  # a converted or trained checkpoint to start from
   config.skip_nonfinite_steps = False  # True: skip steps with a non-finite loss, not stop
   # Warn when no step finished for this many median step times (a stuck host); 0: off.

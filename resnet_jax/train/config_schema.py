@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
+from resnet_jax.train.losses import LOSSES
 from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -53,6 +54,7 @@ KEYS: Dict[str, Callable] = {
     # Model.
     'model': _any, 'model_overrides': _any, 'num_classes': _positive, 'in_channels': _positive,
     'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
+    'drop_path_rate': _unit_interval,
     # Data.
     'dataset': _any, 'data_dir': _any, 'train_split': _any, 'eval_split': _any,
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
@@ -70,10 +72,14 @@ KEYS: Dict[str, Callable] = {
     'optimizer': _one_of(OPTIMIZERS), 'lars_eta': _positive, 'lars_eps': _non_negative,
     'adam_beta1': _unit_interval, 'adam_beta2': _unit_interval, 'adam_eps': _non_negative,
     'grad_clip_norm': _non_negative, 'weight_decay_exclude_norm': _any,
-    'label_smoothing': _unit_interval,
+    'label_smoothing': _unit_interval, 'mixup_alpha': _non_negative,
+    'cutmix_alpha': _non_negative, 'loss': _one_of(LOSSES),
+    'bce_target_thresh': _unit_interval, 'ema_decay': _unit_interval,
+    'ema_every_steps': _positive,
     # Run.
     'seed': _non_negative, 'log_every_steps': _any, 'eval_every_steps': _any,
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
+    'best_metric': _one_of(('eval/top1', 'eval_ema/top1')),
     'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
 }
 
