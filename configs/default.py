@@ -17,6 +17,9 @@ def get_config():
   config.in_channels = 3  # image channels (used by synthetic data; datasets know their own)
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params/BN stats stay f32
   config.bn_group_size = 0  # 0: BN statistics over the global batch; N: over groups of N
+  # Stochastic depth: the last block drops its residual branch with this probability, the
+  # others with less, linearly in the block index (timm's drop_path_rate); 0: off.
+  config.drop_path_rate = 0.0
   # Data.
   config.dataset = 'digits'  # a TFDS name, 'folder:/path' or 'synthetic'
   config.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets)
@@ -37,22 +40,49 @@ def get_config():
   config.num_epochs = -1
   config.learning_rate = 0.1
   config.learning_rate_batch_base = 0  # if > 0, lr is scaled by batch_size / this
-  config.schedule = 'cosine'  # 'constant', 'cosine' or 'step'
+  config.schedule = 'cosine'  # 'constant', 'cosine', 'step' or 'polynomial' (MLPerf's)
+  config.end_learning_rate = 0.0  # where 'cosine' and 'polynomial' end
+  config.polynomial_power = 2.0  # 'polynomial': (lr - end) * (1 - t / T)^power + end
   config.warmup_steps = 25  # linear warmup from 0 (or warmup_epochs, when this is 0)
   config.warmup_epochs = 0.0
   config.lr_boundaries = ()  # steps where 'step' multiplies the lr by lr_decay_factor
   config.lr_decay_factor = 0.1
-  config.momentum = 0.9
-  config.nesterov = True
-  config.weight_decay = 5e-4
+  # 'sgd' (coupled L2 decay, torch.optim.SGD), 'lars' (MLPerf's), 'lamb' (timm's) or
+  # 'adamw' (torch.optim.AdamW); see resnet_jax.train.optim.
+  config.optimizer = 'sgd'
+  config.momentum = 0.9  # 'sgd' and 'lars'
+  config.nesterov = True  # 'sgd' and 'lars'
+  config.lars_eta = 0.001  # 'lars': trust coefficient
+  config.lars_eps = 0.0  # 'lars': added to the trust ratio's denominator
+  config.adam_beta1 = 0.9  # 'lamb' and 'adamw'
+  config.adam_beta2 = 0.999
+  config.adam_eps = 1e-8  # timm's Lamb uses 1e-6
+  config.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm (timm's Lamb: 1.0)
+  config.weight_decay = 5e-4  # coupled for 'sgd' and 'lars', decoupled for 'lamb', 'adamw'
+  # No weight decay on BN scales/biases and biases (timm, MLPerf; 'lars' always skips them).
   config.weight_decay_exclude_bn_and_bias = False
+  # No weight decay on BN scales/biases only (torchvision's norm_weight_decay=0).
+  config.weight_decay_exclude_norm = False
   config.label_smoothing = 0.0
+  # Batch mixing on the devices, as timm's Mixup: lam ~ Beta(alpha, alpha); with both > 0
+  # each batch gets CutMix or Mixup with probability 0.5 each; 0: off.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  # 'softmax' (cross-entropy) or 'bce' (timm's binary cross-entropy on the smoothed,
+  # mixed targets); bce_target_thresh > 0 makes targets above it 1, the rest 0.
+  config.loss = 'softmax'
+  config.bce_target_thresh = 0.0
+  # Weight EMA (torchvision's ExponentialMovingAverage): its decay before torchvision's
+  # adjustment by batch_size * ema_every_steps / epochs (resnet_jax.train.ema); 0: off.
+  config.ema_decay = 0.0
+  config.ema_every_steps = 32  # update the EMA every N steps of an epoch
   # Run.
   config.seed = 0
   config.log_every_steps = 50
   config.eval_every_steps = 250
   config.checkpoint_every_steps = 250
-  config.keep_checkpoints = 2  # the latest N, plus the best by eval top-1
+  config.keep_checkpoints = 2  # the latest N, plus the best by best_metric
+  config.best_metric = 'eval/top1'  # or 'eval_ema/top1' (the EMA's)
   config.init_from = ''  # a converted or trained checkpoint to start from
   config.skip_nonfinite_steps = False  # True: skip steps with a non-finite loss, not stop
   # Warn when no step finished for this many median step times (a stuck host); 0: off.

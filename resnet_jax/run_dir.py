@@ -104,6 +104,8 @@ def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str,
     spec['dtype'] = config.dtype
   if config.bn_group_size:
     spec['bn_group_size'] = config.bn_group_size
+  if config.drop_path_rate:
+    spec['drop_path_rate'] = config.drop_path_rate
   overrides = config.model_overrides
   spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
   return spec

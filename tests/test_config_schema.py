@@ -72,6 +72,8 @@ def test_training_reads_only_keys_of_the_table(tmp_path, overrides):
     ('eval_split', 'tset', r"Split 'tset' of dataset 'digits' cannot be read"),
     ('eval_batch_size', 1000000, r"eval_batch_size=1000000 is larger than the eval split "
                                  r"'test' \(360 examples\); use at most eval_batch_size=360"),
+    ('optimizer', 'adam', "optimizer='adam' must be one of sgd, lars, lamb, adamw"),
+    ('adam_beta2', 1.0, r'adam_beta2=1.0 must be in \[0, 1\)'),
 ])
 def test_impossible_values_are_refused_before_training(tmp_path, key, value, message):
   with pytest.raises(UserError, match=message):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.models.drop_path import RNG_STREAM, drop_path
 from resnet_jax.models.pooling import avg_pool_2x2_ceil
 
 # A module constructor handed down by the parent: a partial of `Conv` or `BatchNorm`.
@@ -71,10 +72,14 @@ class _Block(nn.Module):
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_path_rate=None):
+    """`drop_path_rate` (training only; may be traced) drops the residual branch of
+    each example with that probability, with masks from the 'drop_path' rng stream."""
     out = self.residual(x)
     if self.attention is not None:  # timm's place for it: after the last BN, named 'se'
       out = self.attention(name='se')(out)
+    if drop_path_rate is not None:
+      out = drop_path(out, drop_path_rate, self.make_rng(RNG_STREAM))
     if self.shortcut == 'none':
       return self.act(out)
     return self.act(out + self._shortcut(x))

@@ -11,6 +11,7 @@ from resnet_jax.models.attention import ATTENTIONS, attention_partial
 from resnet_jax.models.batch_norm import batch_norm_partial
 from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, _Block
 from resnet_jax.models.convolution import Conv
+from resnet_jax.models.drop_path import RNG_STREAM, block_rates
 from resnet_jax.models.pooling import max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 from resnet_jax.models.stems import DEEP_STEMS, STEMS, DeepStem, deep_stem_widths
@@ -24,7 +25,8 @@ class Stage(nn.Module):
   (see `resnet_jax.models.scan` to convert to and from the unrolled layout), and the
   compiler sees one block instead of `num_blocks - 1`. With `remat` every block is
   rematerialized in the backward pass, trading compute for activation memory: all of it,
-  or what `remat_policy` does not keep.
+  or what `remat_policy` does not keep. `drop_path_rates` (one per block, training
+  only) drop each block's residual branch per example (`drop_path`).
   """
   block_cls: Type[_Block]
   num_blocks: int
@@ -34,6 +36,7 @@ class Stage(nn.Module):
   scan: bool = False
   remat: bool = False
   remat_policy: Optional[Callable[..., bool]] = None
+  drop_path_rates: Optional[Sequence[float]] = None
 
   @nn.compact
   def __call__(self, x):
@@ -41,15 +44,21 @@ class Stage(nn.Module):
     if self.remat:
       block_cls = nn.remat(block_cls, policy=self.remat_policy)
     make = functools.partial(block_cls, self.features, **self.block_kwargs)
-    x = make(strides=self.strides, name='0')(x)
+    rates = self.drop_path_rates
+    rate = (lambda i: ()) if rates is None else (lambda i: (rates[i],))  # noqa: E731
+    x = make(strides=self.strides, name='0')(x, *rate(0))
     if self.scan and self.num_blocks > 1:
-      run_rest = nn.scan(lambda block, carry, _: (block(carry), None),
+      # The blocks' drop rates are scanned over with them; each gets its own masks.
+      run_rest = nn.scan(lambda block, carry, r: (block(carry, *([] if r is None else [r])),
+                                                  None),
                          variable_axes={'params': 0, 'batch_stats': 0},
-                         split_rngs={'params': True}, length=self.num_blocks - 1)
-      x, _ = run_rest(make(name='rest'), x, None)
+                         split_rngs={'params': True, RNG_STREAM: True},
+                         length=self.num_blocks - 1)
+      x, _ = run_rest(make(name='rest'), x,
+                      None if rates is None else jnp.asarray(rates[1:], jnp.float32))
     else:
       for i in range(1, self.num_blocks):
-        x = make(name=str(i))(x)
+        x = make(name=str(i))(x, *rate(i))
     return x
 
 
@@ -95,6 +104,11 @@ class ResNet(nn.Module):
       by autodiff (False). None: fused unless `remat`, because under remat the fused
       gradient's saved residuals needed more memory (benchmarks/RESULTS.md). Either
       way the gradients are the same up to rounding.
+    drop_path_rate: stochastic depth (timm's `drop_path_rate`): in training, block i of
+      all n blocks drops its residual branch per example with probability
+      rate * i / (n - 1), its masks drawn from the rng stream 'drop_path'
+      (`model.apply(..., train=True, rngs={'drop_path': key})`). Changes no variable and
+      no eval-mode output.
   """
   stage_sizes: Sequence[int]
   block: str = 'basic'
@@ -120,6 +134,7 @@ class ResNet(nn.Module):
   remat: bool = False
   elementwise_remat: bool = True
   bn_fused_gradient: Optional[bool] = None
+  drop_path_rate: float = 0.0
 
   @property
   def total_stride(self) -> int:
@@ -151,12 +166,14 @@ class ResNet(nn.Module):
                         zero_init_last=self.zero_init_residual,
                         attention=attention_partial(self.attention, self.dtype,
                                                     self.param_dtype))
+    rates = (block_rates(self.drop_path_rate, self.stage_sizes)
+             if train and self.drop_path_rate > 0 else None)
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       name = f'layer{i + 1}'
       x = features[name] = stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
                                  block_kwargs, self.scan_blocks,
                                  self.remat or block_policy is not None, block_policy,
-                                 name=name)(x)
+                                 None if rates is None else tuple(rates[i]), name=name)(x)
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:
       x = features['logits'] = nn.Dense(
@@ -189,6 +206,9 @@ class ResNet(nn.Module):
       raise ValueError(f'Images of {x.shape[1]}x{x.shape[2]} are too small for this model, '
                        f'which downsamples by {self.total_stride}: use images of at least '
                        f'{self.total_stride}x{self.total_stride}.')
+    if not 0 <= self.drop_path_rate < 1 or (self.drop_path_rate and self.shortcut == 'none'):
+      raise ValueError(f'drop_path_rate={self.drop_path_rate!r} must be in [0, 1), and 0 '
+                       f'for plain nets (shortcut=\'none\'), whose residual branch is all.')
     check_choices(self)
 
 

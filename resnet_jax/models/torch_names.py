@@ -56,7 +56,7 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 # outputs: the torch layout is the unrolled float32 one, whatever the run trained with.
 LAYOUT_NEUTRAL = ('name', 'num_classes', 'dtype', 'param_dtype', 'scan_blocks', 'remat',
                    'elementwise_remat', 'bn_momentum', 'bn_group_size', 'bn_axis_name',
-                   'bn_unbiased_running_var', 'zero_init_residual')
+                   'bn_unbiased_running_var', 'zero_init_residual', 'drop_path_rate')
 
 
 def layout_overrides(model_config: Mapping[str, Any]) -> Dict[str, Any]:

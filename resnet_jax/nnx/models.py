@@ -21,6 +21,7 @@ from resnet_jax.models import windows, zoo
 from resnet_jax.models.batch_norm import batch_norm
 from resnet_jax.models.blocks import subsample_and_pad
 from resnet_jax.models.convolution import conv2d, conv_kernel_init
+from resnet_jax.models.drop_path import RNG_STREAM, block_rates, drop_path
 from resnet_jax.models.pooling import avg_pool_2x2_ceil, max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 from resnet_jax.models.resnet import check_choices, torch_linear_init
@@ -111,11 +112,15 @@ def downsample(in_features, features, strides, conv, norm, avg_down) -> Sequenti
 
 class _Block(nnx.Module):
   """The shortcut and the attention (`se`) shared by both blocks; subclasses build the
-  residual branch first."""
+  residual branch first.
+
+  With a `drop_path_rate` the residual branch is dropped per example in train mode
+  (`deterministic=False`, set by `model.train()`), with masks from the key the call gets.
+  """
   expansion = 1
 
   def __init__(self, in_features, out_features, *, strides, shortcut, avg_down, conv, norm,
-               attention=None):
+               attention=None, drop_path_rate=0.0):
     self.se = attention(out_features) if attention is not None else None
     reshapes = strides != 1 or in_features != out_features
     projects = shortcut == 'C' or (reshapes and shortcut == 'B')
@@ -123,14 +128,21 @@ class _Block(nnx.Module):
                        if projects else None)
     self.shortcut, self.strides, self.out_features = shortcut, strides, out_features
     self.pads = reshapes and shortcut == 'A'
+    self.drop_path_rate, self.deterministic = drop_path_rate, True
 
   def residual(self, x):
     raise NotImplementedError
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_path_key: Optional[jax.Array] = None) -> jax.Array:
     out = self.residual(x)
     if self.se is not None:
       out = self.se(out)
+    if self.drop_path_rate > 0 and not self.deterministic:
+      if drop_path_key is None:
+        raise UserError('This model has a drop_path_rate and is in train mode: call it as '
+                         'model(x, rngs=nnx.Rngs(drop_path=key)) (or a jax key), a new key '
+                         'each step.')
+      out = drop_path(out, self.drop_path_rate, drop_path_key)
     if self.shortcut == 'none':
       return nn.relu(out)
     if self.downsample is not None:
@@ -192,19 +204,23 @@ class BottleneckBlock(_Block):
 BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 
 
-def _call_block(block, x):
-  return block(x)
+def _call_block(block, x, key):
+  return block(x, key)
 
 
-def _call_stage(blocks, x):
-  for block in blocks:
-    x = block(x)
+def _block_keys(key, count):
+  return [None] * count if key is None else list(jax.random.split(key, count))
+
+
+def _call_stage(blocks, x, key=None):
+  for block, block_key in zip(blocks, _block_keys(key, len(blocks))):
+    x = block(x, block_key)
   return x
 
 
-def _call_stage_remat_blocks(blocks, x):
-  for block in blocks:
-    x = nnx.remat(_call_block)(block, x)
+def _call_stage_remat_blocks(blocks, x, key=None):
+  for block, block_key in zip(blocks, _block_keys(key, len(blocks))):
+    x = nnx.remat(_call_block)(block, x, block_key)
   return x
 
 
@@ -245,11 +261,13 @@ class ResNet(nnx.Module):
     block_kwargs = dict(conv=conv, norm=norm, shortcut=spec.shortcut, avg_down=spec.avg_down,
                         groups=spec.groups, base_width=spec.width_per_group,
                         zero_init_last=spec.zero_init_residual, attention=attention)
+    rates = block_rates(spec.drop_path_rate, spec.stage_sizes)
     for i, (size, features) in enumerate(zip(spec.stage_sizes, spec.stage_widths)):
       blocks = []
       for j in range(size):
         strides = 2 if i > 0 and j == 0 else 1
-        blocks.append(block_cls(width, features, strides=strides, **block_kwargs))
+        blocks.append(block_cls(width, features, strides=strides,
+                                drop_path_rate=rates[i][j], **block_kwargs))
         width = features * block_cls.expansion
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.fc = (nnx.Linear(width, spec.num_classes, dtype=spec.dtype,
@@ -273,14 +291,17 @@ class ResNet(nnx.Module):
     self.bn1 = norm(width)
     return width
 
-  def __call__(self, x: jax.Array, return_features: bool = False):
+  def __call__(self, x: jax.Array, return_features: bool = False, rngs=None):
+    """`rngs` (an `nnx.Rngs` with a 'drop_path' or default stream, or a jax key) gives
+    the drop-path masks of a model with `drop_path_rate` in train mode."""
     self.spec.check_input(x)
     features = {}
     stem, stage = self._stem_and_stage_functions()
+    keys = _stage_keys(rngs, len(self.spec.stage_sizes))
     x = features['stem'] = stem(self.conv1, self.bn1, x.astype(self.spec.dtype))
     for i in range(len(self.spec.stage_sizes)):
       name = f'layer{i + 1}'
-      x = features[name] = stage(getattr(self, name), x)
+      x = features[name] = stage(getattr(self, name), x, keys[i])
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.fc is not None:
       x = features['logits'] = self.fc(x).astype(jnp.float32)
@@ -295,6 +316,14 @@ class ResNet(nnx.Module):
       stem = nnx.remat(stem, policy=SAVE_CONV_OUTPUTS)
       stage = stage if self.spec.remat else nnx.remat(stage, policy=SAVE_CONV_OUTPUTS)
     return stem, stage
+
+
+def _stage_keys(rngs, count):
+  """One key per stage from `rngs` (None: no drop path masks)."""
+  if rngs is None:
+    return [None] * count
+  key = rngs[RNG_STREAM]() if isinstance(rngs, nnx.Rngs) else rngs
+  return list(jax.random.split(key, count))
 
 
 def _check_spec(spec):

@@ -6,7 +6,7 @@ what runs.
 """
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,14 @@ from resnet_jax import run_dir
 from resnet_jax.data import normalization
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet
-from resnet_jax.train import optim, parallel
+from resnet_jax.train import ema, optim, parallel
+from resnet_jax.train.step import Recipe
 from resnet_jax.train.metrics import log
 from resnet_jax.train.state import TrainState, create_train_state
+
+
+BEST_METRICS = ('eval/top1', 'eval_ema/top1')
+EMA_METRIC = 'eval_ema/top1'
 
 
 class RunParts(NamedTuple):
@@ -57,12 +62,36 @@ def build_run(config, mesh: Mesh, num_classes: int, channels: int,
   tx = optim.create_optimizer(config, learning_rate_fn)
   init = functools.partial(create_train_state, model, tx,
                            input_shape=(1, config.image_size, config.image_size, channels),
-                           label_smoothing=config.label_smoothing)
+                           label_smoothing=config.label_smoothing,
+                           ema=config.ema_decay > 0)
   statistics = normalization.RECIPE_STATISTICS[normalization.checked_recipe(config.preprocess)]
-  train_fn, eval_fn = parallel.compile_steps(mesh, statistics, config.skip_nonfinite_steps)
+  train_fn, eval_fn = parallel.compile_steps(mesh, statistics, config.skip_nonfinite_steps,
+                                             recipe_of(config, model, steps_per_epoch))
   return RunParts(spec, model, tx, learning_rate_fn,
                   optim.num_train_steps(config, steps_per_epoch),
                   jax.jit(init, out_shardings=parallel.replicated(mesh)), train_fn, eval_fn)
+
+
+def recipe_of(config, model: ResNet, steps_per_epoch: int) -> Recipe:
+  """The train step's `Recipe` of a run."""
+  return Recipe(seed=config.seed, drop_path=model.drop_path_rate > 0,
+                mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                loss=config.loss, bce_target_thresh=config.bce_target_thresh,
+                ema=ema_schedule(config, steps_per_epoch))
+
+
+def ema_schedule(config, steps_per_epoch: int) -> Optional[ema.EmaSchedule]:
+  """The weight EMA's schedule with torchvision's decay adjustment, or None when off."""
+  if config.best_metric == EMA_METRIC and not config.ema_decay > 0:
+    raise UserError(f'config.best_metric={EMA_METRIC!r} needs a weight EMA: set '
+                    f'config.ema_decay (e.g. 0.99998), or best_metric=\'eval/top1\'.')
+  if not config.ema_decay > 0:
+    return None
+  epochs = optim.num_train_steps(config, steps_per_epoch) / steps_per_epoch
+  decay = ema.adjusted_decay(config.ema_decay, config.batch_size, config.ema_every_steps,
+                             epochs)
+  return ema.EmaSchedule(decay, config.ema_every_steps, steps_per_epoch,
+                         optim.warmup_steps(config, steps_per_epoch))
 
 
 def abstract_batch(config, mesh: Mesh, channels: int, batch_size: int,

@@ -12,7 +12,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
-from resnet_jax.train.optim import SCHEDULES
+from resnet_jax.train.losses import LOSSES
+from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 INPUT_PIPELINES = ('tf.data', 'dali')
@@ -76,6 +77,7 @@ KEYS: Dict[str, Callable] = {
     # Model.
     'model': _any, 'model_overrides': _any, 'num_classes': _positive, 'in_channels': _positive,
     'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
+    'drop_path_rate': _unit_interval,
     # Data.
     'dataset': _name, 'data_dir': _any, 'train_split': _name, 'eval_split': _name,
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
@@ -85,14 +87,22 @@ KEYS: Dict[str, Callable] = {
     # Optimization.
     'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
     'num_epochs': _any, 'learning_rate': _positive, 'learning_rate_batch_base': _non_negative,
-    'schedule': _one_of(SCHEDULES), 'warmup_steps': _non_negative,
+    'schedule': _one_of(SCHEDULES), 'end_learning_rate': _non_negative,
+    'polynomial_power': _positive, 'warmup_steps': _non_negative,
     'warmup_epochs': _non_negative, 'lr_boundaries': _boundaries,
     'lr_decay_factor': _decay_factor, 'momentum': _unit_interval, 'nesterov': _any,
     'weight_decay': _non_negative, 'weight_decay_exclude_bn_and_bias': _any,
-    'label_smoothing': _unit_interval,
+    'optimizer': _one_of(OPTIMIZERS), 'lars_eta': _positive, 'lars_eps': _non_negative,
+    'adam_beta1': _unit_interval, 'adam_beta2': _unit_interval, 'adam_eps': _non_negative,
+    'grad_clip_norm': _non_negative, 'weight_decay_exclude_norm': _any,
+    'label_smoothing': _unit_interval, 'mixup_alpha': _non_negative,
+    'cutmix_alpha': _non_negative, 'loss': _one_of(LOSSES),
+    'bce_target_thresh': _unit_interval, 'ema_decay': _unit_interval,
+    'ema_every_steps': _positive,
     # Run.
     'seed': _seed, 'log_every_steps': _any, 'eval_every_steps': _any,
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
+    'best_metric': _one_of(('eval/top1', 'eval_ema/top1')),
     'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
 }
 

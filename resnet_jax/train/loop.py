@@ -131,9 +131,8 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
       top1 = None
       with watchdog.paused():  # evaluating and saving are not steps
         if _every(step, config.eval_every_steps) or step == total_steps:
-          eval_results = _evaluate(run, config, workdir, step, state, window)
-          log_eval(writer, step, eval_results)
-          top1 = eval_results['top1']
+          eval_results, top1 = _evaluate_and_log(run, config, workdir, step, state, window,
+                                                 writer)
         if _every(step, config.checkpoint_every_steps) or last:
           _save(run, config, step, state, window, top1, force=last)
   finally:
@@ -151,15 +150,29 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
   return step, eval_results, (stop.signal or 'SIGTERM') if step < total_steps else None
 
 
+def _evaluate_and_log(run: _Run, config, workdir: str, step: int, state: TrainState,
+                      window: MetricWindow, writer: MetricWriter):
+  """(eval results, the top-1 of config.best_metric) of `step`, logged as eval/...
+  and, with a weight EMA, of the EMA as eval_ema/... (returned as 'ema_' keys)."""
+  results = _evaluate(run, config, workdir, step, state, window)
+  log_eval(writer, step, results)
+  if state.ema is None:
+    return results, results['top1']
+  ema_results = _evaluate(run, config, workdir, step, state.ema_state(), window, state)
+  log_eval(writer, step, ema_results, prefix='eval_ema')
+  best = ema_results if config.best_metric == 'eval_ema/top1' else results
+  return {**results, **{f'ema_{k}': v for k, v in ema_results.items()}}, best['top1']
+
+
 def _evaluate(run: _Run, config, workdir: str, step: int, state: TrainState,
-              window: MetricWindow) -> dict:
+              window: MetricWindow, saved_state: Optional[TrainState] = None) -> dict:
   """Eval results of `step`; if evaluating fails, the step is saved before the error
   propagates, so the steps trained are not lost."""
   try:
     return evaluate_split(run.parts.eval_fn, state, run.pipeline, config.eval_split,
                           config.eval_batch_size, parallel.batch_sharding(run.mesh))
   except Exception:
-    _save(run, config, step, state, window, force=True)
+    _save(run, config, step, saved_state or state, window, force=True)
     log(f'Evaluation at step {step} failed; saved step {step} first, so the same command '
         f'does not train it again (`python -m resnet_jax.evaluate --workdir {workdir}` '
         f'evaluates it).')

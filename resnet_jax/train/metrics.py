@@ -163,8 +163,8 @@ def log_train(writer: MetricWriter, progress: Progress, step: int, total_steps: 
       f'ETA {progress.eta(step)}')
 
 
-def log_eval(writer: MetricWriter, step: int, results: dict):
-  """The eval line of `step`."""
-  writer.write(step, {f'eval/{k}': v for k, v in results.items() if k != 'count'})
-  log(f'eval at step {step}: loss {results["loss"]:.4f} | top-1 {results["top1"]:.4f} | '
+def log_eval(writer: MetricWriter, step: int, results: dict, prefix: str = 'eval'):
+  """The eval line of `step` (`prefix` 'eval_ema' for the weight EMA's)."""
+  writer.write(step, {f'{prefix}/{k}': v for k, v in results.items() if k != 'count'})
+  log(f'{prefix} at step {step}: loss {results["loss"]:.4f} | top-1 {results["top1"]:.4f} | '
       f'top-5 {results["top5"]:.4f} ({int(results["count"])} images)')

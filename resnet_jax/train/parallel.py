@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax.train.step import eval_step, train_step
+from resnet_jax.train.step import Recipe, eval_step, train_step
 
 DATA_AXIS = 'data'
 
@@ -51,15 +51,16 @@ def device_batches(batches: Iterator[dict], sharding: NamedSharding,
 
 
 def compile_steps(mesh: Mesh, normalization: Optional[str] = None,
-                  skip_nonfinite: bool = False):
-  """(train_step, eval_step) jitted over `mesh`; train_step donates the old state.
+                  skip_nonfinite: bool = False, recipe: Recipe = Recipe()):
+  """(train_step, eval_step) jitted over `mesh`; train_step donates the old state and
+  follows `recipe`.
 
   Both normalize uint8 pixels with the `normalization` statistics (None: images go to the
   model as they are).
   """
   state, batch = replicated(mesh), batch_sharding(mesh)
   step = functools.partial(train_step, normalization=normalization,
-                           skip_nonfinite=skip_nonfinite)
+                           skip_nonfinite=skip_nonfinite, recipe=recipe)
   train = jax.jit(step, in_shardings=(state, batch), out_shardings=(state, state),
                   donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, normalization=normalization),

@@ -1,0 +1,49 @@
+"""The recipe features together (LARS with the polynomial schedule, drop path, Mixup and
+CutMix, BCE, weight EMA): an interrupted run resumes bit-identically."""
+
+import os
+import signal
+
+import pytest
+from conftest import tiny_digits_config
+from test_fault_tolerance import _steps, assert_metrics_match, assert_same_state
+
+from resnet_jax.errors import Interrupted
+from resnet_jax.train import parallel
+from resnet_jax.train.loop import train_and_evaluate
+
+EVERYTHING = dict(num_train_steps=6, optimizer='lars', schedule='polynomial',
+                  end_learning_rate=0.001, warmup_steps=2, drop_path_rate=0.2,
+                  mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, loss='bce',
+                  bce_target_thresh=0.2, ema_decay=0.99, ema_every_steps=2,
+                  best_metric='eval_ema/top1', eval_every_steps=3)
+
+
+def test_interrupted_run_with_every_recipe_feature_resumes_bit_identically(tmp_path,
+                                                                           monkeypatch):
+  reference = str(tmp_path / 'reference')
+  train_and_evaluate(tiny_digits_config(**EVERYTHING), reference)
+
+  compile_steps = parallel.compile_steps
+
+  def compile_interrupted_steps(*args, **kwargs):
+    train_fn, eval_fn = compile_steps(*args, **kwargs)
+    calls = []
+
+    def train_fn_interrupted_at_4(state, batch):
+      calls.append(1)
+      if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGINT)  # while step 4 runs
+      return train_fn(state, batch)
+
+    return train_fn_interrupted_at_4, eval_fn
+
+  workdir = str(tmp_path / 'run')
+  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
+  with pytest.raises(Interrupted, match='saved step 4'):
+    train_and_evaluate(tiny_digits_config(**EVERYTHING), workdir)
+  assert _steps(workdir)[-1] == 4
+  monkeypatch.undo()
+  train_and_evaluate(tiny_digits_config(**EVERYTHING), workdir)
+  assert_same_state(workdir, reference)  # params, BN statistics, LARS momenta, the EMA
+  assert_metrics_match(workdir, reference)
