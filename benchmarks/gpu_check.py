@@ -11,8 +11,8 @@ In one run, about 6 minutes on an H100 (a time budget skips what is left, saying
   (benchmarks/train_throughput.py's). Each runs in its own process, so its peak memory
   (jax: `memory_stats()['peak_bytes_in_use']`, torch: `max_memory_allocated()`) is its own;
   the rate is the median of --rounds timed rounds after two warm-up steps.
-* The largest batch of resnet_jax's default step: doubling from --batch, then bisection to
-  a multiple of 32, by XLA's accounting of the compiled program (arguments + outputs -
+* The largest batch of resnet_jax's default step: --batch and twice it, then where the line
+  through the points meets the limit, then bisection to a multiple of 32, by XLA's accounting of the compiled program (arguments + outputs -
   donated + temporaries, as benchmarks/memory.py counts) against the memory jax may use
   (`bytes_limit`, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95); the found batch then runs.
 * Float32 logits of a torchvision ResNet-50 (random weights, random BatchNorm statistics)
@@ -180,7 +180,7 @@ def largest_batch_worker(args) -> dict:
   jax may use (`bytes_limit`; --limit-mib; with --tiny on a CPU, the memory of 2.5 x --batch
   more images than --batch, by the first two points): --batch and twice it, then the batch
   where the line through the last two points meets the limit (memory grows linearly with
-  the batch), doubling where that fails, bisecting once a batch does not fit."""
+  the batch), bisecting once a batch does not fit."""
   import jax  # pylint: disable=g-import-not-at-top
   size = sizes(args.tiny)
   unit, deadline = (2 if args.tiny else 32), time.monotonic() + args.budget_s
@@ -201,8 +201,8 @@ def largest_batch_worker(args) -> dict:
     return int((limit - m0) / per_image + b0) // unit * unit if per_image > 0 else 0
 
   while (high is None or high - low > unit) and time.monotonic() < deadline:
-    if high is None:
-      guess = estimate() if estimate() > low else 2 * low
+    if high is None:  # the line's batch, or the next one where the line says low is it
+      guess = max(estimate(), low + unit)
     else:
       guess = (low + high) // 2 // unit * unit
     tried[guess] = program_bytes(guess, size)
