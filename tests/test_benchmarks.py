@@ -12,10 +12,10 @@ from conftest import REPO
 NUMBER = r'(\d+(?:\.\d+)?)'
 
 
-def run_benchmark(script, *args):
+def run_benchmark(script, *args, timeout=600):
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='true')  # compile fast, as the tests do
   result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / script), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -109,3 +109,29 @@ def test_tpu_aot_compares_with_the_flax_example():
     assert low - 0.005 <= float(ratio.rstrip('x')) <= high + 0.005
     if batch == 2:  # the second batch gives the linear estimate of the largest batch
       assert int(largest.lstrip('~')) > 4
+
+
+def test_gpu_check_runs_at_toy_sizes_without_tensorflow(tmp_path):
+  """benchmarks/gpu_check.py --tiny (the CPU rehearsal of the device check): each step
+  timed in its own process, the largest-batch search, converted-model parity, the table
+  written to --out, and no worker importing TensorFlow (the device image has none)."""
+  output = run_benchmark('gpu_check.py', '--tiny', '--out', str(tmp_path),
+                         '--variants', 'default', 'flax', 'torch', 'torch.compile',
+                         'elementwise_remat=True', timeout=1800)  # 9 processes: minutes
+  assert (tmp_path / 'gpu_check.md').read_text().strip() == output.strip()
+  for label in ('resnet_jax default', 'Flax example', 'PyTorch AMP channels_last, eager',
+                'PyTorch AMP channels_last, torch.compile'):
+    [(median, *rounds, _, compile_s)] = table_rows(output, label + ' |')
+    assert median > 0 and len(rounds) == 3 and compile_s >= 0
+  assert '| resnet_jax elementwise_remat=True | = resnet_jax default |' in output
+  # Largest batch (a limit of 14 images' memory by the first two points, on a CPU): every
+  # batch tried at or below it fits the limit, every one above does not, and the next even
+  # batch was tried (the search is complete). MiB are printed to 0.05.
+  line = next(l for l in output.splitlines() if l.startswith('Largest batch'))
+  largest = int(re.match(r'Largest batch of resnet_jax default: (\d+) \(XLA', line)[1])
+  tried = {int(b): float(m) for b, m in re.findall(r'(\d+): ([\d.]+)', line.split('tried:')[1])}
+  limit = float(re.search(r'limit ([\d.]+) MiB', line)[1])
+  assert 12 <= largest <= 16 and largest + 2 in tried and 'ran at' in line
+  for batch, mib in tried.items():
+    assert mib <= limit + 0.05 if batch <= largest else mib > limit - 0.05
+  assert 'PASS' in output and 'TensorFlow imported: by no worker' in output

@@ -106,13 +106,18 @@ def test_imagenet_crop_of_encoded_file_equals_crop_of_decoded_pixels(mode, file_
       np.testing.assert_array_equal(crop['image'], reference['image'])
 
 
-def test_image_folder(tmp_path):
+def _image_folder(root):
+  """root/cat and root/dog, 10 random 12x10 PNGs each (18 train, 2 test)."""
   rng = np.random.default_rng(0)
   for label in ('cat', 'dog'):
-    (tmp_path / label).mkdir()
+    (root / label).mkdir()
     for i in range(10):
       Image.fromarray(rng.integers(0, 255, (12, 10, 3), np.uint8)).save(
-          tmp_path / label / f'{i}.png')
+          root / label / f'{i}.png')
+
+
+def test_image_folder(tmp_path):
+  _image_folder(tmp_path)
   source = FolderSource(str(tmp_path))
   assert source.num_classes == 2
   assert (source.num_examples('train'), source.num_examples('test')) == (18, 2)
@@ -123,6 +128,36 @@ def test_image_folder(tmp_path):
   assert batch['image'].shape == (6, 8, 8, 3) and set(batch['label']) <= {0, 1}
   _, batches = pipeline.eval_batches('test', 4)
   assert sum(b['mask'].sum() for b in batches()) == 2
+
+
+def test_small_streamed_epochs_are_one_dataset_and_resume_exactly(tmp_path, monkeypatch):
+  """Epochs of a few batches stream from one tf.data dataset (the transform is traced once
+  for many epochs, not once per epoch: a stall per epoch, benchmarks/RESULTS.md); a stream
+  of datasets holding 1 or 2 epochs each, or resumed mid-epoch, gives the same batches."""
+  _image_folder(tmp_path)
+  config = tiny_digits_config(dataset=f'folder:{tmp_path}', preprocess='imagenet',
+                              image_size=8, batch_size=4, shuffle_buffer=8)
+  traces, transform = [], preprocessing.train_transform
+  monkeypatch.setattr(preprocessing, 'train_transform',
+                      lambda *args: traces.append(args) or transform(*args))
+  pipeline = create_pipeline(config)
+  steps = pipeline.steps_per_epoch
+  assert not pipeline.in_memory and steps == 4
+  stream = pipeline.train_batches(0)
+  batches = [next(stream) for _ in range(3 * steps + 1)]
+  assert len(traces) == 1
+  for epoch in range(3):  # each epoch: every train file once, in its own order
+    labels = np.concatenate([b['label'] for b in batches[epoch * steps:(epoch + 1) * steps]])
+    assert sorted(labels) in ([0] * 8 + [1] * 8, [0] * 9 + [1] * 7, [0] * 7 + [1] * 9)
+  assert not np.array_equal(batches[0]['image'], batches[steps]['image'])
+  for epochs_per_dataset in (1, 2):
+    monkeypatch.setattr(pipeline, 'epochs_per_dataset', epochs_per_dataset)
+    for start in (0, steps + 2):
+      stream = pipeline.train_batches(start)
+      for expected in batches[start:]:
+        got = next(stream)
+        np.testing.assert_array_equal(got['image'], expected['image'])
+        np.testing.assert_array_equal(got['label'], expected['label'])
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):

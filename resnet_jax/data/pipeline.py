@@ -15,7 +15,9 @@ number of processes: a run that resumes on another process count continues the e
 where it stopped, every example of it used exactly once. Larger datasets (ImageNet, image
 folders) stream from files: each process reads its shard of the files (index::count) in a
 seeded order through a seeded shuffle buffer; a change of process count there changes the
-shards, so the epoch it happens in is not exactly-once (the next epochs are).
+shards, so the epoch it happens in is not exactly-once (the next epochs are). Consecutive
+streamed epochs are one tf.data dataset (up to 1024 of them, EXAMPLES_PER_DATASET examples
+at least), so that an epoch of a few batches does not wait for a new pipeline to start.
 """
 
 import math
@@ -33,11 +35,20 @@ from resnet_jax.errors import UserError
 tf.config.set_visible_devices([], 'GPU')
 
 IN_MEMORY_LIMIT_BYTES = 2 << 30
+# A streamed dataset is built for at least this many examples, of up to this many epochs
+# (each epoch's file order is held in a table; building 1024 orders takes about 0.1 s).
+EXAMPLES_PER_DATASET = 1 << 18
+MAX_EPOCHS_PER_DATASET = 1024
 
 
 def epoch_seed(seed: int, epoch):
   """The augmentation seed of an epoch (works on ints and int64 tensors)."""
   return seed * 1_000_003 + epoch
+
+
+def file_order_seed(seed: int, epoch: int) -> np.int64:
+  """The seed of epoch `epoch`'s file order and shuffle buffer (streamed datasets)."""
+  return np.int64(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
 
 
 def host_batch_size(batch_size: int) -> int:
@@ -71,6 +82,10 @@ class Pipeline:
       raise UserError(f'batch_size={config.batch_size} is larger than the training split '
                        f'{config.train_split!r} ({self.shard_size} examples per process).')
     self.steps_per_epoch = self.shard_size // per_step
+    # Streamed, one tf.data dataset holds this many epochs (their file orders are computed
+    # when it is built): a whole epoch when large, many when small.
+    self.epochs_per_dataset = int(np.clip(
+        EXAMPLES_PER_DATASET // (self.steps_per_epoch * self.batch), 1, MAX_EPOCHS_PER_DATASET))
 
   def split_size(self, split: str) -> int:
     """The number of examples of `split` (a UserError if it names none)."""
@@ -89,8 +104,8 @@ class Pipeline:
       return
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     while True:
-      yield from self._readable(split, lambda: self._streamed_epoch(epoch, skip))
-      epoch, skip = epoch + 1, 0
+      yield from self._readable(split, lambda: self._streamed_epochs(epoch, skip))
+      epoch, skip = epoch + self.epochs_per_dataset, 0
 
   def _readable(self, split: str, make_dataset):
     """The dataset's numpy batches; a file that fails to decode becomes a UserError naming
@@ -135,17 +150,31 @@ class Pipeline:
                                         'label': tf.gather(labels, k)}))
     return self._augment(ds)
 
-  def _streamed_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
-    seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0] >> 1)
+  def _streamed_epochs(self, first: int, skip_batches: int) -> tf.data.Dataset:
+    """Epochs first .. first+epochs_per_dataset-1 as one dataset, after `skip_batches`: a
+    small epoch does not start a new pipeline (its decoding threads and prefetch buffers
+    refilled, its functions traced again), and the next epoch's files are read while the
+    last batches of this one are augmented. Epoch e's file order and shuffle buffer are
+    seeded by file_order_seed(seed, e), computed here."""
+    epochs = range(first, first + self.epochs_per_dataset)
+    seeds = [file_order_seed(self.config.seed, epoch) for epoch in epochs]
     # The inception crop decodes only its window of a JPEG, so it gets the encoded files
     # (which also keeps the shuffle buffer small).
-    ds = self.source.read(self.config.train_split, jax.process_index(), jax.process_count(),
-                          drop_remainder=True, shuffle_seed=seed,
-                          encoded=self.recipe == 'imagenet')
-    ds = ds.take(self.steps_per_epoch * self.batch)
-    ds = ds.shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    ds = ds.enumerate().skip(skip_batches * self.batch)
-    return self._augment(ds.map(lambda i, example: (tf.constant(epoch, tf.int64), i, example)))
+    read = self.source.read_epochs(self.config.train_split, jax.process_index(),
+                                   jax.process_count(), drop_remainder=True, seeds=seeds,
+                                   encoded=self.recipe == 'imagenet')
+    seeds = tf.constant(seeds, tf.int64)
+
+    def epoch_examples(i):
+      ds = read(i).take(self.steps_per_epoch * self.batch)
+      ds = ds.shuffle(self.config.shuffle_buffer, seed=tf.gather(seeds, i),
+                      reshuffle_each_iteration=False)
+      return ds.enumerate().map(lambda index, example: (first + i, index, example))
+
+    # Plain tracing: autograph would try to convert the source's reading code (TFDS's).
+    ds = tf.data.Dataset.range(self.epochs_per_dataset).flat_map(
+        tf.autograph.experimental.do_not_convert(epoch_examples))
+    return self._augment(ds.skip(skip_batches * self.batch))
 
   def eval_batches(self, split: str, batch_size: int):
     """(num_batches, iterable) over all of `split`, each batch with a 0/1 'mask'.

@@ -62,13 +62,23 @@ class TfdsSource:
   def read(self, split: str, process_index: int, process_count: int, *,
            drop_remainder: bool, shuffle_seed: Optional[int] = None,
            encoded: bool = False) -> tf.data.Dataset:
-    """This process's part of `split`; with `encoded`, 'image' is the encoded file."""
+    """This process's part of `split`; with `encoded`, 'image' is the encoded file. The
+    shuffle_seed may also be an int64 tensor (inside a tf.data function)."""
     part = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     decoders = {'image': tfds.decode.SkipDecoding()} if encoded else None
     ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_seed is not None,
                                  read_config=read_config, decoders=decoders)
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+  def read_epochs(self, split: str, process_index: int, process_count: int, *,
+                  drop_remainder: bool, seeds: Sequence[int], encoded: bool = False):
+    """A function of i (an int64 tensor, inside a tf.data function) giving `read` with
+    shuffle_seed=seeds[i], so that one dataset holds several epochs."""
+    table = tf.constant(seeds, tf.int64)
+    return lambda i: self.read(split, process_index, process_count,
+                               drop_remainder=drop_remainder,
+                               shuffle_seed=tf.gather(table, i), encoded=encoded)
 
   def num_examples(self, split: str) -> int:
     """The size of `split`; a split that TFDS cannot parse or that holds no examples
@@ -148,18 +158,25 @@ class FolderSource:
     """(paths, labels) of this process's part of `split`, in the seeded order if given (the
     files `read` reads, for pipelines that read them themselves)."""
     paths, labels = self._files(split)
-    if shuffle_seed is not None:
-      order = np.random.default_rng(shuffle_seed).permutation(len(paths))
-      paths, labels = paths[order], labels[order]
-    if drop_remainder:
-      size = len(paths) // process_count * process_count
-      paths, labels = paths[:size], labels[:size]
-    return paths[process_index::process_count], labels[process_index::process_count]
+    part = shard_positions(len(paths), process_index, process_count, drop_remainder,
+                           shuffle_seed)
+    return paths[part], labels[part]
 
   def read(self, split, process_index, process_count, *, drop_remainder, shuffle_seed=None,
            encoded=False):
-    paths, labels = self.shard_files(split, process_index, process_count,
-                                     drop_remainder=drop_remainder, shuffle_seed=shuffle_seed)
+    return self.read_epochs(split, process_index, process_count,
+                            drop_remainder=drop_remainder, seeds=[shuffle_seed],
+                            encoded=encoded)(0)
+
+  def read_epochs(self, split, process_index, process_count, *, drop_remainder, seeds,
+                  encoded=False):
+    """A function of i (an int64 tensor, inside a tf.data function) giving the files of
+    `shard_files` with shuffle_seed=seeds[i], so that one dataset holds several epochs.
+    Their orders are computed here, in numpy (a table of len(seeds) x the part's size)."""
+    paths, labels = self._files(split)
+    table = np.stack([shard_positions(len(paths), process_index, process_count,
+                                      drop_remainder, seed) for seed in seeds])
+    paths, labels, table = tf.constant(paths), tf.constant(labels), tf.constant(table)
     channels = self.channels
 
     def load(path, label):
@@ -167,8 +184,13 @@ class FolderSource:
       return {'image': image if encoded else preprocessing.decode(image, channels),
               'label': label}
 
-    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-        load, num_parallel_calls=tf.data.AUTOTUNE)
+    def epoch(i):
+      part = tf.gather(table, i)
+      return tf.data.Dataset.from_tensor_slices(
+          (tf.gather(paths, part), tf.gather(labels, part))).map(
+              load, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return epoch
 
   def num_examples(self, split):
     count = len(self._files(split)[0])
@@ -215,6 +237,18 @@ class FolderSource:
                    f'many to decode within host memory: {large[:10]}. Downscale them (e.g. '
                    f'PIL\'s Image.thumbnail) or remove them.')
     return f'Image folder {self.root!r}, split(s) {splits}: ' + ' '.join(found)
+
+
+def shard_positions(count: int, process_index: int, process_count: int,
+                    drop_remainder: bool, shuffle_seed: Optional[int]) -> np.ndarray:
+  """Positions in a split of `count` files of one process's part: every process_count-th of
+  the seeded permutation (or of the files in order), the last incomplete round dropped if
+  `drop_remainder`."""
+  order = (np.arange(count) if shuffle_seed is None else
+           np.random.default_rng(shuffle_seed).permutation(count))
+  if drop_remainder:
+    order = order[:count // process_count * process_count]
+  return order[process_index::process_count]
 
 
 def _image_files(folder: str) -> list:
