@@ -5,8 +5,10 @@ compiled ahead of time for TPU topologies from this machine (libtpu, no TPU need
         [--models resnet50 resnet50_keep flax_resnet50 resnet152 resnet152_scan ...]
 
 Ours is what `python -m resnet_jax.plan` compiles (configs/imagenet_resnet50.py through
-`build_run`, bfloat16); `resnet50_keep` is the same with `elementwise_remat=False` (the
-backward pass keeps BatchNorm and ReLU outputs instead of recomputing them). The reference
+`build_run`, bfloat16, the default model settings); `resnet50_keep` is the same with
+`elementwise_remat=False` (the backward pass keeps BatchNorm and ReLU outputs instead of
+recomputing them), `resnet50_elementwise_remat` with `elementwise_remat=True`,
+`resnet50_remat` with `remat=True` (the memory-saving settings). The reference
 is the Flax example's ResNet and train step (google/flax examples/imagenet), written here
 to the same architecture and numerics: 'SAME' max-pool, auto-named nn.Conv/nn.BatchNorm in
 bfloat16, zero-initialized last BN scale of each block, L2 penalty on every weight with
@@ -164,6 +166,9 @@ MODELS = {
     'resnet50': (RESNET50, functools.partial(plan_ours, 'resnet50')),
     'resnet50_keep': (RESNET50, functools.partial(plan_ours, 'resnet50',
                                                   elementwise_remat=False)),
+    'resnet50_elementwise_remat': (RESNET50, functools.partial(plan_ours, 'resnet50',
+                                                               elementwise_remat=True)),
+    'resnet50_remat': (RESNET50, functools.partial(plan_ours, 'resnet50', remat=True)),
     'flax_resnet50': (RESNET50, plan_flax),
     'resnet152': (RESNET152, functools.partial(plan_ours, 'resnet152')),
     'resnet152_scan': (RESNET152, functools.partial(plan_ours, 'resnet152', scan_blocks=True)),

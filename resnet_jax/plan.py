@@ -489,10 +489,10 @@ def advice(config, plan: RunPlan) -> str:
   """What to change when the run does not fit."""
   overrides = dict(config.model_overrides)
   tips = []
-  if overrides.get('elementwise_remat') is False:
-    tips.append('keep only convolution outputs for the backward pass: drop '
-                'elementwise_remat=False from config.model_overrides (the default recomputes '
-                'BatchNorm and ReLU outputs, for little compute)')
+  if not overrides.get('elementwise_remat') and not overrides.get('remat'):
+    tips.append('keep only convolution outputs for the backward pass: add '
+                'elementwise_remat=True to config.model_overrides (recomputes BatchNorm and '
+                'ReLU outputs: ~0.8x the HBM for a few % more time, benchmarks/RESULTS.md)')
   if not overrides.get('remat'):
     tips.append('rematerialize blocks: add remat=True to config.model_overrides (in the '
                 'config file); about 2x less activation memory for ~30% more compute')
