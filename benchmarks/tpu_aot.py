@@ -5,8 +5,10 @@ compiled ahead of time for TPU topologies from this machine (libtpu, no TPU need
         [--models resnet50 resnet50_keep flax_resnet50 resnet152 resnet152_scan ...]
 
 Ours is what `python -m resnet_jax.plan` compiles (configs/imagenet_resnet50.py through
-`build_run`, bfloat16); `resnet50_keep` is the same with `elementwise_remat=False` (the
-backward pass keeps BatchNorm and ReLU outputs instead of recomputing them). The reference
+`build_run`, bfloat16, the default model settings); `resnet50_keep` is the same with
+`elementwise_remat=False` (the backward pass keeps BatchNorm and ReLU outputs instead of
+recomputing them), `resnet50_elementwise_remat` with `elementwise_remat=True`,
+`resnet50_remat` with `remat=True` (the memory-saving settings). The reference
 is the Flax example's ResNet and train step (google/flax examples/imagenet), written here
 to the same architecture and numerics: 'SAME' max-pool, auto-named nn.Conv/nn.BatchNorm in
 bfloat16, zero-initialized last BN scale of each block, L2 penalty on every weight with
@@ -14,6 +16,11 @@ ndim > 1 added to the loss, SGD with Nesterov momentum 0.9 over a warmup+cosine 
 bfloat16 images as its input pipeline makes them. The example pmaps its step; here both
 steps are jitted over the same mesh with the state replicated, the batch sharded and the
 state donated.
+
+The estimated time is libtpu's cost model (`plan.op_cycles`: the sum of the compiled
+program's "estimated_cycles" over the chip's clock), not a measurement; "time / Flax"
+divides it by the Flax step's. `--by-op` also prints where each step's cycles go, the
+ops grouped by the jax operation they come from.
 
 HBM per chip is XLA's accounting of the compiled program (arguments + outputs - donated +
 temporaries, no program code), as benchmarks/memory.py counts it; "/ Flax" divides it by
@@ -27,6 +34,7 @@ estimate to confirm with `python -m resnet_jax.plan --max-batch`. `--stage-sizes
 import argparse
 import functools
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -158,6 +166,9 @@ MODELS = {
     'resnet50': (RESNET50, functools.partial(plan_ours, 'resnet50')),
     'resnet50_keep': (RESNET50, functools.partial(plan_ours, 'resnet50',
                                                   elementwise_remat=False)),
+    'resnet50_elementwise_remat': (RESNET50, functools.partial(plan_ours, 'resnet50',
+                                                               elementwise_remat=True)),
+    'resnet50_remat': (RESNET50, functools.partial(plan_ours, 'resnet50', remat=True)),
     'flax_resnet50': (RESNET50, plan_flax),
     'resnet152': (RESNET152, functools.partial(plan_ours, 'resnet152')),
     'resnet152_scan': (RESNET152, functools.partial(plan_ours, 'resnet152', scan_blocks=True)),
@@ -180,6 +191,40 @@ def largest_batch(points, capacity) -> str:
   return f'~{int((capacity - (m0 - per_image * b0)) / per_image)}'
 
 
+def time_columns(step, devices, flax_cycles) -> str:
+  """Estimated M cycles, ms per step, images/s per chip and time / Flax's, as columns."""
+  seconds = plan.estimated_seconds(step.cycles, devices[0].device_kind)
+  if seconds is None:
+    return '- | - | - | - |'
+  per_chip = step.batch_per_device / seconds * len(devices) / plan._chips(devices)
+  ratio = f'{step.cycles / flax_cycles:.2f}x' if flax_cycles else '-'
+  return (f'{step.cycles / 1e6:.1f} | {seconds * 1e3:.1f} | {per_chip:,.0f} | {ratio} |')
+
+
+def op_group(op) -> str:
+  """The jax operation an op comes from, and whether it is BatchNorm's (module 'bn*' or a
+  projection's norm): 'conv_general_dilated', 'bn reduce_sum', 'add', ..."""
+  path = op.op_name.split('/')
+  primitive = re.sub(r'\[.*', '', path[-1]) if op.op_name else f'({op.opcode})'
+  norm = any(re.fullmatch(r'(bn\d*|BatchNorm_\d+|norm_proj|downsample)', p.split('.')[0])
+             for p in path[:-1])
+  if primitive == 'reduce_sum' and norm:
+    return 'bn reduce_sum'
+  return primitive
+
+
+def print_by_op(step, top: int = 12):
+  groups = {}
+  for op in step.ops:
+    cycles, count = groups.get(op_group(op), (0, 0))
+    groups[op_group(op)] = (cycles + op.cycles * op.count, count + op.count)
+  print(f'    {"ops (by jax operation)":<28} {"M cycles":>9} {"ops":>5}')
+  for name, (cycles, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+    print(f'    {name:<28} {cycles / 1e6:9.2f} {count:5d}')
+  if step.cycles_note:
+    print(f'    ({step.cycles_note})')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--topologies', nargs='+', default=['v5e:2x2'])
@@ -189,16 +234,19 @@ def main():
   parser.add_argument('--stage-sizes', nargs='+', type=int,
                       help='blocks per stage for every model (default: each its own)')
   parser.add_argument('--image-size', type=int, default=224)
+  parser.add_argument('--by-op', action='store_true',
+                      help="print each step's estimated cycles grouped by jax operation")
   args = parser.parse_args()
   print(f'jax {jax.__version__}, libtpu compile-only; HBM per chip = arguments + outputs - '
         'donated + temporaries', flush=True)
   print('| topology | model | batch/chip | compile s | HBM GiB/chip | of chip | / Flax | '
-        'traffic GB/step | largest batch/chip (est., 90% of HBM) |')
-  print('|---|---|---:|---:|---:|---:|---:|---:|---:|', flush=True)
+        'traffic GB/step | largest batch/chip (est., 90% of HBM) | est. M cycles | '
+        'est. ms/step | est. img/s/chip | time / Flax |')
+  print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', flush=True)
   for topology in args.topologies:
     devices = plan.topology_devices(topology)
     capacity = plan.HBM_PER_CHIP[devices[0].device_kind]
-    flax_bytes = {}  # (depth, batch per chip) -> the Flax step's HBM per chip
+    flax_bytes, flax_cycles = {}, {}  # (depth, batch per chip) -> the Flax step's
     for name in sorted(args.models, key=lambda name: not name.startswith('flax')):
       stage_sizes, compile_step = MODELS[name]
       stage_sizes = tuple(args.stage_sizes or stage_sizes)
@@ -215,12 +263,17 @@ def main():
         points.append((per_device, used))
         if name.startswith('flax'):
           flax_bytes[stage_sizes, per_device] = used
+          flax_cycles[stage_sizes, per_device] = step.cycles
         reference = flax_bytes.get((stage_sizes, per_device))
         ratio = f'{used / reference:.2f}x' if reference else '-'
         estimate = largest_batch(points, 0.9 * capacity) if len(points) == 2 else ''
         print(f'| {topology} | {name} | {per_device} | {step.compile_s:.0f} | '
               f'{used / 2**30:.2f} | {used / capacity:.0%} | {ratio} | '
-              f'{step.bytes_accessed / 1e9:.1f} | {estimate} |', flush=True)
+              f'{step.bytes_accessed / 1e9:.1f} | {estimate} | '
+              + time_columns(step, devices, flax_cycles.get((stage_sizes, per_device))),
+              flush=True)
+        if args.by_op:
+          print_by_op(step)
 
 
 if __name__ == '__main__':

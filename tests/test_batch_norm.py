@@ -90,3 +90,25 @@ def test_bfloat16_batch_norm_keeps_float32_statistics(bn_case):
   y32, updated32 = batch_norm.BatchNorm().apply(variables, x, mutable=['batch_stats'])
   assert y.dtype == jnp.bfloat16 and updated['batch_stats']['var'].dtype == jnp.float32
   np.testing.assert_allclose(y.astype(jnp.float32), y32, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_one_pass_statistics_keep_precision_far_from_zero(fused):
+  """Activations of mean 1000 and spread 1: the one-pass sums, shifted by the running
+  mean, give float64's variance (unshifted float32 sums of x and x**2 would not: x**2 ~ 1e6
+  leaves ~0.1 of precision for a variance of ~1)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(1000.0, 1.0, (8, 6, 6, 4)).astype(np.float32)
+  variables = {'params': {'scale': np.ones(4, np.float32), 'bias': np.zeros(4, np.float32)},
+               'batch_stats': {'mean': np.full(4, 999.0, np.float32),
+                               'var': np.ones(4, np.float32)}}
+  y, updated = batch_norm.BatchNorm(momentum=0.0, fused_gradient=fused).apply(
+      variables, x, mutable=['batch_stats'])
+  x64 = x.astype(np.float64)
+  count = x64.size // 4
+  var = x64.var((0, 1, 2))
+  np.testing.assert_allclose(updated['batch_stats']['var'], var * count / (count - 1),
+                             rtol=1e-5)
+  expected = (x64 - x64.mean((0, 1, 2))) / np.sqrt(var + 1e-5)
+  # The normalization is one float32 multiply-add, x * m + (-mean * m): rounding ~1000.
+  np.testing.assert_allclose(y, expected, atol=3e-4)

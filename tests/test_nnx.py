@@ -153,7 +153,8 @@ def test_remat_gives_the_gradients_of_linen_remat():
 
 
 def test_elementwise_remat_keeps_what_linen_keeps():
-  spec, variables, x = _linen('resnet50', dict(num_classes=3, stage_sizes=(1, 1)), 32, batch=2)
+  spec, variables, x = _linen('resnet50', dict(num_classes=3, stage_sizes=(1, 1),
+                                               elementwise_remat=True), 32, batch=2)
   model = rnnx.from_linen(variables, spec)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

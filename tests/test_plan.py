@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,6 +48,7 @@ def test_figures_are_the_compiled_steps():
     assert train.memory.alias_size_in_bytes > 0  # the donated state is reused
     assert evaluate.memory.alias_size_in_bytes == 0
     assert train.flops > evaluate.flops > 0
+    assert train.cycles > evaluate.cycles > 0
     report = plan.format_report(result)
     assert f'{chips} chips (TPU v5 lite), {hosts} host(s)' in report
     for step in (train, evaluate):
@@ -58,9 +60,62 @@ def test_figures_are_the_compiled_steps():
                                   - m.alias_size_in_bytes + m.temp_size_in_bytes
                                   + m.generated_code_size_in_bytes + 2 * step.input_bytes)
       assert f'{plan._size(step.total_bytes)} of 14.90 GiB' in report
+      per_chip = step.batch_per_device / (step.cycles / 1.5e9)  # v5e's clock
+      assert (f'{step.cycles / 1.5e6:,.1f} ms per step, {per_chip:,.0f} images/s per chip, '
+              f'{per_chip * chips:,.0f} per slice') in report
+    assert "libtpu's cost model, not a measurement" in report
     assert result.fits
   one_host, four_hosts = (plans[t].steps[0].memory for t in ('v5e:2x2', 'v5e:4x4'))
   assert one_host.argument_size_in_bytes == four_hosts.argument_size_in_bytes
+
+
+def _compile_for_v5e(fn, *shapes):
+  device = plan.topology_devices('v5e:2x2')[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(shape, np.dtype('bfloat16'), sharding=sharding)
+          for shape in shapes]
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _cycles_by_computation(hlo_text):
+  """{computation name: sum of the estimated_cycles of its lines}, by hand."""
+  sums, name = {}, None
+  for line in hlo_text.splitlines():
+    if line.endswith('{') and not line.startswith(' '):
+      name = line.replace('ENTRY ', '').split(' ')[0].lstrip('%')
+      sums[name] = 0
+    elif name and '"estimated_cycles":"' in line:
+      sums[name] += int(line.split('"estimated_cycles":"')[1].split('"')[0])
+  return sums
+
+
+def test_estimated_cycles_are_the_programs_sum_with_loops_counted_by_trips():
+  """A matmul run 3 times in a loop and a reduction after it: the entry computation's
+  cycles plus 3x the loop body's and 4x its condition's, summed here line by line."""
+  def f(x, w):
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x @ w), x).sum()
+
+  text = _compile_for_v5e(f, (256, 512), (512, 512))
+  sums = _cycles_by_computation(text)
+  entry = text.split('ENTRY ')[1].split(' ')[0].lstrip('%')
+  body, condition = (text.split(f'{key}=')[1].split(',')[0].lstrip('%')
+                     for key in ('body', 'condition'))
+  ops, note = plan.op_cycles(text)
+  assert sums[body] > 0 and sums[entry] > 0
+  assert sum(op.cycles * op.count for op in ops) == (
+      sums[entry] + 3 * sums[body] + 4 * sums[condition])
+  assert {op.count for op in ops} == {1, 3} and 'unknown trip count' not in note
+  no_loop = _compile_for_v5e(lambda x, w: jnp.tanh(x @ w).sum(), (256, 512), (512, 512))
+  ops, _ = plan.op_cycles(no_loop)
+  no_loop_entry = no_loop.split('ENTRY ')[1].split(' ')[0].lstrip('%')
+  assert sum(op.cycles for op in ops) == _cycles_by_computation(no_loop)[no_loop_entry] > 0
+
+
+def test_no_estimate_off_the_tpu():
+  text = jax.jit(lambda x: x * 2).lower(np.ones(4, np.float32)).compile().as_text()
+  assert plan.op_cycles(text) == ([], 'no estimated_cycles in the program (not compiled for a '
+                                      'TPU)')
+  assert plan.estimated_seconds(None, 'TPU v5 lite') is None
 
 
 def _run_plan(*args):

@@ -16,7 +16,8 @@ from resnet_jax.models.remat import BN_STATISTICS
 class BatchNorm(nn.Module):
   """Batch normalization over all axes but the last, with PyTorch's running statistics.
 
-  Statistics are computed in float32 whatever the compute dtype. Under `jax.jit` on a
+  Statistics are computed in float32 whatever the compute dtype, in one pass over the
+  activations (`group_statistics`). Under `jax.jit` on a
   batch sharded over devices the statistics cover the whole global batch (synchronized
   BN); `axis_name` adds a cross-device mean for use inside `shard_map`/`pmap`.
 
@@ -82,9 +83,10 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, running_mean: ja
   groups = _split_groups(x, group_size)
   cross_device_mean = ((lambda value: value) if axis_name is None else
                        functools.partial(jax.lax.pmean, axis_name=axis_name))
-  mean, var = group_statistics(groups, cross_device_mean)
+  shift = jax.lax.stop_gradient(running_mean)
+  mean, var = group_statistics(groups, shift, cross_device_mean)
   if fused_gradient and axis_name is None:  # XLA computes the statistics once
-    y = normalize_with_batch_statistics(groups, scale, bias, epsilon, dtype)
+    y = normalize_with_batch_statistics(groups, scale, bias, shift, epsilon, dtype)
   else:
     y = scale_and_shift(groups, mean, jax.lax.rsqrt(var + epsilon), scale, bias, dtype)
   # Running statistics take no gradient; one (mean, var) per group.
@@ -115,38 +117,50 @@ def scale_and_shift(x, mean, inv_std, scale, bias, dtype):
   return x.astype(dtype) * multiplier.astype(dtype) + offset.astype(dtype)
 
 
-def group_statistics(x, cross_device_mean=lambda value: value):
+def group_statistics(x, shift, cross_device_mean=lambda value: value):
   """Float32 mean and biased variance of (G, S, H, W, C) groups, shaped (G, 1, 1, 1, C),
-  tagged `remat.BN_STATISTICS` so that recomputing the normalization never recomputes them."""
-  x = x.astype(jnp.float32)
+  tagged `remat.BN_STATISTICS` so that recomputing the normalization never recomputes them.
+
+  One pass over `x`: the means of d = x - shift and of d**2, where `shift` is a
+  per-channel estimate of the mean (the running mean); var = E[d**2] - E[d]**2. XLA fuses
+  both sums into the producer of `x` (the convolution), where the two-pass form, the mean
+  of squared deviations from the batch mean, needs its own pass over the activations
+  (benchmarks/RESULTS.md). The shift keeps the float32 sums from cancelling when the
+  mean is large next to the spread; the clamp at 0 catches rounding below it.
+  """
+  d = x.astype(jnp.float32) - shift
   axes = tuple(range(1, x.ndim - 1))
-  mean = cross_device_mean(x.mean(axes, keepdims=True))
-  var = cross_device_mean(jnp.square(x - mean).mean(axes, keepdims=True))
+  shifted_mean = cross_device_mean(d.mean(axes, keepdims=True))
+  mean_square = cross_device_mean(jnp.square(d).mean(axes, keepdims=True))
+  mean = shift + shifted_mean
+  var = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
   return checkpoint_name(mean, BN_STATISTICS), checkpoint_name(var, BN_STATISTICS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def normalize_with_batch_statistics(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                                    epsilon: float, dtype: Dtype) -> jax.Array:
-  """Train-mode batch normalization of (G, S, H, W, C) groups, each with its own statistics.
+                                    shift: jax.Array, epsilon: float, dtype: Dtype
+                                    ) -> jax.Array:
+  """Train-mode batch normalization of (G, S, H, W, C) groups, each with its own statistics
+  (`group_statistics` with `shift`, which takes no gradient).
 
   Its gradient is the textbook fused one (two per-channel sums of the incoming gradient,
   then one elementwise pass) rather than autodiff through the mean and variance, which
   makes XLA emit several more reductions and passes over the activations.
   """
-  return _normalize_forward(x, scale, bias, epsilon, dtype)[0]
+  return _normalize_forward(x, scale, bias, shift, epsilon, dtype)[0]
 
 
-def _normalize_forward(x, scale, bias, epsilon, dtype):
-  mean, var = group_statistics(x)
+def _normalize_forward(x, scale, bias, shift, epsilon, dtype):
+  mean, var = group_statistics(x, shift)
   inv_std = checkpoint_name(jax.lax.rsqrt(var + epsilon), BN_STATISTICS)
   y = scale_and_shift(x, mean, inv_std, scale, bias, dtype)
-  return y, (x, mean, inv_std, scale, bias)
+  return y, (x, mean, inv_std, scale, bias, shift)
 
 
 def _normalize_backward(epsilon, dtype, residuals, dy):
   del epsilon, dtype
-  x, mean, inv_std, scale, bias = residuals
+  x, mean, inv_std, scale, bias, shift = residuals
   dy = dy.astype(jnp.float32)
   axes = tuple(range(1, x.ndim - 1))
   count = np.prod([x.shape[axis] for axis in axes])
@@ -155,7 +169,8 @@ def _normalize_backward(epsilon, dtype, residuals, dy):
   sum_dy_x_hat = (dy * x_hat).sum(axes, keepdims=True)
   dx = scale.astype(jnp.float32) * inv_std * (dy - (sum_dy + x_hat * sum_dy_x_hat) / count)
   per_channel = lambda value, like: value.reshape(-1, like.shape[-1]).sum(0).astype(like.dtype)
-  return dx.astype(x.dtype), per_channel(sum_dy_x_hat, scale), per_channel(sum_dy, bias)
+  return (dx.astype(x.dtype), per_channel(sum_dy_x_hat, scale), per_channel(sum_dy, bias),
+          jnp.zeros_like(shift))
 
 
 normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)

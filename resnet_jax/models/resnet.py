@@ -93,7 +93,8 @@ class ResNet(nn.Module):
       BatchNorm settings (see `batch_norm.BatchNorm`).
     scan_blocks: run the repeated blocks of each stage with `nn.scan`.
     remat: rematerialize blocks in the backward pass.
-    elementwise_remat: keep only convolution outputs and BN statistics for the backward
+    elementwise_remat: (memory saving, off by default: the fastest step keeps what it
+      computed) keep only convolution outputs and BN statistics for the backward
       pass and recompute the rest (normalization, ReLU, residual additions, the max
       pool's input) from them, for the stem and for each stage as a whole
       (`remat.SAVE_CONV_OUTPUTS`): less activation memory for a few elementwise passes
@@ -132,7 +133,7 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   scan_blocks: bool = False
   remat: bool = False
-  elementwise_remat: bool = True
+  elementwise_remat: bool = False
   bn_fused_gradient: Optional[bool] = None
   drop_path_rate: float = 0.0
 
