@@ -145,6 +145,26 @@ def six_step_reference(tmp_path_factory):
   return workdir
 
 
+def interrupt_at(monkeypatch, call: int):
+  """Makes the run's compiled train step send this process SIGINT (Ctrl-C) while its
+  `call`-th call runs."""
+  compile_steps = parallel.compile_steps
+
+  def compile_interrupted_steps(*args, **kwargs):
+    train_fn, eval_fn = compile_steps(*args, **kwargs)
+    calls = []
+
+    def train_fn_interrupted(state, batch):
+      calls.append(1)
+      if len(calls) == call:
+        os.kill(os.getpid(), signal.SIGINT)
+      return train_fn(state, batch)
+
+    return train_fn_interrupted, eval_fn
+
+  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
+
+
 def patch_train_batches(monkeypatch, edit):
   """Makes the loop's pipeline pass each training batch through edit(step, batch)."""
   create = loop.create_pipeline
@@ -204,21 +224,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
                                                                   six_step_reference):
   """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
   over steps 3 and 4 exactly as the uninterrupted run does."""
-  compile_steps = parallel.compile_steps
-
-  def compile_interrupted_steps(*args, **kwargs):
-    train_fn, eval_fn = compile_steps(*args, **kwargs)
-    calls = []
-
-    def train_fn_interrupted_at_3(state, batch):
-      calls.append(1)
-      if len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGINT)  # while step 3 runs
-      return train_fn(state, batch)
-
-    return train_fn_interrupted_at_3, eval_fn
-
-  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
+  interrupt_at(monkeypatch, 3)
   handler = signal.getsignal(signal.SIGINT)
   with pytest.raises(Interrupted, match='SIGINT: saved step 3') as interrupted:
     train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))

@@ -1,15 +1,11 @@
 """The recipe features together (LARS with the polynomial schedule, drop path, Mixup and
 CutMix, BCE, weight EMA): an interrupted run resumes bit-identically."""
 
-import os
-import signal
-
 import pytest
 from conftest import tiny_digits_config
-from test_fault_tolerance import _steps, assert_metrics_match, assert_same_state
+from test_fault_tolerance import _steps, assert_metrics_match, assert_same_state, interrupt_at
 
 from resnet_jax.errors import Interrupted
-from resnet_jax.train import parallel
 from resnet_jax.train.loop import train_and_evaluate
 
 EVERYTHING = dict(num_train_steps=6, optimizer='lars', schedule='polynomial',
@@ -24,22 +20,8 @@ def test_interrupted_run_with_every_recipe_feature_resumes_bit_identically(tmp_p
   reference = str(tmp_path / 'reference')
   train_and_evaluate(tiny_digits_config(**EVERYTHING), reference)
 
-  compile_steps = parallel.compile_steps
-
-  def compile_interrupted_steps(*args, **kwargs):
-    train_fn, eval_fn = compile_steps(*args, **kwargs)
-    calls = []
-
-    def train_fn_interrupted_at_4(state, batch):
-      calls.append(1)
-      if len(calls) == 4:
-        os.kill(os.getpid(), signal.SIGINT)  # while step 4 runs
-      return train_fn(state, batch)
-
-    return train_fn_interrupted_at_4, eval_fn
-
   workdir = str(tmp_path / 'run')
-  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
+  interrupt_at(monkeypatch, 4)  # while step 4 runs
   with pytest.raises(Interrupted, match='saved step 4'):
     train_and_evaluate(tiny_digits_config(**EVERYTHING), workdir)
   assert _steps(workdir)[-1] == 4
