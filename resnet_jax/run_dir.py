@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -283,8 +284,12 @@ def is_converted_checkpoint(path: PathLike) -> bool:
 
 def _restore_converted(directory: Path) -> Dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(directory.absolute())
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(directory.absolute())
+  except Exception:
+    _drop_closed_loop_reports()
+    raise
 
 
 def load_variables(path: PathLike) -> Dict[str, Any]:
@@ -417,10 +422,41 @@ def _read_variables(manager: ocp.CheckpointManager, step: int, target: Any) -> d
     if differences:
       raise UserError(f'Checkpoint {step} in {manager.directory} does not fit the model of '
                       f'model.json: {"; ".join(differences)}.')
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)}))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)}))
+  except Exception:
+    _drop_closed_loop_reports()
+    raise
   return restored[STATE_ITEM]
+
+
+def _is_closed_loop_error(error) -> bool:
+  return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
+
+
+def _drop_closed_loop_reports():
+  """After a failed read, orbax's threads may still schedule work on the event loop the
+  read closed, and each RuntimeError('Event loop is closed') they meet is printed as a
+  traceback, later (tensorstore's callbacks print through sys.excepthook, garbage
+  collection through sys.unraisablehook). The caller reports the failure in one line;
+  this drops exactly those reports, for the rest of the process."""
+  if getattr(sys.excepthook, 'drops_closed_loop_reports', False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, error, traceback):
+    if not _is_closed_loop_error(error):
+      excepthook(kind, error, traceback)
+
+  def on_unraisable(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  on_exception.drops_closed_loop_reports = True
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
 class _ListAgain(Exception):

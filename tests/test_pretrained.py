@@ -328,6 +328,26 @@ def test_damaged_cache_entry_is_set_aside_and_converted_again(fresh, tmp_path, c
   _check_logits(state_dict, variables, 'resnet18')
 
 
+@pytest.mark.cli
+def test_a_command_heals_damaged_variables_with_one_line(fresh, tmp_path):
+  """orbax's threads print 'Event loop is closed' tracebacks after a failed read, from
+  outside the call; in a command only the one warning may show."""
+  from PIL import Image
+  _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
+  pretrained.load_pretrained('resnet18.tv_in1k')
+  _damage_entry(fresh['ours'] / 'pretrained' / 'resnet18.tv_in1k', 'random variables')
+  image = tmp_path / 'black.png'
+  Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': str(pathlib.Path(__file__).resolve().parent.parent)}
+  result = subprocess.run([sys.executable, '-m', 'resnet_jax.predict', '--pretrained',
+                           'resnet18.tv_in1k', '--top-k', '1', str(image)], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.startswith('WARNING: the cached conversion '), result.stderr
+  assert result.stderr.count('\n') == 1, result.stderr
+
+
 def test_a_conversion_in_progress_is_waited_for_with_a_limit(fresh, monkeypatch, capsys):
   _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
   lock = fresh['ours'] / 'pretrained' / '.resnet18.tv_in1k.lock'
