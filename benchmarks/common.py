@@ -1,6 +1,7 @@
 """What the benchmarks share: the project's jitted train step on an abstract state or run
 on a batch, and folders of real JPEG files."""
 
+import importlib.util
 import io
 import itertools
 import os
@@ -14,12 +15,24 @@ from jax.sharding import NamedSharding, PartitionSpec
 import resnet_jax
 from resnet_jax.train import optim, parallel, state as train_state
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'configs', 'default.py')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """configs/default.py's config: every key the trainer reads, at its default."""
+  spec = importlib.util.spec_from_file_location('configs.default', DEFAULT_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
 
 def train_state_factory(name, batch, size, **overrides):
   """(model, a function making the project's SGD train state) for `name`."""
   model = resnet_jax.create_model(name, **overrides)
-  config = ml_collections.ConfigDict(dict(weight_decay=1e-4, momentum=0.9, nesterov=False,
-                                          weight_decay_exclude_bn_and_bias=False))
+  config = default_config()  # every key the optimizer reads, at its default (SGD)
+  config.update(dict(weight_decay=1e-4, momentum=0.9, nesterov=False,
+                     weight_decay_exclude_bn_and_bias=False))
   tx = optim.create_optimizer(config, lambda step: 0.1)
   return model, lambda: train_state.create_train_state(
       model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))
