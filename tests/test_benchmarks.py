@@ -127,21 +127,24 @@ def test_gpu_check_runs_at_toy_sizes_without_tensorflow(tmp_path):
   written to --out, and no worker importing TensorFlow (the device image has none)."""
   output = run_benchmark('gpu_check.py', '--tiny', '--out', str(tmp_path),
                          '--variants', 'default', 'flax', 'torch', 'torch.compile',
-                         'elementwise_remat=True', timeout=1800)  # 9 processes: minutes
+                         'elementwise_remat=False', timeout=1800)  # a process each: minutes
   assert (tmp_path / 'gpu_check.md').read_text().strip() == output.strip()
   for label in ('resnet_jax default', 'Flax example', 'PyTorch AMP channels_last, eager',
                 'PyTorch AMP channels_last, torch.compile'):
     [(median, *rounds, _, compile_s)] = table_rows(output, label + ' |')
     assert median > 0 and len(rounds) == 3 and compile_s >= 0
-  assert '| resnet_jax elementwise_remat=True | = resnet_jax default |' in output
-  # Largest batch (a limit of 14 images' memory by the first two points, on a CPU): every
-  # batch tried at or below it fits the limit, every one above does not, and the next even
-  # batch was tried (the search is complete). MiB are printed to 0.05.
+  # A setting equal to the default is not timed again.
+  assert '| resnet_jax elementwise_remat=False | = resnet_jax default |' in output
+  # Largest batch (a limit of 14 images' memory by the first two points, on a CPU; XLA's
+  # CPU memory is not linear in the batch, so the answer lies between the second point, 8,
+  # which fits by construction, and 16): every batch tried at or below it fits the limit,
+  # every one above does not, and the next even batch was tried (the search is complete).
+  # MiB are printed to 0.05.
   line = next(l for l in output.splitlines() if l.startswith('Largest batch'))
   largest = int(re.match(r'Largest batch of resnet_jax default: (\d+) \(XLA', line)[1])
   tried = {int(b): float(m) for b, m in re.findall(r'(\d+): ([\d.]+)', line.split('tried:')[1])}
   limit = float(re.search(r'limit ([\d.]+) MiB', line)[1])
-  assert 12 <= largest <= 16 and largest + 2 in tried and 'ran at' in line
+  assert 8 <= largest <= 16 and largest + 2 in tried and 'ran at' in line
   for batch, mib in tried.items():
     assert mib <= limit + 0.05 if batch <= largest else mib > limit - 0.05
   assert 'PASS' in output and 'TensorFlow imported: by no worker' in output
