@@ -288,7 +288,7 @@ def _restore_converted(directory: Path) -> Dict[str, Any]:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(directory.absolute())
   except Exception:
-    _drop_closed_loop_reports()
+    drop_closed_loop_reports()
     raise
 
 
@@ -428,7 +428,7 @@ def _read_variables(manager: ocp.CheckpointManager, step: int, target: Any) -> d
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)}))
   except Exception:
-    _drop_closed_loop_reports()
+    drop_closed_loop_reports()
     raise
   return restored[STATE_ITEM]
 
@@ -437,9 +437,9 @@ def _is_closed_loop_error(error) -> bool:
   return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
 
 
-def _drop_closed_loop_reports():
-  """After a failed read, orbax's threads may still schedule work on the event loop the
-  read closed, and each RuntimeError('Event loop is closed') they meet is printed as a
+def drop_closed_loop_reports():
+  """After a failed read or save, orbax's threads may still schedule work on the event
+  loop it closed, and each RuntimeError('Event loop is closed') they meet is printed as a
   traceback, later (tensorstore's callbacks print through sys.excepthook, garbage
   collection through sys.unraisablehook). The caller reports the failure in one line;
   this drops exactly those reports, for the rest of the process."""

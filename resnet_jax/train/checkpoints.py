@@ -33,9 +33,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import CheckpointSaveError, UserError
 from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
-                                checkpoint_dir, first_line, saved_state_tree,
-                                setting_differences, step_vanished, tree_differences,
-                                unreadable_dir)
+                                checkpoint_dir, drop_closed_loop_reports, first_line,
+                                saved_state_tree, setting_differences, step_vanished,
+                                tree_differences, unreadable_dir)
 
 BEST_METRIC = 'eval_top1'
 DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
@@ -151,8 +151,11 @@ class QuietSaveErrors(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_save_errors():
-  """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's."""
+  """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's, and, for
+  the rest of the process, no 'Event loop is closed' tracebacks from orbax's threads
+  (`run_dir.drop_closed_loop_reports`)."""
   quiet = QuietSaveErrors()
+  drop_closed_loop_reports()  # what a failed save's threads print, from its first moment
   loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]
   for logger in loggers:
     logger.addFilter(quiet)
