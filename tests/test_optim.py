@@ -100,12 +100,13 @@ def _run_tx(tx, params, grads):
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def _run_torch(make_optimizer, params, grads, lr_fn):
+def _run_torch(make_optimizer, params, grads, lr_fn, is_decayed=lambda k: k[-1] == 'kernel'):
   """Runs a torch optimizer over the same gradients; make_optimizer(decayed, not_decayed)
-  gets the parameters split as timm's and torchvision's param groups split them."""
+  gets the parameters split by `is_decayed` (by default as timm's and torchvision's param
+  groups split them: weight decay on kernels only)."""
   tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  decayed = [t for k, t in tensors.items() if k[-1] == 'kernel']
-  others = [t for k, t in tensors.items() if k[-1] != 'kernel']
+  decayed = [t for k, t in tensors.items() if is_decayed(k)]
+  others = [t for k, t in tensors.items() if not is_decayed(k)]
   optimizer = make_optimizer(decayed, others)
   for t, g in enumerate(grads):
     for k, tensor in tensors.items():
@@ -150,21 +151,12 @@ def test_sgd_with_norm_weight_decay_off_matches_torchvisions_param_groups():
   config = _config(optimizer='sgd', momentum=0.9, nesterov=True,
                    weight_decay_exclude_norm=True)
   got = _run_optax(config, params, grads, _schedule)
-  tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  norms = [t for k, t in tensors.items() if k[0] == 'bn1']
-  rest = [t for k, t in tensors.items() if k[0] != 'bn1']
-  optimizer = torch.optim.SGD([{'params': rest, 'weight_decay': 0.05},
-                               {'params': norms, 'weight_decay': 0.0}],
-                              lr=0.1, momentum=0.9, nesterov=True)
-  for t, g in enumerate(grads):
-    for k, tensor in tensors.items():
-      tensor.grad = torch.tensor(g[k])
-    for group in optimizer.param_groups:
-      group['lr'] = _schedule(t)
-    optimizer.step()
+  expected = _run_torch(lambda rest, norms: torch.optim.SGD(
+      [{'params': rest, 'weight_decay': 0.05}, {'params': norms, 'weight_decay': 0.0}],
+      lr=0.1, momentum=0.9, nesterov=True), params, grads, _schedule,
+                        is_decayed=lambda k: k[0] != 'bn1')
   for k in params:
-    np.testing.assert_allclose(got[k], tensors[k].detach().numpy(), rtol=1e-5, atol=1e-6,
-                               err_msg=str(k))
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
 
 
 def test_polynomial_schedule_is_mlperfs():
