@@ -9,11 +9,11 @@ import sys
 
 from absl import app, flags, logging
 
+from resnet_jax.configs import config_path
 from resnet_jax.train.command_line import define_config_flag, parse_flags
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-define_config_flag(os.path.join(HERE, 'configs', 'default.py'), 'Training configuration file.')
+define_config_flag(config_path('default'), 'Training configuration file.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics '
                     '(default: ./workdirs/<config name>).')
 flags.DEFINE_string('jax_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),

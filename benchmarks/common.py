@@ -1,7 +1,6 @@
 """What the benchmarks share: the project's jitted train step on an abstract state or run
 on a batch, and folders of real JPEG files."""
 
-import importlib.util
 import io
 import itertools
 import os
@@ -13,18 +12,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import resnet_jax
+from resnet_jax.configs import default as configs_default
 from resnet_jax.train import optim, parallel, state as train_state
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'configs', 'default.py')
 
 
 def default_config() -> ml_collections.ConfigDict:
   """configs/default.py's config: every key the trainer reads, at its default."""
-  spec = importlib.util.spec_from_file_location('configs.default', DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs_default.get_config()
 
 
 def train_state_factory(name, batch, size, **overrides):

@@ -50,7 +50,7 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
-from configs import imagenet_resnet50  # noqa: E402
+from resnet_jax.configs import imagenet_resnet50  # noqa: E402
 from resnet_jax.train import parallel  # noqa: E402
 
 

@@ -18,12 +18,9 @@ import argparse
 import csv
 import json
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:  # the configs/ package lives at the repository root
-  sys.path.insert(0, REPO)
 
 PLAIN = ('cifar_plain20', 'cifar_plain56')
 RESIDUAL = ('cifar_resnet20', 'cifar_resnet56')
@@ -38,7 +35,7 @@ FINAL_FRACTION = 0.1  # the final training error averages this last fraction of 
 
 def paper_config(model: str):
   """The paper's CIFAR-10 recipe: 64k steps of 128, lr 0.1 / 10 at 32k and 48k."""
-  from configs import cifar10_resnet20  # pylint: disable=g-import-not-at-top
+  from resnet_jax.configs import cifar10_resnet20  # pylint: disable=g-import-not-at-top
   return cifar10_resnet20.get_config(model)
 
 
@@ -50,7 +47,7 @@ def quick_config(model: str):
   ResNet-110 and cured with a warmup; a 30-step linear warmup to 0.05 trains it, and all
   four nets get the same recipe.
   """
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from resnet_jax.configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model = model
   config.update(dict(

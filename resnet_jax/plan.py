@@ -518,13 +518,12 @@ def verdict(config, plan: RunPlan) -> str:
 
 from absl import app, flags  # noqa: E402
 
+from resnet_jax.configs import config_path  # noqa: E402
 from resnet_jax.train.command_line import define_config_flag, parse_flags  # noqa: E402
-
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _define_flags():
-  define_config_flag(os.path.join(HERE, 'configs', 'default.py'),
+  define_config_flag(config_path('default'),
                      'Training configuration file (as for train.py).')
   flags.DEFINE_string('topology', None, f'TPU topology: {TOPOLOGY_FORMS}.')
   flags.DEFINE_bool('max-batch', False, 'Also find the largest per-device train batch '

@@ -49,9 +49,8 @@ def saved_activations(loss, *args):
 
 
 # --- Training fixtures (tests/test_train.py, test_data.py, test_evaluate.py) ---------
-import importlib.util  # noqa: E402
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -60,13 +59,8 @@ TINY_MODEL = {'stage_sizes': (1, 1, 1), 'stage_widths': (4, 8, 16)}
 
 
 def load_config(name: str):
-  """configs/<name>.py's get_config() (configs import each other as `configs.<name>`)."""
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-  spec = importlib.util.spec_from_file_location(f'configs.{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """The packaged configs/<name>.py's get_config()."""
+  return importlib.import_module(f'resnet_jax.configs.{name}').get_config()
 
 
 def tiny_digits_config(**overrides):

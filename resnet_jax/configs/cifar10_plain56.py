@@ -1,6 +1,6 @@
 """The paper's plain 56-layer baseline: ResNet-56 without shortcuts."""
 
-from configs import cifar10_resnet20
+from resnet_jax.configs import cifar10_resnet20
 
 
 def get_config():

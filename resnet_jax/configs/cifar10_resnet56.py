@@ -1,6 +1,6 @@
 """The paper's CIFAR-10 recipe for ResNet-56 (6n+2 layers, n=9)."""
 
-from configs import cifar10_resnet20
+from resnet_jax.configs import cifar10_resnet20
 
 
 def get_config():
