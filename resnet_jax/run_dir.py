@@ -18,6 +18,7 @@ own saving and restoring of the whole train state is `resnet_jax.train.checkpoin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -36,6 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, create_model, scan_variables, unscan_variables
+from resnet_jax.models.resnet import EXECUTION_FIELDS
+from resnet_jax.models.scan import is_scanned, scan_tree, unscan_tree
 
 if TYPE_CHECKING:
   import orbax.checkpoint as ocp
@@ -99,7 +102,8 @@ def model_from_config(config: Dict[str, Any]) -> ResNet:
 
 
 def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str, Any]:
-  """The `create_model` arguments of a run, as written to WORKDIR/model.json."""
+  """The `create_model` arguments of a run, as written to WORKDIR/model.json: the
+  config's model keys, then config.model_overrides that are set (None: not overridden)."""
   spec = {'name': config.model, 'num_classes': num_classes, 'in_channels': in_channels}
   if config.dtype != 'float32':
     spec['dtype'] = config.dtype
@@ -108,7 +112,8 @@ def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str,
   if config.drop_path_rate:
     spec['drop_path_rate'] = config.drop_path_rate
   overrides = config.model_overrides
-  spec.update(overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {}))
+  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
+  spec.update({k: v for k, v in overrides.items() if v is not None})
   return spec
 
 
@@ -183,23 +188,73 @@ def setting_differences(saved: Mapping[str, Any], config) -> List[Tuple[str, Any
           if saved.get(key) is not None and saved[key] != now[key]]
 
 
-def check_workdir_matches(workdir: str, config, spec: dict):
+def check_workdir_matches(workdir: str, config, spec: dict) -> List[str]:
   """Refuses to resume a workdir holding checkpoints of another model or run (as its
-  model.json and config.json say; the checkpoints' own records are checked on restore)."""
+  model.json and config.json say; the checkpoints' own records are checked on restore).
+  Only the architecture must match: returns 'key: saved -> now' for each execution
+  setting (`models.resnet.EXECUTION_FIELDS`) that changed, for the run's log."""
   try:
     saved_spec = json.loads(Path(workdir, MODEL_JSON).read_text())
   except (OSError, ValueError):
     saved_spec = None
   fix = (f'Pass a new --workdir, or the same model and settings to resume the run in '
          f'{workdir}.')
-  if saved_spec is not None and saved_spec != json.loads(json.dumps(spec)):
-    raise UserError(f'{workdir} holds checkpoints of another model: {saved_spec} '
-                    f'there, {spec} now. {fix}')
+  changed = [] if saved_spec is None else model_differences(saved_spec, spec)
+  architecture = [(k, saved, now) for k, saved, now in changed if k not in EXECUTION_FIELDS]
+  if architecture:
+    raise UserError(f'{workdir} holds checkpoints of another model: '
+                    + '; '.join(f'{k}={saved!r} there, {k}={now!r} now'
+                                for k, saved, now in architecture)
+                    + f' (only execution settings, {", ".join(EXECUTION_FIELDS)}, may '
+                    f'change on resume). {fix}')
   differences = setting_differences(read_run_config(workdir) or {}, config)
   if differences:
     key, saved, now = differences[0]
     raise UserError(f'{workdir} holds checkpoints of a run with {key}={saved!r}; '
                     f'this config has {key}={now!r}. {fix}')
+  return [f'{k}: {saved!r} -> {now!r}' for k, saved, now in changed]
+
+
+def in_saved_layout(saved_tree: Any, target_tree: Any) -> Tuple[Any, Callable[[Any], Any]]:
+  """(a target of `target_tree`'s shapes in the layout of a checkpoint's `saved_tree`, the
+  map of what that restores back to `target_tree`'s layout): a run resumed with
+  `scan_blocks` switched reads the checkpoint as saved, then stacks or unstacks it.
+  The train state is replicated (`train.parallel`), so one sharding serves every leaf."""
+  if is_scanned(saved_tree.get('params', {})) == is_scanned(target_tree['params']):
+    return target_tree, lambda tree: tree
+  to_saved, to_target = ((unscan_tree, scan_tree) if is_scanned(target_tree['params'])
+                         else (scan_tree, unscan_tree))
+  sharding = getattr(jax.tree.leaves(target_tree)[0], 'sharding', None)
+  shardings = jax.tree.map(lambda leaf: getattr(leaf, 'sharding', None), target_tree)
+  saved_layout = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      jax.eval_shape(to_saved, target_tree))
+  return saved_layout, jax.jit(to_target, out_shardings=shardings)
+
+
+def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any]
+                      ) -> List[Tuple[str, Any, Any]]:
+  """(field, saved value, value now) of each model field that two model.json specs set
+  differently, defaults filled in (a spec omits what it leaves at the zoo's value)."""
+  saved_fields, now_fields = _model_fields(saved), _model_fields(now)
+  return [(k, saved_fields.get(k), now_fields.get(k))
+          for k in sorted(set(saved_fields) | set(now_fields))
+          if saved_fields.get(k) != now_fields.get(k)]
+
+
+def _model_fields(spec: Mapping[str, Any]) -> Dict[str, Any]:
+  """Every field of the model a spec builds, as JSON values; the spec itself when it
+  builds none (an old or damaged model.json)."""
+  spec = json.loads(json.dumps(dict(spec), default=str))
+  try:
+    model = model_from_config(spec)
+  except (ValueError, TypeError, KeyError):
+    return spec
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ('parent', 'name')}
+  for key in ('dtype', 'param_dtype'):
+    fields[key] = jnp.dtype(fields[key]).name
+  return {'name': spec['name'], **json.loads(json.dumps(fields, default=str))}
 
 
 def changed_settings(workdir: str, config) -> List[str]:

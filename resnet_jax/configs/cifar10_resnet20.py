@@ -1,8 +1,7 @@
 """The paper's CIFAR-10 recipe (He et al. 2015, section 4.2) for ResNet-20."""
 
-import ml_collections
-
 from resnet_jax.configs import default
+from resnet_jax.train.config_schema import model_overrides
 
 
 def get_config(model: str = 'cifar_resnet20'):
@@ -12,7 +11,7 @@ def get_config(model: str = 'cifar_resnet20'):
   """
   config = default.get_config()
   config.model = model
-  config.model_overrides = ml_collections.ConfigDict()
+  config.model_overrides = model_overrides()
   # Data: the 50k training images, evaluated on the 10k test images.
   config.dataset = 'cifar10'
   config.train_split = 'train'

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from resnet_jax.train.config_schema import model_overrides
+
 
 def get_config():
   """Trains cifar_resnet20 on the 1,797 8x8 sklearn digits; ~97-99% test top-1 on 2 CPU cores.
@@ -10,9 +12,10 @@ def get_config():
   (`python train.py` with no flags runs this config in ./workdirs/default.)
   """
   config = ml_collections.ConfigDict()
-  # Model: a zoo name, plus create_model overrides (e.g. {'stage_sizes': (1, 1, 1)}).
+  # Model: a zoo name, plus create_model overrides, each None (the zoo's value) unless
+  # set: --config.model_overrides.remat=True, model_overrides(stage_sizes=(1, 1, 1)).
   config.model = 'cifar_resnet20'
-  config.model_overrides = ml_collections.ConfigDict()
+  config.model_overrides = model_overrides()
   config.num_classes = 10  # classes of the dataset (used by synthetic data; TFDS knows its own)
   config.in_channels = 3  # image channels (used by synthetic data; datasets know their own)
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'; params/BN stats stay f32

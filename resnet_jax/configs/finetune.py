@@ -1,8 +1,7 @@
 """Fine-tune a converted torchvision ResNet-50 on Imagenette (10 classes)."""
 
-import ml_collections
-
 from resnet_jax.configs import default
+from resnet_jax.train.config_schema import model_overrides
 
 
 def get_config():
@@ -14,7 +13,7 @@ def get_config():
   """
   config = default.get_config()
   config.model = 'resnet50'
-  config.model_overrides = ml_collections.ConfigDict()
+  config.model_overrides = model_overrides()
   config.init_from = ''  # the converted checkpoint directory (required)
   config.dtype = 'float32'
   # Data: Imagenette (a 10-class ImageNet subset, downloaded by TFDS) at 224x224.

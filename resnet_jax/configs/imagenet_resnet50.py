@@ -1,8 +1,7 @@
 """ResNet-50 on ImageNet, the well-known 90-epoch recipe (Goyal et al. 2017 + cosine)."""
 
-import ml_collections
-
 from resnet_jax.configs import default
+from resnet_jax.train.config_schema import model_overrides
 
 
 def get_config():
@@ -15,7 +14,7 @@ def get_config():
   config = default.get_config()
   config.model = 'resnet50'
   # Last BN of each block starts at zero, so every block starts as the identity.
-  config.model_overrides = ml_collections.ConfigDict({'zero_init_residual': True})
+  config.model_overrides = model_overrides(zero_init_residual=True)
   config.dtype = 'bfloat16'  # compute; params and BN statistics stay float32
   config.bn_group_size = 0  # synchronized BN over the global batch; 32 for per-GPU BN
   # Data: inception crop + flip for training; resize to 256 + center crop 224 for eval.

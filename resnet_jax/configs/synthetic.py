@@ -1,8 +1,7 @@
 """Random images of any size, to measure training speed without a dataset."""
 
-import ml_collections
-
 from resnet_jax.configs import default
+from resnet_jax.train.config_schema import model_overrides
 
 
 def get_config():
@@ -13,7 +12,7 @@ def get_config():
   """
   config = default.get_config()
   config.model = 'resnet50'
-  config.model_overrides = ml_collections.ConfigDict()
+  config.model_overrides = model_overrides()
   config.dtype = 'bfloat16'
   config.dataset = 'synthetic'  # one fixed random batch, repeated; no TensorFlow
   config.num_classes = 1000

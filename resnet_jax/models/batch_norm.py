@@ -176,6 +176,18 @@ def _normalize_backward(epsilon, dtype, residuals, dy):
 normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)
 
 
+# The model's BatchNorm fields and the BatchNorm arguments they set: one list for the linen
+# and NNX models.
+MODEL_FIELDS = {'bn_momentum': 'momentum', 'bn_epsilon': 'epsilon',
+                'bn_unbiased_running_var': 'unbiased_running_var',
+                'bn_group_size': 'group_size', 'bn_axis_name': 'axis_name'}
+
+
+def batch_norm_settings(spec) -> dict:
+  """The BatchNorm arguments of a ResNet spec's `bn_*` fields (`MODEL_FIELDS`)."""
+  return {argument: getattr(spec, field) for field, argument in MODEL_FIELDS.items()}
+
+
 def batch_norm_partial(train: bool, **kwargs) -> Callable[..., BatchNorm]:
   """A BatchNorm constructor in train or eval mode, to hand to blocks."""
   return functools.partial(BatchNorm, use_running_average=not train, **kwargs)

@@ -1,20 +1,28 @@
 """The generic ResNet: a stem, stages of residual blocks, global pooling and a head."""
 
+import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Type
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from resnet_jax.models.attention import ATTENTIONS, attention_partial
-from resnet_jax.models.batch_norm import batch_norm_partial
+from resnet_jax.models.batch_norm import batch_norm_partial, batch_norm_settings
 from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, _Block
 from resnet_jax.models.convolution import Conv
 from resnet_jax.models.drop_path import RNG_STREAM, block_rates
 from resnet_jax.models.pooling import max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 from resnet_jax.models.stems import DEEP_STEMS, STEMS, DeepStem, deep_stem_widths
+
+
+def execution(default: Any) -> Any:
+  """A ResNet field that changes none of the model's variables, only how the model runs
+  or trains (precision, rematerialization, the scanned layout, BatchNorm's batch
+  statistics, initialization): a checkpoint resumes with it changed."""
+  return dataclasses.field(default=default, metadata={'execution': True})
 
 
 class Stage(nn.Module):
@@ -110,6 +118,9 @@ class ResNet(nn.Module):
       rate * i / (n - 1), its masks drawn from the rng stream 'drop_path'
       (`model.apply(..., train=True, rngs={'drop_path': key})`). Changes no variable and
       no eval-mode output.
+
+  Fields made with `execution` (`EXECUTION_FIELDS`) change no variable; the others, the
+  architecture, decide what the variables are (`architecture_of`).
   """
   stage_sizes: Sequence[int]
   block: str = 'basic'
@@ -122,20 +133,20 @@ class ResNet(nn.Module):
   attention: Optional[str] = None
   groups: int = 1
   width_per_group: int = 64
-  zero_init_residual: bool = False
+  zero_init_residual: bool = execution(False)
   in_channels: int = 3
-  dtype: Any = jnp.float32
+  dtype: Any = execution(jnp.float32)
   param_dtype: Any = jnp.float32
-  bn_momentum: float = 0.9
+  bn_momentum: float = execution(0.9)
   bn_epsilon: float = 1e-5
-  bn_unbiased_running_var: bool = True
-  bn_group_size: Optional[int] = None
-  bn_axis_name: Optional[str] = None
-  scan_blocks: bool = False
-  remat: bool = False
-  elementwise_remat: bool = False
-  bn_fused_gradient: Optional[bool] = None
-  drop_path_rate: float = 0.0
+  bn_unbiased_running_var: bool = execution(True)
+  bn_group_size: Optional[int] = execution(None)
+  bn_axis_name: Optional[str] = execution(None)
+  scan_blocks: bool = execution(False)
+  remat: bool = execution(False)
+  elementwise_remat: bool = execution(False)
+  bn_fused_gradient: Optional[bool] = execution(None)
+  drop_path_rate: float = execution(0.0)
 
   @property
   def total_stride(self) -> int:
@@ -147,11 +158,9 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     self.check_input(x)
     conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = batch_norm_partial(
-        train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        unbiased_running_var=self.bn_unbiased_running_var, group_size=self.bn_group_size,
-        axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
-        fused_gradient=self.fuses_bn_gradient)
+    norm = batch_norm_partial(train, **batch_norm_settings(self), dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              fused_gradient=self.fuses_bn_gradient)
     features = {}
     stem, stage = ResNet._stem, Stage
     block_policy = None
@@ -211,6 +220,16 @@ class ResNet(nn.Module):
       raise ValueError(f'drop_path_rate={self.drop_path_rate!r} must be in [0, 1), and 0 '
                        f'for plain nets (shortcut=\'none\'), whose residual branch is all.')
     check_choices(self)
+
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet)
+                         if f.metadata.get('execution'))
+
+
+def architecture_of(model_config: Mapping[str, Any]) -> Dict[str, Any]:
+  """A model.json or create_model arguments without the execution settings: what decides
+  the variables, and so whether a checkpoint fits."""
+  return {k: v for k, v in model_config.items() if k not in EXECUTION_FIELDS}
 
 
 def check_choices(spec):

@@ -1,7 +1,9 @@
 """Map variables between the unrolled layout and the `scan_blocks=True` layout.
 
 Unrolled, stage `layerK` holds blocks '0', '1', ..., 'n-1'. Scanned, it holds '0' and
-'rest', whose leaves stack blocks '1'..'n-1' along a new leading axis.
+'rest', whose leaves stack blocks '1'..'n-1' along a new leading axis. `scan_tree` and
+`unscan_tree` map any tree that holds variables (a train state: parameters, statistics,
+the optimizer's per-parameter state, a weight EMA), for resuming in the other layout.
 """
 
 from typing import Any, Mapping
@@ -47,3 +49,33 @@ def scan_variables(variables: Variables) -> dict:
 def unscan_variables(variables: Variables) -> dict:
   """Variables of a `scan_blocks=True` model -> the unrolled (torchvision-named) layout."""
   return _map_stages(variables, _unstack_stage)
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+  """Whether a model's parameters (or a checkpoint's tree of them) are in the scanned
+  layout: some stage holds 'rest'."""
+  return any(_is_stage(name, sub) and 'rest' in sub for name, sub in params.items())
+
+
+def _has_stages(node: Any) -> bool:
+  return isinstance(node, Mapping) and any(_is_stage(k, v) for k, v in node.items())
+
+
+def _map_stage_holders(tree: Any, fn) -> Any:
+  """Applies fn to each stage of every mapping in `tree` that holds stages, wherever it
+  sits (optimizer states nest parameter-shaped trees in tuples)."""
+  def visit(node):
+    if not _has_stages(node):
+      return node
+    return {name: fn(sub) if _is_stage(name, sub) else sub for name, sub in node.items()}
+  return jax.tree.map(visit, tree, is_leaf=_has_stages)
+
+
+def scan_tree(tree: Any) -> Any:
+  """`scan_variables` for any tree of variable-shaped subtrees (a whole train state)."""
+  return _map_stage_holders(tree, _stack_stage)
+
+
+def unscan_tree(tree: Any) -> Any:
+  """`unscan_variables` for any tree of variable-shaped subtrees (a whole train state)."""
+  return _map_stage_holders(tree, _unstack_stage)

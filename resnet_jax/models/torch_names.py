@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.zoo import MODELS, PYTORCH_REFERENCE, create_model
 
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
@@ -52,11 +53,10 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
   return array
 
 
-# model.json keys that change neither the parameter names nor their shapes nor eval-mode
-# outputs: the torch layout is the unrolled float32 one, whatever the run trained with.
-LAYOUT_NEUTRAL = ('name', 'num_classes', 'dtype', 'param_dtype', 'scan_blocks', 'remat',
-                   'elementwise_remat', 'bn_momentum', 'bn_group_size', 'bn_axis_name',
-                   'bn_unbiased_running_var', 'zero_init_residual', 'drop_path_rate')
+# model.json keys that change neither the parameter names nor their shapes: the torch
+# layout is the unrolled float32 one, whatever the run trained with (the execution
+# settings, `EXECUTION_FIELDS`, change no variable at all).
+LAYOUT_NEUTRAL = ('name', 'num_classes', 'param_dtype') + EXECUTION_FIELDS
 
 
 def layout_overrides(model_config: Mapping[str, Any]) -> Dict[str, Any]:

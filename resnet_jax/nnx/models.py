@@ -18,7 +18,7 @@ from flax.typing import Dtype
 from resnet_jax import models
 from resnet_jax.errors import UserError
 from resnet_jax.models import windows, zoo
-from resnet_jax.models.batch_norm import batch_norm
+from resnet_jax.models.batch_norm import batch_norm, batch_norm_settings
 from resnet_jax.models.blocks import subsample_and_pad
 from resnet_jax.models.convolution import conv2d, conv_kernel_init
 from resnet_jax.models.drop_path import RNG_STREAM, block_rates, drop_path
@@ -248,11 +248,9 @@ class ResNet(nnx.Module):
     _check_spec(spec)
     self.spec = spec
     conv = functools.partial(Conv, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
-    norm = functools.partial(
-        BatchNorm, momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
-        unbiased_running_var=spec.bn_unbiased_running_var, group_size=spec.bn_group_size,
-        axis_name=spec.bn_axis_name, dtype=spec.dtype, param_dtype=spec.param_dtype,
-        fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
+    norm = functools.partial(BatchNorm, **batch_norm_settings(spec), dtype=spec.dtype,
+                             param_dtype=spec.param_dtype,
+                             fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
     width = self._build_stem(conv, norm)
     block_cls = BLOCKS[spec.block]
     attention = (functools.partial(make_attention, spec.attention, dtype=spec.dtype,

@@ -34,6 +34,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from resnet_jax.errors import CheckpointSaveError, UserError
 from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
                                 checkpoint_dir, drop_closed_loop_reports, first_line,
+                                in_saved_layout,
                                 saved_state_tree, setting_differences, step_vanished,
                                 tree_differences, unreadable_dir)
 
@@ -254,6 +255,7 @@ def _read_here(manager, step, target_tree, workdir, config):
   except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
     return None, e
   retired = _retired_keys(saved, target_tree)
+  target_tree, to_run_layout = in_saved_layout(saved, target_tree)  # scan_blocks switched
   differences = tree_differences({k: v for k, v in saved.items() if k not in retired},
                                  target_tree)
   if differences:
@@ -264,7 +266,7 @@ def _read_here(manager, step, target_tree, workdir, config):
     return None, e
   if config is not None:
     _check_recorded_settings(workdir, step, data, config)
-  return (state, data), None
+  return (to_run_layout(state), data), None
 
 
 def _check_recorded_settings(workdir: str, step: int, data: dict, config):

@@ -6,12 +6,20 @@ them as attributes (never `config.get(key, default)`, which would hide a key no 
 set), and the tests check both against the table.
 """
 
+import collections.abc
+import dataclasses
 import difflib
 import math
-from typing import Callable, Dict, Optional, Sequence
+import typing
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import ml_collections
+from ml_collections import config_dict
 
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
+from resnet_jax.models.resnet import ResNet
+from resnet_jax.models.zoo import MODEL_OPTIONS
 from resnet_jax.train.losses import LOSSES
 from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -72,10 +80,68 @@ def _non_finite(value) -> bool:
   return False
 
 
+def _override_type(annotation) -> type:
+  """The command-line type of a ResNet field: Optional[X] is X, a Sequence a tuple, and a
+  dtype its name."""
+  if annotation is Any:
+    return str
+  if typing.get_origin(annotation) is typing.Union:
+    return _override_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
+  if typing.get_origin(annotation) is collections.abc.Sequence:
+    return tuple
+  return annotation
+
+
+# The type of each create_model option, as config.model_overrides takes it.
+OVERRIDE_TYPES = {f.name: _override_type(f.type) for f in dataclasses.fields(ResNet)
+                  if f.name in MODEL_OPTIONS}
+
+
+def model_overrides(**values: Any) -> ml_collections.ConfigDict:
+  """config.model_overrides: every create_model option, None (not overridden) unless
+  given, so that `--config.model_overrides.remat=True` works with any config built on it."""
+  check_model_overrides(values)
+  return ml_collections.ConfigDict({
+      name: config_dict.placeholder(kind) if values.get(name) is None else values[name]
+      for name, kind in OVERRIDE_TYPES.items()})
+
+
+def _valid_options() -> str:
+  return ', '.join(sorted(OVERRIDE_TYPES))
+
+
+def check_model_overrides(overrides) -> None:
+  """Refuses a model_overrides name that is no create_model option, or a value of
+  another type than the option's."""
+  for name, value in dict(overrides).items():
+    if name not in OVERRIDE_TYPES:
+      close = difflib.get_close_matches(name, OVERRIDE_TYPES, n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise UserError(f'config.model_overrides has no option {name!r}{hint}. Valid options '
+                      f'(create_model\'s): {_valid_options()}.')
+    if value is not None and not _is_of_type(value, OVERRIDE_TYPES[name]):
+      raise UserError(f'config.model_overrides.{name}={value!r} must be a '
+                      f'{OVERRIDE_TYPES[name].__name__}.')
+
+
+def _is_of_type(value, kind: type) -> bool:
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is tuple:
+    return isinstance(value, (tuple, list))
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, kind)
+
+
+def _overrides(value) -> Optional[str]:
+  check_model_overrides(value)
+
+
 # Every key the code reads, with the check of its value.
 KEYS: Dict[str, Callable] = {
     # Model.
-    'model': _any, 'model_overrides': _any, 'num_classes': _positive, 'in_channels': _positive,
+    'model': _any, 'model_overrides': _overrides, 'num_classes': _positive, 'in_channels': _positive,
     'dtype': _one_of(DTYPES), 'bn_group_size': _non_negative,
     'drop_path_rate': _unit_interval,
     # Data.
@@ -169,7 +235,20 @@ def unknown_override(argv: Sequence[str], config_keys: Sequence[str] = tuple(KEY
       return (f'Unknown config key in {arg}: {_with_suggestion(key)}. Valid keys: '
               f'{", ".join(sorted(KEYS))}.')
     if sub_key:
-      return (f'{arg}: config.{key} has no key {sub_key!r}, and the command line can only '
-              f'change keys a config file defines. Set it in a config file, e.g. '
-              f'config.{key} = ml_collections.ConfigDict({{{sub_key!r}: ...}}).')
+      return _unknown_sub_key(arg, key, sub_key)
   return None
+
+
+def _unknown_sub_key(arg: str, key: str, sub_key: str) -> str:
+  if key == 'model_overrides' and sub_key not in OVERRIDE_TYPES:
+    close = difflib.get_close_matches(sub_key, OVERRIDE_TYPES, n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    return (f'{arg}: {sub_key!r} is no create_model option{hint}. Valid options: '
+            f'{_valid_options()}.')
+  if key == 'model_overrides':
+    return (f'{arg}: this config file defines config.model_overrides without '
+            f'{sub_key!r}. Build it with resnet_jax.train.config_schema.model_overrides() '
+            f'(as configs/default.py does), which defines every option.')
+  return (f'{arg}: config.{key} has no key {sub_key!r}, and the command line can only '
+          f'change keys a config file defines. Set it in a config file, e.g. '
+          f'config.{key} = ml_collections.ConfigDict({{{sub_key!r}: ...}}).')

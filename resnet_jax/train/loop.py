@@ -71,7 +71,8 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
   if manager.all_steps():
-    run_dir.check_workdir_matches(workdir, config, parts.spec)
+    for change in run_dir.check_workdir_matches(workdir, config, parts.spec):
+      log(f'Resuming with a changed execution setting: {change}')
   return _Run(mesh, pipeline, parts, manager)
 
 
