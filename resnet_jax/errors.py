@@ -3,10 +3,12 @@
 import signal
 
 
-class UserError(ValueError):
+class UserError(Exception):
   """A mistake in the config, the data or the workdir, with the fix in its message.
 
-  It subclasses ValueError, so callers that catch ValueError keep working.
+  The command-line tools print it as one line. It is no ValueError on purpose: a tool that
+  catches it never mistakes a bug (a ValueError deep in the code) for a user's mistake, so
+  the bug shows its traceback.
   """
 
 

@@ -54,7 +54,7 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   reads, also while train.py writes the workdir; nothing is moved) or of a converted
   checkpoint directory, on `split` (default: the run's eval split)."""
   if (workdir is None) == (checkpoint is None):
-    raise ValueError('Pass exactly one of --workdir (a training run) or --checkpoint '
+    raise UserError('Pass exactly one of --workdir (a training run) or --checkpoint '
                      '(a converted checkpoint directory).')
   config = _dataset_config(workdir, dataset_overrides)
   mesh = create_mesh()
@@ -94,7 +94,7 @@ def main(argv=None):
   logging.set_verbosity(logging.WARNING)
   try:
     results = evaluate(**vars(args))
-  except ValueError as e:  # UserError and the loaders' ValueErrors say what to fix
+  except UserError as e:  # the message says what to fix; a bug shows its traceback
     sys.exit(f'Error: {e}')
   where = args.workdir or args.checkpoint
   print(f'{where}: top-1 {results["top1"]:.4f} | top-5 {results["top5"]:.4f} | '

@@ -303,7 +303,7 @@ def main(argv=None) -> int:
       checkpoint = ensure_cached(args.pretrained)
     result = export(checkpoint, args.output, args.format, args.dtype, batch, args.platforms,
                     args.overwrite)
-  except (ValueError, OSError) as e:  # UserError is a ValueError
+  except (UserError, OSError) as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   shape = ['batch' if d is None else d for d in result['input']['shape']]
   print(f'wrote {args.output}: uint8 {shape} ({result["normalization"]["name"]} '

@@ -487,23 +487,26 @@ def estimate_lines(step: StepPlan, plan: RunPlan) -> List[str]:
 
 
 def advice(config, plan: RunPlan) -> str:
-  """What to change when the run does not fit."""
-  overrides = dict(config.model_overrides)
+  """What to change when the run does not fit, as flags to add to the same command (a
+  running workdir resumes with them: they are execution settings)."""
+  del plan
+  overrides = {k: v for k, v in dict(config.model_overrides).items() if v is not None}
+  flag = '--config.model_overrides.{}=True'.format
   tips = []
   if not overrides.get('elementwise_remat') and not overrides.get('remat'):
-    tips.append('keep only convolution outputs for the backward pass: add '
-                'elementwise_remat=True to config.model_overrides (recomputes BatchNorm and '
-                'ReLU outputs: ~0.8x the HBM for a few % more time, benchmarks/RESULTS.md)')
+    tips.append(f'keep only convolution outputs for the backward pass: '
+                f'{flag("elementwise_remat")} (recomputes BatchNorm and ReLU outputs: ~0.8x '
+                f'the HBM for a few % more time, benchmarks/RESULTS.md)')
   if not overrides.get('remat'):
-    tips.append('rematerialize blocks: add remat=True to config.model_overrides (in the '
-                'config file); about 2x less activation memory for ~30% more compute')
+    tips.append(f'rematerialize blocks: {flag("remat")} (about 2x less activation memory '
+                f'for ~30% more compute)')
   if config.dtype == 'float32':
     tips.append('compute in bfloat16: --config.dtype=bfloat16 (params stay float32)')
   tips.append('a smaller batch: --config.batch_size=N (--max-batch finds the largest '
               'per-device batch that fits)')
   if overrides.get('scan_blocks'):
-    tips.append('unrolled stages: drop scan_blocks=True from config.model_overrides (a '
-                'scanned stage keeps more for the backward pass, benchmarks/RESULTS.md)')
+    tips.append('unrolled stages: --config.model_overrides.scan_blocks=False (a scanned '
+                'stage keeps more for the backward pass, benchmarks/RESULTS.md)')
   return 'To fit:\n' + '\n'.join(f'  - {t}' for t in tips)
 
 

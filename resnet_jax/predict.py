@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     else:
       model, variables = load_model(args.checkpoint)
       transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
-  except ValueError as e:
+  except UserError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
     parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint or args.pretrained} '

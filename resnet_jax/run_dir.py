@@ -90,7 +90,8 @@ def read_model_config(path: PathLike) -> Dict[str, Any]:
 
 
 def model_from_config(config: Dict[str, Any]) -> ResNet:
-  """`create_model(**config)`, with JSON's dtype names and lists made dtypes and tuples."""
+  """`create_model(**config)`, with JSON's dtype names and lists made dtypes and tuples;
+  a UserError when it names no model or option of this version."""
   kwargs = dict(config)
   name = kwargs.pop('name')
   for key, value in kwargs.items():
@@ -98,7 +99,10 @@ def model_from_config(config: Dict[str, Any]) -> ResNet:
       kwargs[key] = jnp.dtype(value)
     elif isinstance(value, list):
       kwargs[key] = tuple(value)
-  return create_model(name, **kwargs)
+  try:
+    return create_model(name, **kwargs)
+  except (ValueError, TypeError) as e:  # create_model's checks of names and options
+    raise UserError(f'Cannot build the model {config}: {e}') from None
 
 
 def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str, Any]:
@@ -248,7 +252,7 @@ def _model_fields(spec: Mapping[str, Any]) -> Dict[str, Any]:
   spec = json.loads(json.dumps(dict(spec), default=str))
   try:
     model = model_from_config(spec)
-  except (ValueError, TypeError, KeyError):
+  except (UserError, KeyError):
     return spec
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
             if f.name not in ('parent', 'name')}

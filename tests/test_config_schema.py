@@ -12,7 +12,10 @@ from conftest import REPO, load_config, tiny_digits_config
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
-from resnet_jax.train.config_schema import KEYS, check_config, check_eval_batch_size
+from resnet_jax import plan, run_dir
+from resnet_jax.models.zoo import MODEL_OPTIONS
+from resnet_jax.train.config_schema import (KEYS, check_config, check_eval_batch_size,
+                                            model_overrides)
 from resnet_jax.train.loop import train_and_evaluate
 
 CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != '__init__')
@@ -104,8 +107,8 @@ def _train_py(*args):
 @pytest.mark.parametrize('args, message', [
     (['--config.learnig_rate=0.1'], 'learnig_rate (did you mean learning_rate'),
     (['--config', 'configs/synthetic.py', '--config.momentun=0'], 'did you mean momentum'),
-    (['--config.model_overrides.zero_init_residual=True'],
-     "config.model_overrides has no key 'zero_init_residual'"),
+    (['--config.model_overrides.remats=True'],
+     "'remats' is no create_model option (did you mean remat?)"),
     (['--config.learning_rate=fast'], "could not convert string to float: 'fast'"),
     (['--config.dataset='], "config.dataset='' must not be empty"),
 ])
@@ -129,10 +132,10 @@ def _readme_commands():
       if 'train.py' in command:
         config = re.search(r'--config (\S+)', command)
         commands.append((config.group(1) if config else 'configs/default.py',
-                         re.findall(r'--config\.[a-z_]+=\S+', command)))
+                         re.findall(r'--config\.[a-z_.]+=\S+', command)))
   prose = re.sub(r'```.*?```', '', text, flags=re.S)
   commands += [('configs/default.py', [override])
-               for override in re.findall(r'--config\.[a-z_]+=[^\s`]+', prose)]
+               for override in re.findall(r'--config\.[a-z_.]+=[^\s`]+', prose)]
   return commands
 
 
@@ -167,3 +170,49 @@ def test_readme_config_overrides_parse_validate_and_quick_ones_run(tmp_path, con
     quick.num_train_steps = min(config.num_train_steps, 4)
     results = train_and_evaluate(quick, str(tmp_path))
     assert 0 <= results['top1'] <= 1
+
+
+# --- config.model_overrides: every create_model option, from the command line -------------
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_every_create_model_option_is_a_model_override_that_is_off_until_set(name):
+  config = load_config(name)
+  assert set(config.model_overrides.keys()) == set(MODEL_OPTIONS)
+  set_ = {k: v for k, v in config.model_overrides.items() if v is not None}
+  spec = run_dir.model_config_of_run(config, 10, 3)
+  assert {k: spec[k] for k in set_} == set_ and None not in spec.values(), spec
+
+
+def test_model_overrides_from_the_command_line_reach_the_model():
+  config = _parse('configs/default.py', ['--config.model_overrides.remat=True',
+                                         '--config.model_overrides.stage_sizes=(1, 2, 1)',
+                                         '--config.model_overrides.bn_momentum=0.5'])
+  check_config(config, num_devices=1)
+  model = run_dir.model_from_config(run_dir.model_config_of_run(config, 10, 3))
+  assert (model.remat, model.stage_sizes, model.bn_momentum) == (True, (1, 2, 1), 0.5)
+  assert not model.scan_blocks  # not set: the zoo's value
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'remats': True}, "no option 'remats' \\(did you mean remat\\?\\). Valid options.*scan_blocks"),
+    ({'remat': 'yes'}, "model_overrides.remat='yes' must be a bool"),
+    ({'stage_sizes': 3}, 'must be a tuple'),
+])
+def test_model_overrides_names_and_types_are_checked(overrides, message):
+  config = load_config('default')
+  config.model_overrides = overrides
+  with pytest.raises(UserError, match=message):
+    check_config(config, num_devices=1)
+  with pytest.raises(UserError, match=message):
+    model_overrides(**overrides)
+
+
+def test_planner_advice_is_flags_that_parse():
+  config = load_config('default')
+  text = plan.advice(config, None)
+  flags_given = re.findall(r'--config\.[a-z_.]+=[^\s`]+', text)
+  assert '--config.model_overrides.remat=True' in flags_given, text
+  assert '--config.model_overrides.elementwise_remat=True' in flags_given, text
+  parsed = _parse('configs/default.py', [f for f in flags_given if '=N' not in f])
+  assert parsed.model_overrides.remat and parsed.dtype == 'bfloat16'
+  assert 'remat=True' not in plan.advice(parsed, None)  # what is set is not advised again

@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from resnet_jax import convert, create_model
+from resnet_jax.errors import UserError
 from resnet_jax.models.torch_names import torch_layout
 from resnet_jax.models.zoo import PYTORCH_REFERENCE
 from resnet_jax.run_dir import load_variables, read_model_config, save_converted
@@ -217,12 +218,12 @@ def test_train_mode_forward_bn_update_and_sgd_step_match_torch():
 
 def test_wrong_arch_error_lists_problems_and_suggests_the_fitting_arch():
   state_dict = convert.torch_reference_model('resnet50').state_dict()
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(UserError) as info:
     convert.torch_to_flax(state_dict, 'resnet101')
   message = str(info.value)
   assert 'missing keys (255): layer3.6.bn1.bias' in message
   assert "fit 'resnet50'" in message and '--arch resnet50' in message
-  with pytest.raises(ValueError, match=r'wrong shapes.*layer1\.0\.conv2\.weight'):
+  with pytest.raises(UserError, match=r'wrong shapes.*layer1\.0\.conv2\.weight'):
     convert.torch_to_flax(state_dict, 'resnext50_32x4d')
 
 
@@ -230,7 +231,7 @@ def test_missing_and_unexpected_keys_are_named():
   state_dict = dict(convert.torch_reference_model('resnet18').state_dict())
   del state_dict['layer2.0.downsample.1.running_var']
   state_dict['head.weight'] = torch.zeros(3)
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(UserError) as info:
     convert.torch_to_flax(state_dict, 'resnet18')
   message = str(info.value)
   assert 'missing keys (1): layer2.0.downsample.1.running_var' in message
@@ -404,7 +405,7 @@ def test_cli_overwrite_refuses_the_current_directory_and_its_parents(
     assert code == 2 and 'current directory' in err and 'Traceback' not in err, err
     assert sorted(str(p.relative_to(home)) for p in home.rglob('*')) == before
   for output in [Path('/'), tmp_path]:
-    with pytest.raises(ValueError, match='current directory'):
+    with pytest.raises(UserError, match='current directory'):
       convert.check_output(output, overwrite=True)
 
 
@@ -516,14 +517,14 @@ def test_nonfinite_weights_are_refused_unless_allowed(resnet18_weights, tmp_path
   state_dict['layer2.0.conv1.weight'] = state_dict['layer2.0.conv1.weight'].clone()
   state_dict['layer2.0.conv1.weight'][0, 0, 0, :2] = torch.tensor([float('nan'), float('inf')])
   state_dict['bn1.running_var'] = torch.full_like(state_dict['bn1.running_var'], float('-inf'))
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(UserError) as info:
     convert.torch_to_flax(state_dict, 'resnet18')
   message = str(info.value)
   assert message.startswith('2 tensor(s) hold NaN or infinite values: bn1.running_var (0 NaN,')
   assert 'layer2.0.conv1.weight (1 NaN, 1 inf of 73728)' in message
   assert '--allow-nonfinite' in message
   variables = convert.torch_to_flax(state_dict, 'resnet18', allow_nonfinite=True)
-  with pytest.raises(ValueError, match='layer2.0.conv1.weight'):
+  with pytest.raises(UserError, match='layer2.0.conv1.weight'):
     convert.flax_to_torch(variables, 'resnet18')
   assert np.isnan(convert.flax_to_torch(variables, 'resnet18', allow_nonfinite=True)[
       'layer2.0.conv1.weight']).any()
@@ -543,7 +544,7 @@ def test_nonfinite_weights_are_refused_unless_allowed(resnet18_weights, tmp_path
 def test_weights_that_are_not_floats_are_refused(resnet18_weights, key, dtype):
   state_dict = dict(resnet18_weights[0])
   state_dict[key] = state_dict[key].to(dtype)
-  with pytest.raises(ValueError, match=rf'not floating point: {re.escape(key)} \({dtype}\)'):
+  with pytest.raises(UserError, match=rf'not floating point: {re.escape(key)} \({dtype}\)'):
     convert.torch_to_flax(state_dict, 'resnet18')
   # The BatchNorm counters are integers and are dropped, as before.
   assert state_dict['bn1.num_batches_tracked'].dtype == torch.int64

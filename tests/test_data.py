@@ -12,6 +12,7 @@ from PIL import Image
 
 from resnet_jax.data import create_pipeline, normalization, preprocessing
 from resnet_jax.data.sources import FolderSource, TfdsSource
+from resnet_jax.errors import UserError
 
 
 @pytest.fixture(scope='module')
@@ -163,7 +164,7 @@ def test_small_streamed_epochs_are_one_dataset_and_resume_exactly(tmp_path, monk
 def test_missing_dataset_says_what_to_do(tmp_path):
   with pytest.raises(RuntimeError, match='(?s)manual download.*--config.data_dir'):
     TfdsSource('imagenet2012', str(tmp_path))
-  with pytest.raises(ValueError, match='Unknown dataset'):
+  with pytest.raises(UserError, match='Unknown dataset'):
     TfdsSource('no_such_dataset_xyz', str(tmp_path))
 
 

@@ -86,14 +86,14 @@ def test_load_model_matches_the_layout_of_the_model(tmp_path):
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(ValueError, match='neither variables/ nor checkpoints/'):
+  with pytest.raises(UserError, match='neither variables/ nor checkpoints/'):
     resnet_jax.load_variables(tmp_path)
-  with pytest.raises(ValueError, match='does not exist'):
+  with pytest.raises(UserError, match='does not exist'):
     resnet_jax.load_variables(tmp_path / 'missing')
-  with pytest.raises(ValueError, match='has no model.json'):
+  with pytest.raises(UserError, match='has no model.json'):
     resnet_jax.load_model(tmp_path)
   (tmp_path / 'checkpoints').mkdir()
-  with pytest.raises(ValueError, match='holds no saved step'):
+  with pytest.raises(UserError, match='holds no saved step'):
     resnet_jax.load_variables(tmp_path)
 
 

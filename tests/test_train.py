@@ -171,7 +171,7 @@ def test_merge_pretrained_reinitializes_a_head_of_another_size():
   np.testing.assert_array_equal(merged['params']['conv1']['kernel'],
                                 pretrained.params['conv1']['kernel'])
   assert merged['params']['fc']['kernel'].shape == (16, 5)
-  with pytest.raises(ValueError, match='does not fit'):
+  with pytest.raises(UserError, match='does not fit'):
     del loaded['params']['layer1']
     merge_pretrained({'params': fresh.params, 'batch_stats': fresh.batch_stats}, loaded, False)
 

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     # disable=None: a progress bar on a terminal, silence in logs and pipes.
     with tqdm(total=4, disable=None, file=sys.stderr) as progress:
       difference = _convert(args, to_flax, progress)
-  except (ValueError, OSError) as e:
+  except (UserError, OSError) as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if difference is not None:
     ok = difference <= args.tolerance

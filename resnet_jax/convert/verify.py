@@ -27,7 +27,7 @@ def torch_reference_model(arch: str, num_classes: int = 1000, in_channels: int =
     import timm
     return timm.create_model(arch, pretrained=False, num_classes=num_classes,
                              in_chans=in_channels)
-  raise ValueError(f'{arch!r} has no PyTorch reference; choose one of '
+  raise UserError(f'{arch!r} has no PyTorch reference; choose one of '
                    f'{", ".join(PYTORCH_REFERENCE)}.')
 
 
@@ -51,7 +51,7 @@ def max_logit_difference(state_dict: Mapping[str, Any], variables: Mapping[str, 
   result = reference.load_state_dict(tensors, strict=False)
   missing = [k for k in result.missing_keys if not k.endswith(NUM_BATCHES_TRACKED)]
   if missing or result.unexpected_keys:
-    raise ValueError(f'The {arch} reference model does not take these weights: missing '
+    raise UserError(f'The {arch} reference model does not take these weights: missing '
                      f'{missing}, unexpected {result.unexpected_keys}.')
   images = np.random.default_rng(seed).standard_normal(
       (batch_size, in_channels, image_size, image_size)).astype(np.float32)

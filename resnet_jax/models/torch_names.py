@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.zoo import MODELS, PYTORCH_REFERENCE, create_model
 
@@ -164,4 +165,4 @@ def check_layout(shapes: Mapping[str, Tuple[int, ...]], arch: str,
         shapes, torch_layout(suggestion, num_classes_of(shapes), **overrides)))
     lines.append(f'  These weights {"fit" if fits else "are closest to"} {suggestion!r}; '
                  f'try --arch {suggestion}.')
-  raise ValueError('\n'.join(lines))
+  raise UserError('\n'.join(lines))

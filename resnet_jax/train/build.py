@@ -44,8 +44,8 @@ def create_model_checked(spec: dict, image_size: int) -> ResNet:
   """The model of `spec`, or a UserError naming the valid choices."""
   try:
     model = run_dir.model_from_config(spec)
-  except (ValueError, TypeError) as e:
-    raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
+  except UserError as e:
+    raise UserError(f'config.model={spec["name"]!r}: {e}') from None
   if image_size < model.total_stride:
     raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
                     f'which downsamples by {model.total_stride}: use image_size >= '
@@ -115,7 +115,7 @@ def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainS
     loaded = (pretrained.load_pretrained(config.init_from)[1]
               if pretrained.is_pretrained_name(config.init_from)
               else run_dir.load_variables(config.init_from))
-  except (ValueError, OSError) as e:
+  except (UserError, OSError) as e:
     raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
   merged = run_dir.merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
                                     loaded, spec.get('scan_blocks', False))
