@@ -1,5 +1,6 @@
 """Packaging promises: a light import, and a README whose test command CI runs verbatim."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -20,12 +21,16 @@ def test_import_pulls_in_neither_tensorflow_nor_torch():
 
 def test_importing_the_planner_leaves_the_environment_alone():
   """libtpu's settings are the planner's to make when it compiles, not a side effect of an
-  import (they would reach every JAX process and TF log level of the importer)."""
+  import (they would reach every JAX process and TF log level of the importer); the same
+  for the trainer and evaluate."""
   code = ('import os, jax, tensorflow; before = dict(os.environ); import resnet_jax.plan; '
+          'import resnet_jax.train.loop, resnet_jax.evaluate; '
           'print(sorted(k for k in {**before, **os.environ} '
           'if before.get(k) != os.environ.get(k)))')
+  # Without the variables those modules would set (this test process may have set them).
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'TF_CPP'))}
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
-                       cwd=ROOT)
+                       cwd=ROOT, env=env)
   assert out.stdout.strip() == '[]', out.stdout
 
 

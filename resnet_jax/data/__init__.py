@@ -5,13 +5,14 @@ TensorFlow is imported only here, on the host, and kept off the accelerators.
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ info lines
-
 
 def create_pipeline(config):
   """A pipeline with `num_classes`, `channels`, `steps_per_epoch`, `split_size(split)`,
   `check_files(splits)`, `train_batches(step)` and `eval_batches(split, batch_size)` for
   `config.dataset`, made by `config.input_pipeline` ('tf.data' or 'dali')."""
+  # TensorFlow's C++ info lines, unless the user chose; here, not at import, so importing
+  # this package changes no environment.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if config.input_pipeline == 'dali':
     from resnet_jax.data.dali import DaliPipeline  # pylint: disable=g-import-not-at-top
     return DaliPipeline(config)
