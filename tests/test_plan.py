@@ -197,3 +197,30 @@ def test_max_pool_gradient_keeps_no_padded_copies_on_tpu():
   grad = jax.jit(jax.grad(lambda x: pooling.max_pool_3x3_s2(x).astype(np.float32).sum()))
   temporaries = grad.lower(x).compile().memory_analysis().temp_size_in_bytes
   assert temporaries <= x.size * 2, temporaries  # 0 bytes here; 23 MB with the views
+
+
+@pytest.mark.cli
+def test_installed_wheel_plans_with_its_packaged_config(tmp_path):
+  """`pip install .` ships the configs: a wheel built from a copy of the sources, installed
+  into a folder, plans its own configs/default.py from outside the source tree."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  source, wheels, site = tmp_path / 'source', tmp_path / 'wheels', tmp_path / 'site'
+  shutil.copytree(REPO / 'resnet_jax', source / 'resnet_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(REPO / name, source / name)
+  pip = [sys.executable, '-m', 'pip', '-q']
+  subprocess.run([*pip, 'wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels),
+                  str(source)], check=True, timeout=300)
+  subprocess.run([*pip, 'install', '--no-deps', '--target', str(site),
+                  *map(str, wheels.glob('*.whl'))], check=True, timeout=300)
+  config = site / 'resnet_jax' / 'configs' / 'default.py'
+  env = dict(os.environ, PYTHONPATH=str(site))
+  where = subprocess.run([sys.executable, '-c', 'import resnet_jax; print(resnet_jax.__file__)'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(site)), where.stdout  # the wheel, not the source tree
+  result = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.plan', '--config', str(config), '--topology',
+       'v5e:2x2'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and 'Fits:' in result.stdout, result.stdout + result.stderr
+  assert str(REPO) not in result.stdout + result.stderr
