@@ -1,17 +1,22 @@
-"""Resuming a workdir with execution settings changed (remat, dtype, scan_blocks), and
-refusing one with the architecture changed (resnet_jax.run_dir, train.checkpoints)."""
+"""Execution settings (models.resnet.EXECUTION_FIELDS) change no variable: a workdir resumes
+with them changed (remat, dtype, scan_blocks) and refuses another architecture
+(resnet_jax.run_dir, train.checkpoints)."""
 
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, tiny_digits_config
+from resnet_jax import run_dir
 from resnet_jax.errors import UserError
+from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.scan import is_scanned, unscan_tree
+from resnet_jax.models.torch_names import LAYOUT_NEUTRAL
 from resnet_jax.train.loop import train_and_evaluate
 from test_fault_tolerance import read_state
 
@@ -97,3 +102,28 @@ def test_train_py_resumes_with_remat_and_bfloat16_from_the_command_line(tmp_path
   assert 'at step 2' in out and 'remat: False -> True' in out, out
   assert "dtype: 'float32' -> 'bfloat16'" in out, out
   assert read_state(str(tmp_path))['step'] == 4
+
+
+# A value other than the default for each execution setting.
+CHANGED = {'dtype': 'bfloat16', 'bn_momentum': 0.5, 'bn_unbiased_running_var': False,
+           'bn_group_size': 1, 'bn_axis_name': 'batch', 'zero_init_residual': True,
+           'scan_blocks': True, 'remat': True, 'elementwise_remat': True,
+           'bn_fused_gradient': False, 'drop_path_rate': 0.1}
+
+
+def _variable_shapes(**overrides):
+  model = run_dir.model_from_config({'name': 'resnet18', 'num_classes': 10, **MODEL,
+                                     **overrides})
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 32, 32, 3)), train=False))
+  return jax.tree.map(lambda s: (s.shape, s.dtype),
+                      unscan_tree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)))
+
+
+def test_the_execution_settings_are_the_fields_that_change_no_variable():
+  assert sorted(EXECUTION_FIELDS) == sorted(CHANGED)
+  assert set(EXECUTION_FIELDS) <= set(LAYOUT_NEUTRAL)
+  reference = _variable_shapes()
+  for key, value in CHANGED.items():
+    assert _variable_shapes(**{key: value}) == reference, key
+  assert _variable_shapes(stage_widths=(4, 8, 32)) != reference  # the test can tell
