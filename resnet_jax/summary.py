@@ -113,10 +113,12 @@ def main(argv=None) -> None:
     parser.error(f'unknown model {args.model!r}; valid names: {", ".join(zoo.list_models())}')
   size = args.image_size or (32 if args.model.startswith('cifar') else 224)
   overrides = {} if args.num_classes is None else {'num_classes': args.num_classes}
-  try:
-    rows, total, gflops = summarize(args.model, size, **overrides)
+  try:  # the options and image size are the user's; a ValueError past here is a bug
+    model = zoo.create_model(args.model, **overrides)
+    model.check_input(jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32))
   except ValueError as e:
     parser.error(str(e))
+  rows, total, gflops = summarize(args.model, size, **overrides)
   print(format_table(rows, args.depth))
   print(f'\n{args.model} at {size}x{size}: {total:,} parameters, {gflops:.3f} GFLOPs '
         '(multiply-accumulates per image, torchvision convention)')
