@@ -249,6 +249,8 @@ def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any]
 def _model_fields(spec: Mapping[str, Any]) -> Dict[str, Any]:
   """Every field of the model a spec builds, as JSON values; the spec itself when it
   builds none (an old or damaged model.json)."""
+  if not isinstance(spec, Mapping):
+    return {MODEL_JSON: spec}
   spec = json.loads(json.dumps(dict(spec), default=str))
   try:
     model = model_from_config(spec)
