@@ -151,7 +151,7 @@ def of_recipe(recipe: str, image_size: int, class_names: Optional[str] = None) -
 
 def of_run(config: Mapping[str, Any], num_classes: int) -> InputSpec:
   """A training run's spec: its recipe's eval transform and its train-time recipe."""
-  names = 'imagenet-1k' if (num_classes == 1000 and config['dataset'] == 'imagenet2012') else None
+  names = 'imagenet-1k' if num_classes == 1000 else None  # as predict always assumed
   spec = of_recipe(config['preprocess'], config['image_size'], names)
   train = {k: config[k] for k in TRAIN_RECIPE_KEYS if k in config}
   return dataclasses.replace(spec, train=_plain(train))
@@ -172,11 +172,16 @@ def _plain(value):
 CONVERTED_DEFAULT = of_recipe('imagenet', IMAGENET_CROP, 'imagenet-1k')
 
 
-def of_checkpoint(checkpoint: Path, num_classes: int = 1000) -> InputSpec:
+def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 3) -> InputSpec:
   """A checkpoint directory's spec: its input_spec.json; else a workdir's config.json;
-  else (a converted checkpoint of older versions) torchvision's ImageNet transform."""
+  else (a converted checkpoint of older versions) torchvision's ImageNet transform. A
+  UserError when the model's images are neither grayscale nor RGB, or when a converted
+  checkpoint without a spec holds a model that does not take RGB images."""
   from resnet_jax import run_dir
 
+  if in_channels not in MODES:
+    raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; images '
+                    f'are read as grayscale (1 channel) or RGB (3).')
   saved = run_dir.read_input_spec(checkpoint)
   if saved is not None:
     return InputSpec.from_json(saved, str(Path(checkpoint) / run_dir.INPUT_SPEC_JSON))
@@ -188,5 +193,10 @@ def of_checkpoint(checkpoint: Path, num_classes: int = 1000) -> InputSpec:
                       f'preprocess and image_size.')
     return of_recipe(config['preprocess'], config['image_size'],
                      'imagenet-1k' if num_classes == 1000 else None)
+  if in_channels != 3:
+    raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
+                    f'its images were preprocessed (a training workdir keeps one in its '
+                    f'{run_dir.INPUT_SPEC_JSON}); the default ImageNet transform fits '
+                    f'3-channel models only.')
   return dataclasses.replace(CONVERTED_DEFAULT,
                              class_names='imagenet-1k' if num_classes == 1000 else None)

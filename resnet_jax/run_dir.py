@@ -51,8 +51,6 @@ STATE_ITEM, DATA_ITEM = 'state', 'data'
 # How often a reader lists the steps again when the ones it listed vanish under it (a
 # running train.py rotates old steps away).
 READ_ATTEMPTS = 8
-# Settings in which a converted checkpoint (which has no config.json) was evaluated.
-IMAGENET_EVAL = {'preprocess': 'imagenet', 'image_size': 224}
 
 
 def checkpoint_dir(workdir: PathLike) -> str:
@@ -177,14 +175,6 @@ def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
   write_model_config(workdir, spec)
   write_input_spec(workdir, input_spec.of_run(config, spec['num_classes']).to_json())
   _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
-
-
-def eval_settings(path: PathLike) -> Dict[str, Any]:
-  """{'preprocess', 'image_size'} a checkpoint's images are evaluated with: a training
-  workdir's own (its config.json), else ImageNet's at 224 (converted torchvision/timm
-  weights)."""
-  saved = read_run_config(path) or {}
-  return {key: saved.get(key, default) for key, default in IMAGENET_EVAL.items()}
 
 
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
