@@ -29,9 +29,8 @@ CLASS_NAME_FILES = {'imagenet-1k': Path(__file__).with_name('imagenet_classes.tx
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic')
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # torchvision's ImageNet evaluation
 # The config keys that make a workdir's train-time recipe (recorded under 'train').
-TRAIN_RECIPE_KEYS = ('dataset', 'train_split', 'preprocess', 'image_size', 'mixup_alpha',
-                     'cutmix_alpha', 'label_smoothing', 'randaugment', 'auto_augment',
-                     'random_erasing', 'repeated_augmentation', 'train_image_size')
+TRAIN_RECIPE_KEYS = ('dataset', 'train_split', 'preprocess', 'image_size', 'label_smoothing',
+                     'mixup_alpha', 'cutmix_alpha', 'loss', 'bce_target_thresh')
 
 
 def imagenet_class_names() -> List[str]:

@@ -521,7 +521,9 @@ def _library_transform(name):
 
 def _library_model(name):
   """The library's model of `name` with random weights: BN statistics randomized and the
-  classifier scaled, so the probabilities are peaked and their order is sharp."""
+  classifier scaled to logits of standard deviation 3 on a photograph, so the top
+  probabilities stand apart (neither all alike nor one near 1 and the rest near 0)."""
+  from PIL import Image
   if name.startswith('timm/'):
     import timm
     model = timm.create_model(name[len('timm/'):], pretrained=False)
@@ -529,10 +531,13 @@ def _library_model(name):
     import torchvision
     model = torchvision.models.get_model(pretrained.PRETRAINED[name][0])
   torch.manual_seed(0)
-  with torch.no_grad():
-    model.fc.weight.mul_(30.0)
   _random_state_dict(model)  # randomizes the statistics in place
-  return model.eval()
+  model.eval()
+  with Image.open(PHOTOS[0]) as image, torch.no_grad():
+    scale = 3.0 / model(_library_transform(name)(image.convert('RGB'))[None]).std()
+    model.fc.weight.mul_(scale)
+    model.fc.bias.mul_(scale)
+  return model
 
 
 def _put(dirs, name, state_dict):
