@@ -9,10 +9,13 @@ Two kinds of directory hold a model, both with model.json = {"name": <zoo name>,
     'batch_stats', possibly in the `scan_blocks` layout, and the item 'data'), and beside
     them metrics.jsonl, TensorBoard files and curves.png.
 
-This module is the only one that reads or writes model.json and config.json and the only
-reader of variables (`load_variables`, `restore_variables`): it never creates, moves or
-deletes a checkpoint, so it is safe on a workdir that train.py is writing. The trainer's
-own saving and restoring of the whole train state is `resnet_jax.train.checkpoints`.
+Both may hold input_spec.json beside model.json: how images become the model's inputs
+(`resnet_jax.input_spec`; the conversion of pretrained weights and train.py write it).
+
+This module is the only one that reads or writes model.json, input_spec.json and
+config.json and the only reader of variables (`load_variables`, `restore_variables`): it
+never creates, moves or deletes a checkpoint, so it is safe on a workdir that train.py is
+writing. The trainer's own saving and restoring of the whole train state is `resnet_jax.train.checkpoints`.
 """
 
 from __future__ import annotations
