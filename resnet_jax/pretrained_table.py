@@ -23,10 +23,11 @@ import sys
 from typing import Any, Dict, List
 
 from resnet_jax import pretrained
+from resnet_jax.models.zoo import PYTORCH_REFERENCE
 
-TORCHVISION_ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
-                     'wide_resnet50_2', 'wide_resnet101_2', 'resnext50_32x4d',
-                     'resnext101_32x8d', 'resnext101_64x4d')
+# The zoo's models that mirror torchvision's: every ResNet-family model it has weights for.
+TORCHVISION_ARCHS = tuple(arch for arch, library in PYTORCH_REFERENCE.items()
+                          if library == 'torchvision')
 TIMM_MODULE = 'resnet'
 TV_TAGS = {'IMAGENET1K_V1': 'tv_in1k', 'IMAGENET1K_V2': 'tv2_in1k'}
 
