@@ -222,7 +222,7 @@ def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str =
   model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))
   if spec is None:
     spec = input_spec.of_checkpoint(checkpoint, model.num_classes, model.in_channels)
-  spec.transform(model.in_channels)  # checks that its mean and std fit the model
+  spec.check_channels(model.in_channels)
   contract_ = contract(model, model_config, spec, batch, dtype, platforms)
   serve = serving_function(model, variables, spec.mean, spec.std)
   writer = write_saved_model if fmt == 'saved_model' else write_jax_export

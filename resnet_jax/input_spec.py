@@ -96,11 +96,15 @@ class InputSpec:
         return name
     return None
 
-  def transform(self, channels: int) -> Callable:
-    """A function PIL image -> normalized float32 (crop_size, crop_size, channels)."""
+  def check_channels(self, channels: int) -> None:
+    """A UserError unless the mean and std fit images of `channels` channels."""
     if len(self.mean) not in (1, channels):
       raise UserError(f'The checkpoint normalizes {len(self.mean)}-channel images, but its '
                       f'model takes {channels}.')
+
+  def transform(self, channels: int) -> Callable:
+    """A function PIL image -> normalized float32 (crop_size, crop_size, channels)."""
+    self.check_channels(channels)
     return functools.partial(apply, self, MODES[channels])
 
 

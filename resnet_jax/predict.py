@@ -32,7 +32,6 @@ from resnet_jax.errors import UserError
 from resnet_jax.input_spec import imagenet_class_names  # noqa: F401 (public here too)
 
 
-
 def imagenet_eval_transform(image) -> np.ndarray:
   """torchvision's ImageNet evaluation transform of a PIL image (resize 256 bilinear,
   crop 224, normalize): what a checkpoint without an input spec gets."""
