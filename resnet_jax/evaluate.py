@@ -5,7 +5,11 @@
         --split validation --preprocess imagenet --image_size 224
 
 A training workdir brings its own dataset settings (config.json) and model (model.json);
-a converted checkpoint needs the dataset flags.
+a converted checkpoint needs the dataset flags, and its input spec (input_spec.json, the
+weights' own preprocessing for pretrained names) gives the default --image_size. The
+pipeline applies its recipe's eval transform (--preprocess); where the checkpoint's spec
+asks for another (timm's crop_pct or bicubic resize, other mean and std), a warning says
+what differs, since the accuracy then differs from the published one.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import run_dir
+from resnet_jax import input_spec, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
@@ -47,6 +51,32 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
   return config
 
 
+def _checkpoint_spec(checkpoint: str) -> input_spec.InputSpec:
+  model_config = run_dir.read_model_config(checkpoint)
+  return input_spec.of_checkpoint(checkpoint, model_config.get('num_classes', 1000),
+                                  model_config.get('in_channels', 3))
+
+
+def _checked_against_spec(checkpoint: str, config: ml_collections.ConfigDict) -> None:
+  """Warns when the pipeline's eval transform is not the checkpoint's own input spec."""
+  spec = _checkpoint_spec(checkpoint)
+  applied = input_spec.of_recipe(config.preprocess, config.image_size)
+  fields = ('crop_size', 'resize_size', 'interpolation', 'mean', 'std')
+  differ = [f'{f} {getattr(applied, f)} (its own: {getattr(spec, f)})' for f in fields
+            if getattr(applied, f) != getattr(spec, f)]
+  if differ:
+    logging.warning('The %s pipeline evaluates %s with %s: not the preprocessing its '
+                    'weights were made for (%s), so the accuracy is not the published one.',
+                    config.preprocess, checkpoint, '; '.join(differ), run_dir.INPUT_SPEC_JSON)
+
+
+def _spec_image_size(checkpoint: Optional[str], overrides: dict) -> dict:
+  """The overrides, with --image_size defaulting to a converted checkpoint's spec."""
+  if checkpoint is None or overrides.get('image_size') is not None:
+    return overrides
+  return {**overrides, 'image_size': _checkpoint_spec(checkpoint).crop_size}
+
+
 def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
              step: Optional[int] = None, split: Optional[str] = None,
              batch_size: Optional[int] = None, **dataset_overrides) -> dict:
@@ -56,7 +86,9 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   if (workdir is None) == (checkpoint is None):
     raise UserError('Pass exactly one of --workdir (a training run) or --checkpoint '
                      '(a converted checkpoint directory).')
-  config = _dataset_config(workdir, dataset_overrides)
+  config = _dataset_config(workdir, _spec_image_size(checkpoint, dataset_overrides))
+  if checkpoint:
+    _checked_against_spec(checkpoint, config)
   mesh = create_mesh()
   replicated = NamedSharding(mesh, P())
   pipeline = create_pipeline(config)

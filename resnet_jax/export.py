@@ -21,9 +21,10 @@ artifact whose contract names its sha256, or a SavedModel directory holding only
 TensorFlow writes and our contract): never the current directory or one holding the
 checkpoint. The new output is written beside it and swapped in (resnet_jax.outputs).
 --platforms takes names among cpu, cuda, rocm and tpu.
-The image size and normalization come from a training workdir's config.json
-('image_size', and 'preprocess' through RECIPE_STATISTICS); a converted checkpoint
-(torchvision/timm weights) takes ImageNet statistics at 224 pixels.
+The image size, the normalization and the resize and crop a server must do come from the
+checkpoint's input spec (`resnet_jax.input_spec`): a pretrained name's own (its weights'
+metadata), a training workdir's run, else ImageNet's at 224 (resize 256); the contract
+states them under 'preprocessing' and 'normalization'.
 """
 
 import argparse
@@ -61,30 +62,30 @@ def checked_platforms(platforms: Sequence[str]) -> Tuple[str, ...]:
   return platforms
 
 
-def serving_settings(checkpoint: Path) -> Dict[str, Any]:
-  """{'normalization', 'image_size'} of a checkpoint directory: a training workdir's
-  config.json, else ImageNet's at 224 (converted torchvision/timm weights)."""
-  from resnet_jax.data.normalization import RECIPE_STATISTICS, checked_recipe
-  from resnet_jax.run_dir import eval_settings
+def _preprocessing(spec) -> Dict[str, Any]:
+  """What a server does to an image before the function: the spec's resize and crop."""
+  size = spec.crop_size
+  if spec.resize_size is None:
+    steps = f'resize the image to {size}x{size} ({spec.interpolation}, antialiased)'
+  else:
+    steps = (f'resize the shorter side to {spec.resize_size} ({spec.interpolation}, '
+             f'antialiased; the longer side truncated), center-crop {size}x{size}')
+  fields = {k: v for k, v in spec.to_json().items() if k not in ('mean', 'std')}
+  return {**fields, 'steps': steps + ', as uint8 pixels'}
 
-  settings = eval_settings(checkpoint)
-  return {'normalization': RECIPE_STATISTICS[checked_recipe(settings['preprocess'])],
-          'image_size': int(settings['image_size'])}
 
-
-def contract(model, model_config: Dict[str, Any], settings: Dict[str, Any],
-             batch: Optional[int], dtype: str, platforms: Sequence[str]) -> Dict[str, Any]:
+def contract(model, model_config: Dict[str, Any], spec, batch: Optional[int], dtype: str,
+             platforms: Sequence[str]) -> Dict[str, Any]:
   """The artifact's input contract: what to feed it and what it returns."""
-  from resnet_jax.data.normalization import STATISTICS
-
-  size, name = settings['image_size'], settings['normalization']
-  mean, std = STATISTICS[name]
+  size = spec.crop_size
   return {
       'format': CONTRACT_FORMAT,
       'model': model_config,
       'input': {'name': 'pixels', 'dtype': 'uint8', 'layout': 'NHWC', 'range': [0, 255],
                 'shape': [batch, size, size, model.in_channels]},
-      'normalization': {'name': name, 'mean': list(mean), 'std': list(std),
+      'preprocessing': _preprocessing(spec),
+      'normalization': {'name': spec.statistics_name(), 'mean': list(spec.mean),
+                        'std': list(spec.std),
                         'formula': '(pixels / 255 - mean) / std, done inside the function'},
       'output': {'name': 'logits', 'dtype': 'float32', 'shape': [batch, model.num_classes]},
       'num_classes': model.num_classes,
@@ -93,14 +94,15 @@ def contract(model, model_config: Dict[str, Any], settings: Dict[str, Any],
   }
 
 
-def serving_function(model, variables, normalization: str) -> Callable:
-  """uint8 NHWC pixels -> float32 logits, with `variables` closed over (baked in)."""
+def serving_function(model, variables, mean: Sequence[float], std: Sequence[float]) -> Callable:
+  """uint8 NHWC pixels -> float32 logits, normalized with `mean` and `std`, with `variables`
+  closed over (baked in)."""
   import jax
   import jax.numpy as jnp
-  from resnet_jax.data.normalization import normalize
+  from resnet_jax.data.normalization import normalize_with
 
   def one_image(pixels):
-    logits = model.apply(variables, normalize(pixels[None], normalization), train=False)
+    logits = model.apply(variables, normalize_with(pixels[None], mean, std), train=False)
     return logits[0].astype(jnp.float32)
   # The model picks its convolution formulation by batch size (models/convolution.py),
   # which a symbolic batch cannot answer; vmap gives it a concrete one and batches the
@@ -206,19 +208,23 @@ def write_saved_model(serve, contract_: Dict[str, Any], output: Path,
 
 def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str = 'float32',
            batch: Optional[int] = None, platforms: Sequence[str] = ('cpu', 'cuda'),
-           overwrite: bool = False) -> Dict[str, Any]:
+           overwrite: bool = False, spec=None) -> Dict[str, Any]:
   """Writes the serving artifact of `checkpoint` to `output`; returns its contract. An
-  existing output is replaced only with `overwrite` and only if export wrote it."""
+  existing output is replaced only with `overwrite` and only if export wrote it. `spec`
+  (an InputSpec) defaults to the checkpoint's own (`input_spec.of_checkpoint`)."""
   import jax.numpy as jnp
+  from resnet_jax import input_spec
   from resnet_jax.run_dir import load_model, read_model_config
 
   platforms = checked_platforms(platforms)
   outputs.check_output(Path(output), KINDS[fmt], [checkpoint], overwrite)
   model_config = read_model_config(checkpoint)
   model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))
-  settings = serving_settings(checkpoint)
-  contract_ = contract(model, model_config, settings, batch, dtype, platforms)
-  serve = serving_function(model, variables, settings['normalization'])
+  if spec is None:
+    spec = input_spec.of_checkpoint(checkpoint, model.num_classes, model.in_channels)
+  spec.check_channels(model.in_channels)
+  contract_ = contract(model, model_config, spec, batch, dtype, platforms)
+  serve = serving_function(model, variables, spec.mean, spec.std)
   writer = write_saved_model if fmt == 'saved_model' else write_jax_export
   writer(serve, contract_, output, overwrite)
   return contract_
@@ -297,17 +303,20 @@ def main(argv=None) -> int:
   batch = _batch(parser, args.batch)
   try:
     _check_args(args)
-    checkpoint = args.checkpoint
+    checkpoint, spec = args.checkpoint, None
     if args.pretrained:
-      from resnet_jax.pretrained import ensure_cached
-      checkpoint = ensure_cached(args.pretrained)
+      from resnet_jax.pretrained import ensure_cached, input_spec
+      checkpoint, spec = ensure_cached(args.pretrained), input_spec(args.pretrained)
     result = export(checkpoint, args.output, args.format, args.dtype, batch, args.platforms,
-                    args.overwrite)
+                    args.overwrite, spec)
   except (UserError, OSError) as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   shape = ['batch' if d is None else d for d in result['input']['shape']]
-  print(f'wrote {args.output}: uint8 {shape} ({result["normalization"]["name"]} '
+  normalization = result['normalization']
+  print(f'wrote {args.output}: uint8 {shape} '
+        f'({normalization["name"] or (normalization["mean"], normalization["std"])} '
         f'normalization) -> float32 logits [{shape[0]}, {result["num_classes"]}]')
+  print(f'  feed it: {result["preprocessing"]["steps"]}')
   return 0
 
 

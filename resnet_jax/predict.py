@@ -1,15 +1,16 @@
 """Classify images with a checkpoint: the top-k classes and their probabilities.
 
   python -m resnet_jax.predict --checkpoint ckpt/ cat.jpg dog.png
+  python -m resnet_jax.predict --pretrained resnet50.tv2_in1k cat.jpg
 
-Preprocessing follows the checkpoint. A training workdir brings its run's own (config.json:
-`preprocess` and `image_size`): the 'imagenet' recipe resizes the shorter side to
-image_size * 256/224 and center-crops image_size, the others ('digits', 'cifar', 'none')
-resize to image_size x image_size, as the eval pipeline does. A converted checkpoint gets
-torchvision's ImageNet evaluation transform: resize the shorter side to 256 (bilinear)
-and center-crop 224 with PIL. Images are converted to the model's channels (grayscale for
-1, RGB for 3), scaled to [0, 1] and normalized with the recipe's mean and std, as the train
-and eval steps do (`normalization.normalize`).
+Preprocessing follows the checkpoint's input spec (`resnet_jax.input_spec`): pretrained
+weights bring their own (ResNet-50 V2: resize the shorter side to 232, bilinear and
+antialiased, center-crop 224, as `ResNet50_Weights.IMAGENET1K_V2.transforms()`; timm's
+weights their crop_pct, interpolation, size, mean and std); a training workdir its run's
+eval transform; a converted checkpoint without a spec torchvision's ImageNet one (resize
+256, crop 224). Images are converted to the model's channels (grayscale for 1, RGB for 3)
+with PIL, resized, cropped, scaled to [0, 1] and normalized with the spec's mean and std.
+Class names are the spec's (ImageNet-1k's for ImageNet weights), else class indices.
 
 Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are skipped
 with a message, as undecodable ones are; the others are still classified.
@@ -21,106 +22,20 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from resnet_jax import input_spec
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
-from resnet_jax.data.normalization import (RECIPE_STATISTICS, STATISTICS, checked_recipe,
-                                           normalize)
 from resnet_jax.errors import UserError
-
-RESIZE_SIZE = 256
-CROP_SIZE = 224
-CLASS_NAMES_FILE = Path(__file__).with_name('imagenet_classes.txt')
-MODES = {1: 'L', 3: 'RGB'}  # PIL mode of the images a model of N input channels takes
+from resnet_jax.input_spec import imagenet_class_names  # noqa: F401 (public here too)
 
 
-def imagenet_class_names() -> List[str]:
-  """The 1000 ImageNet-1k class names in index order (torchvision's categories)."""
-  return CLASS_NAMES_FILE.read_text().splitlines()
-
-
-def _pixels(image) -> np.ndarray:
-  pixels = np.asarray(image)
-  return pixels[..., None] if pixels.ndim == 2 else pixels
-
-
-def imagenet_eval_transform(image, resize_size: int = RESIZE_SIZE,
-                            crop_size: int = CROP_SIZE, mode: str = 'RGB') -> np.ndarray:
-  """A PIL image -> normalized float32 (crop_size, crop_size, channels of `mode`), as
-  torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize compute it (but HWC)."""
-  from PIL import Image
-
-  image = image.convert(mode)  # grayscale, palette, RGBA (alpha dropped), CMYK
-  width, height = image.size
-  # torchvision keeps the short side exact and truncates the long one.
-  if width <= height:
-    size = (resize_size, int(resize_size * height / width))
-  else:
-    size = (int(resize_size * width / height), resize_size)
-  image = image.resize(size, Image.BILINEAR)
-  top = int(round((size[1] - crop_size) / 2.0))
-  left = int(round((size[0] - crop_size) / 2.0))
-  image = image.crop((left, top, left + crop_size, top + crop_size))
-  return np.asarray(normalize(_pixels(image), 'imagenet'))
-
-
-def resize_transform(image, image_size: int, statistics: str, mode: str) -> np.ndarray:
-  """A PIL image -> normalized float32 (image_size, image_size, channels of `mode`): the
-  eval pipeline's transform for the 'digits', 'cifar' and 'none' recipes, an antialiased
-  bilinear resize to the square (PIL's, where the pipeline uses TensorFlow's)."""
-  from PIL import Image
-
-  image = image.convert(mode)
-  if image.size != (image_size, image_size):
-    image = image.resize((image_size, image_size), Image.BILINEAR)
-  return np.asarray(normalize(_pixels(image), statistics))
-
-
-class Preprocessing(NamedTuple):
-  """How images become model inputs: the run's recipe (config.preprocess), the size and
-  the channels."""
-  recipe: str
-  image_size: int
-  channels: int
-
-  def transform(self) -> Callable:
-    """A function PIL image -> normalized float32 pixels."""
-    mode = MODES[self.channels]
-    if self.recipe == 'imagenet':
-      resize = round(self.image_size * RESIZE_SIZE / CROP_SIZE)
-      return functools.partial(imagenet_eval_transform, resize_size=resize,
-                               crop_size=self.image_size, mode=mode)
-    return functools.partial(resize_transform, image_size=self.image_size,
-                             statistics=RECIPE_STATISTICS[self.recipe], mode=mode)
-
-
-def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessing:
-  """A training workdir's own preprocessing (its config.json, read as evaluate reads it);
-  torchvision's ImageNet transform for a converted checkpoint of a 3-channel model; a
-  UserError when neither applies."""
-  from resnet_jax import run_dir
-
-  if in_channels not in MODES:
-    raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; predict '
-                    f'reads images as grayscale (1 channel) or RGB (3).')
-  if (checkpoint / run_dir.CHECKPOINTS_DIR).is_dir():
-    config = run_dir.read_run_config(checkpoint)
-    if config is None:
-      raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
-                      f'{run_dir.CONFIG_JSON}); predict takes its preprocess and image_size '
-                      f'from there.')
-    recipe = checked_recipe(config['preprocess'])
-    if len(STATISTICS[RECIPE_STATISTICS[recipe]][0]) not in (1, in_channels):
-      raise UserError(f'The run in {checkpoint} normalizes with preprocess={recipe!r}, made '
-                      f'for 3-channel images, but its model takes {in_channels}.')
-    return Preprocessing(recipe, config['image_size'], in_channels)
-  if in_channels != 3:
-    raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
-                    f'its images were preprocessed (a training workdir keeps one in its '
-                    f'config.json); predict\'s ImageNet transform fits 3-channel models only.')
-  return Preprocessing('imagenet', CROP_SIZE, 3)
+def imagenet_eval_transform(image) -> np.ndarray:
+  """torchvision's ImageNet evaluation transform of a PIL image (resize 256 bilinear,
+  crop 224, normalize): what a checkpoint without an input spec gets."""
+  return input_spec.CONVERTED_DEFAULT.transform(3)(image)
 
 
 def _too_many_pixels(error: Exception) -> str:
@@ -194,16 +109,17 @@ def main(argv=None) -> int:
   quiet_libtpu_without_tpu()
 
   import jax
-  from resnet_jax.pretrained import load_pretrained
+  from resnet_jax.pretrained import input_spec as pretrained_input_spec, load_pretrained
   from resnet_jax.run_dir import load_model
 
   try:
     if args.pretrained:
       model, variables = load_pretrained(args.pretrained)
-      transform = Preprocessing('imagenet', CROP_SIZE, 3).transform()
+      spec = pretrained_input_spec(args.pretrained)
     else:
       model, variables = load_model(args.checkpoint)
-      transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
+      spec = input_spec.of_checkpoint(args.checkpoint, model.num_classes, model.in_channels)
+    transform = spec.transform(model.in_channels)
   except UserError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   if not model.num_classes:
@@ -215,7 +131,9 @@ def main(argv=None) -> int:
                    f'could be read.\n')
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, np.stack(batch))
   probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
-  class_names = imagenet_class_names() if model.num_classes == 1000 else None
+  class_names = spec.names()
+  if class_names is not None and len(class_names) != model.num_classes:
+    class_names = None  # a head of another size (a fine-tuned model, say): indices
   for path, row in zip(names, probabilities):
     print(path)
     print('\n'.join(format_predictions(row, class_names, args.top_k)))

@@ -3,8 +3,13 @@
   model, variables = resnet_jax.load_pretrained('resnet50.tv2_in1k')
 
 The names are `<arch>.tv_in1k` / `<arch>.tv2_in1k` for torchvision's IMAGENET1K_V1 / V2
-weights, and timm's Hugging Face hub ids (`timm/resnet50d.ra2_in1k`). `PRETRAINED` is
-the table; `list_pretrained()` its names.
+weights (every ResNet-family one), and timm's Hugging Face hub ids for every weight of its
+resnet.py (`timm/resnet50d.ra2_in1k`). The table (`table()`, the data file
+pretrained_weights.json that `python -m resnet_jax.pretrained_table` generates from the
+libraries' metadata) gives each name's architecture, source, published top-1 and its own
+preprocessing (`input_spec(name)`: torchvision's `weights.transforms()`, timm's
+pretrained_cfg), which the conversion writes beside the weights (input_spec.json) for
+predict, export and evaluate. `list_pretrained()` lists and filters the names.
 
 Files come through the libraries' own caches and checks: torchvision's weights through
 torch.hub's download (under $TORCH_HOME/hub/checkpoints, sha256 prefix checked on
@@ -25,9 +30,12 @@ temporaries of a killed conversion.
 """
 
 import contextlib
+import fnmatch
+import functools
 import glob
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import stat
@@ -45,49 +53,36 @@ HF_FILENAME = 'model.safetensors'
 LOCK_TIMEOUT_S = 3600.0  # a download and conversion of the largest weights, with room
 LOCK_POLL_S = 0.2
 
+TABLE_FILE = Path(__file__).with_name('pretrained_weights.json')
+
+
+@functools.lru_cache(maxsize=None)
+def table() -> Dict[str, Dict[str, Any]]:
+  """name -> {'arch', 'source', 'url', 'sha256_prefix', 'top1', 'num_classes', 'input'
+  (the weights' own InputSpec fields), maybe 'test_input'}: the data file that
+  `python -m resnet_jax.pretrained_table` generates from torchvision's and timm's metadata."""
+  return json.loads(TABLE_FILE.read_text())
+
+
 # name -> (zoo arch, where the weights come from: a torchvision Weights enum member, or a
-# Hugging Face hub repo holding HF_FILENAME). All take ImageNet-normalized 224px images.
-# Left out: timm's resnet50d.ra4_e3600_r224_in1k (it normalizes with mean = std = 0.5,
-# which predict and export cannot be told yet); timm has no hub weights for resnet200.
-PRETRAINED = {
-    'resnet18.tv_in1k': ('resnet18', 'torchvision:ResNet18_Weights.IMAGENET1K_V1'),
-    'resnet34.tv_in1k': ('resnet34', 'torchvision:ResNet34_Weights.IMAGENET1K_V1'),
-    'resnet50.tv_in1k': ('resnet50', 'torchvision:ResNet50_Weights.IMAGENET1K_V1'),
-    'resnet50.tv2_in1k': ('resnet50', 'torchvision:ResNet50_Weights.IMAGENET1K_V2'),
-    'resnet101.tv_in1k': ('resnet101', 'torchvision:ResNet101_Weights.IMAGENET1K_V1'),
-    'resnet101.tv2_in1k': ('resnet101', 'torchvision:ResNet101_Weights.IMAGENET1K_V2'),
-    'resnet152.tv_in1k': ('resnet152', 'torchvision:ResNet152_Weights.IMAGENET1K_V1'),
-    'resnet152.tv2_in1k': ('resnet152', 'torchvision:ResNet152_Weights.IMAGENET1K_V2'),
-    'wide_resnet50_2.tv_in1k': ('wide_resnet50_2',
-                                'torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1'),
-    'wide_resnet50_2.tv2_in1k': ('wide_resnet50_2',
-                                 'torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V2'),
-    'wide_resnet101_2.tv_in1k': ('wide_resnet101_2',
-                                 'torchvision:Wide_ResNet101_2_Weights.IMAGENET1K_V1'),
-    'wide_resnet101_2.tv2_in1k': ('wide_resnet101_2',
-                                  'torchvision:Wide_ResNet101_2_Weights.IMAGENET1K_V2'),
-    'resnext50_32x4d.tv_in1k': ('resnext50_32x4d',
-                                'torchvision:ResNeXt50_32X4D_Weights.IMAGENET1K_V1'),
-    'resnext50_32x4d.tv2_in1k': ('resnext50_32x4d',
-                                 'torchvision:ResNeXt50_32X4D_Weights.IMAGENET1K_V2'),
-    'resnext101_32x8d.tv_in1k': ('resnext101_32x8d',
-                                 'torchvision:ResNeXt101_32X8D_Weights.IMAGENET1K_V1'),
-    'resnext101_32x8d.tv2_in1k': ('resnext101_32x8d',
-                                  'torchvision:ResNeXt101_32X8D_Weights.IMAGENET1K_V2'),
-    # torchvision has one enum member for it, trained with the V2 recipe.
-    'resnext101_64x4d.tv_in1k': ('resnext101_64x4d',
-                                 'torchvision:ResNeXt101_64X4D_Weights.IMAGENET1K_V1'),
-    'timm/resnet50d.ra2_in1k': ('resnet50d', 'hf:timm/resnet50d.ra2_in1k'),
-    'timm/resnet50d.a1_in1k': ('resnet50d', 'hf:timm/resnet50d.a1_in1k'),
-    'timm/resnet50d.a2_in1k': ('resnet50d', 'hf:timm/resnet50d.a2_in1k'),
-    'timm/resnet50d.a3_in1k': ('resnet50d', 'hf:timm/resnet50d.a3_in1k'),
-    'timm/resnet50d.gluon_in1k': ('resnet50d', 'hf:timm/resnet50d.gluon_in1k'),
-}
+# Hugging Face hub repo holding HF_FILENAME).
+PRETRAINED = {name: (row['arch'], row['source']) for name, row in table().items()}
 
 
-def list_pretrained(arch: str = '') -> List[str]:
-  """The pretrained names, all or those of zoo model `arch`."""
-  return [name for name, (a, _) in PRETRAINED.items() if not arch or a == arch]
+def list_pretrained(arch: str = '', pattern: str = '') -> List[str]:
+  """The pretrained names: all, those of zoo model `arch`, and/or those matching the
+  fnmatch `pattern` (e.g. '*in22k*', 'timm/resnet50*')."""
+  return [name for name, (a, _) in PRETRAINED.items()
+          if (not arch or a == arch) and (not pattern or fnmatch.fnmatchcase(name, pattern))]
+
+
+def input_spec(name: str, test_size: bool = False):
+  """The `InputSpec` the weights `name` were evaluated with (timm's larger test-time one
+  with `test_size`, where the weights declare one)."""
+  from resnet_jax.input_spec import InputSpec
+  row = table()[_checked(name)]
+  fields = row.get('test_input', row['input']) if test_size else row['input']
+  return InputSpec.from_json(fields, f'the table entry of {name!r}')
 
 
 def is_pretrained_name(value: Any) -> bool:
@@ -112,9 +107,21 @@ def _checked(name: str) -> str:
     import difflib
     close = difflib.get_close_matches(name, PRETRAINED, n=3)
     hint = f' Did you mean {", ".join(close)}?' if close else ''
-    raise UserError(f'Unknown pretrained weights {name!r}.{hint} Choose one of '
-                    f'resnet_jax.list_pretrained(): {", ".join(PRETRAINED)}.')
+    raise UserError(f'Unknown pretrained weights {name!r}.{hint} Choose one of the '
+                    f'{len(PRETRAINED)} names of resnet_jax.list_pretrained() (filter them '
+                    f'with list_pretrained(arch) or list_pretrained(pattern=...)).')
   return name
+
+
+def _checked_arch(name: str) -> str:
+  """The zoo architecture of `name`, or a UserError when this version's zoo lacks it."""
+  from resnet_jax.models.zoo import PYTORCH_REFERENCE
+  arch = PRETRAINED[_checked(name)][0]
+  if arch not in PYTORCH_REFERENCE:
+    raise UserError(f'The pretrained weights {name!r} are for the architecture {arch!r}, '
+                    f'which this version of resnet_jax does not build yet; choose weights '
+                    f'of another architecture (resnet_jax.list_pretrained()).')
+  return arch
 
 
 def _offline() -> bool:
@@ -152,9 +159,9 @@ def _torchvision_state_dict(name: str, enum_member: str) -> Dict[str, Any]:
   name is damaged: offline it is named in one message; online it is set aside
   (`_set_aside`) and downloaded again."""
   import torch
-  import torchvision
 
-  url = torchvision.models.get_weight(enum_member).url
+  del enum_member  # the table holds its URL, with torch.hub's sha256 prefix in the name
+  url = table()[name]['url']
   cached = Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(url)
   if not cached.is_file():
     _download(name, url, cached)
@@ -360,13 +367,14 @@ def _convert(name: str, directory: Path) -> None:
   no reader ever sees a half-written entry."""
   from resnet_jax import convert
 
-  arch = PRETRAINED[name][0]
+  arch = _checked_arch(name)
   state_dict = _state_dict(name)
   variables = convert.torch_to_flax(state_dict, arch)
   spec = {'name': arch, 'num_classes': int(state_dict['fc.weight'].shape[0])}
   tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(directory), dir=directory.parent))
   try:
-    run_dir.save_converted(variables, spec, tmp / directory.name)
+    run_dir.save_converted(variables, spec, tmp / directory.name,
+                           input_spec(name).to_json())
     os.rename(tmp / directory.name, directory)
   except OSError as e:
     if os.path.lexists(directory):  # published first by a process that could not lock
@@ -400,6 +408,7 @@ def _cached(name: str):
   """(model.json, variables) of `name`'s cache entry, converting it first when it is
   absent, and setting it aside and converting it again when it is damaged."""
   directory = cache_dir(name)
+  _checked_arch(name)
   entry, damaged = _try_read(name, directory)
   if entry is not None:
     return entry
@@ -433,7 +442,8 @@ def ensure_cached(name: str) -> Path:
 
 def load_pretrained(name: str, **overrides: Any) -> Tuple[Any, Dict[str, Any]]:
   """(model, variables) with pretrained weights `name` (see `list_pretrained()`);
-  `overrides` go to `create_model` (e.g. dtype=jnp.bfloat16)."""
+  `overrides` go to `create_model` (e.g. dtype=jnp.bfloat16). The images they take are
+  `input_spec(name)`'s, the weights' own preprocessing."""
   config, variables = _cached(name)
   model = run_dir.model_from_config({**config, **overrides})
   return model, scan_variables(variables) if model.scan_blocks else variables

@@ -9,10 +9,13 @@ Two kinds of directory hold a model, both with model.json = {"name": <zoo name>,
     'batch_stats', possibly in the `scan_blocks` layout, and the item 'data'), and beside
     them metrics.jsonl, TensorBoard files and curves.png.
 
-This module is the only one that reads or writes model.json and config.json and the only
-reader of variables (`load_variables`, `restore_variables`): it never creates, moves or
-deletes a checkpoint, so it is safe on a workdir that train.py is writing. The trainer's
-own saving and restoring of the whole train state is `resnet_jax.train.checkpoints`.
+Both may hold input_spec.json beside model.json: how images become the model's inputs
+(`resnet_jax.input_spec`; the conversion of pretrained weights and train.py write it).
+
+This module is the only one that reads or writes model.json, input_spec.json and
+config.json and the only reader of variables (`load_variables`, `restore_variables`): it
+never creates, moves or deletes a checkpoint, so it is safe on a workdir that train.py is
+writing. The trainer's own saving and restoring of the whole train state is `resnet_jax.train.checkpoints`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
 PathLike = Union[str, Path]
 MODEL_JSON = 'model.json'
+INPUT_SPEC_JSON = 'input_spec.json'  # how images become inputs (resnet_jax.input_spec)
 CONFIG_JSON = 'config.json'
 VARIABLES_DIR = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'
@@ -53,8 +57,6 @@ STATE_ITEM, DATA_ITEM = 'state', 'data'
 # How often a reader lists the steps again when the ones it listed vanish under it (a
 # running train.py rotates old steps away).
 READ_ATTEMPTS = 8
-# Settings in which a converted checkpoint (which has no config.json) was evaluated.
-IMAGENET_EVAL = {'preprocess': 'imagenet', 'image_size': 224}
 
 
 def checkpoint_dir(workdir: PathLike) -> str:
@@ -144,6 +146,27 @@ def write_model_config(directory: PathLike, spec: Dict[str, Any]) -> None:
   _write_atomically(Path(directory, MODEL_JSON), json.dumps(dict(spec), indent=2) + '\n')
 
 
+def read_input_spec(directory: PathLike) -> Optional[Dict[str, Any]]:
+  """DIRECTORY/input_spec.json as a dict, or None when there is none (a checkpoint of an
+  older version); a UserError when it does not parse."""
+  path = Path(directory, INPUT_SPEC_JSON)
+  if not path.is_file():
+    return None
+  try:
+    spec = json.loads(path.read_text())
+  except ValueError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); delete it to use the default '
+                    f'ImageNet transform.') from None
+  if not isinstance(spec, dict):
+    raise UserError(f'{path} must be a JSON object; got {spec!r}.')
+  return spec
+
+
+def write_input_spec(directory: PathLike, spec: Mapping[str, Any]) -> None:
+  """Writes DIRECTORY/input_spec.json (atomically)."""
+  _write_atomically(Path(directory, INPUT_SPEC_JSON), json.dumps(dict(spec), indent=2) + '\n')
+
+
 def read_run_config(workdir: PathLike) -> Optional[Dict[str, Any]]:
   """A training workdir's config.json as a dict, or None when it has none (a converted
   checkpoint) or it does not parse."""
@@ -155,20 +178,15 @@ def read_run_config(workdir: PathLike) -> Optional[Dict[str, Any]]:
 
 
 def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
-  """WORKDIR/model.json and config.json of a training run (process 0 writes them)."""
+  """WORKDIR/model.json, input_spec.json and config.json of a training run (process 0
+  writes them)."""
+  from resnet_jax import input_spec  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   write_model_config(workdir, spec)
+  write_input_spec(workdir, input_spec.of_run(config, spec['num_classes']).to_json())
   _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
-
-
-def eval_settings(path: PathLike) -> Dict[str, Any]:
-  """{'preprocess', 'image_size'} a checkpoint's images are evaluated with: a training
-  workdir's own (its config.json), else ImageNet's at 224 (converted torchvision/timm
-  weights)."""
-  saved = read_run_config(path) or {}
-  return {key: saved.get(key, default) for key, default in IMAGENET_EVAL.items()}
 
 
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
@@ -320,22 +338,26 @@ def _why(error: OSError) -> str:
 # --- converted checkpoints --------------------------------------------------------------
 
 def save_converted(variables: Mapping[str, Any], model_config: Mapping[str, Any],
-                   directory: PathLike) -> None:
-  """A converted checkpoint directory: model.json and variables/ (orbax)."""
+                   directory: PathLike, input_spec: Optional[Mapping[str, Any]] = None) -> None:
+  """A converted checkpoint directory: model.json, variables/ (orbax) and, when given,
+  input_spec.json."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   write_model_config(directory, model_config)
+  if input_spec is not None:
+    write_input_spec(directory, input_spec)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory.absolute() / VARIABLES_DIR, dict(variables))
     checkpointer.wait_until_finished()
 
 
 def is_converted_checkpoint(path: PathLike) -> bool:
-  """Whether `path` is what `save_converted` writes: model.json and variables/, no more."""
+  """Whether `path` is what `save_converted` writes: model.json and variables/, and
+  maybe input_spec.json, no more."""
   path = Path(path)
   try:
-    if {p.name for p in path.iterdir()} != {MODEL_JSON, VARIABLES_DIR}:
+    if {p.name for p in path.iterdir()} - {INPUT_SPEC_JSON} != {MODEL_JSON, VARIABLES_DIR}:
       return False
     read_model_config(path)
   except (OSError, ValueError):

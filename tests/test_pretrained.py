@@ -3,6 +3,7 @@ no network: random weights are written where the libraries look for them."""
 
 import dataclasses
 import fcntl
+import json
 import os
 import pathlib
 import socket
@@ -73,18 +74,20 @@ def _random_state_dict(module: torch.nn.Module) -> dict:
   return state_dict
 
 
-def _put_torchvision_weights(dirs, arch: str, url_name: str) -> dict:
-  state_dict = _random_state_dict(convert.torch_reference_model(arch))
+def _put_torchvision_weights(dirs, arch: str, url_name: str, state_dict=None) -> dict:
+  if state_dict is None:
+    state_dict = _random_state_dict(convert.torch_reference_model(arch))
   path = dirs['torch'] / 'hub' / 'checkpoints' / url_name
   path.parent.mkdir(parents=True, exist_ok=True)
   torch.save(state_dict, path)
   return state_dict
 
 
-def _put_hub_weights(dirs, repo_id: str, arch: str) -> dict:
+def _put_hub_weights(dirs, repo_id: str, arch: str, state_dict=None) -> dict:
   """The layout hf_hub_download reads offline: refs/main -> snapshots/<commit>/<file>."""
   from safetensors.torch import save_file
-  state_dict = _random_state_dict(convert.torch_reference_model(arch))
+  if state_dict is None:
+    state_dict = _random_state_dict(convert.torch_reference_model(arch))
   repo = dirs['hf'] / 'hub' / f'models--{repo_id.replace("/", "--")}'
   (repo / 'refs').mkdir(parents=True, exist_ok=True)
   (repo / 'refs' / 'main').write_text(HUB_COMMIT)
@@ -160,18 +163,16 @@ def test_unknown_name_suggests_close_ones():
     pretrained.load_pretrained('resnet50.tv2_in1')
 
 
-def test_table_covers_the_converter_and_torchvision_enums():
+def test_table_covers_the_torchvision_enums():
   import torchvision
   for name, (arch, source) in pretrained.PRETRAINED.items():
-    assert arch in convert.TORCH_ARCHS, name
     kind, _, ref = source.partition(':')
     if kind == 'torchvision':
       assert torchvision.models.get_weight(ref) in torchvision.models.get_model_weights(arch)
   for arch, library in convert.TORCH_ARCHS.items():
     if library == 'torchvision':
       members = list(torchvision.models.get_model_weights(arch))
-      assert len(pretrained.list_pretrained(arch)) == len(members), arch
-  assert 'resnet50.tv2_in1k' in pretrained.list_pretrained('resnet50')
+      assert len(pretrained.list_pretrained(arch, pattern='[!t]*.tv*')) == len(members), arch
 
 
 def test_predict_cli_takes_a_pretrained_name(dirs, tmp_path, capsys):
@@ -448,3 +449,199 @@ def test_damaged_hub_file_online_is_downloaded_again(fresh, monkeypatch, capsys)
   monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
   _, variables = pretrained.load_pretrained('timm/resnet50d.ra2_in1k')
   _check_logits(state_dict, variables, 'resnet50d')
+
+
+# ------------------------------------------------------------ the table and its filters
+
+
+def test_the_data_file_is_what_the_generator_makes_of_the_installed_libraries():
+  from resnet_jax import pretrained_table
+  generated = {**pretrained_table.torchvision_rows(), **pretrained_table.timm_rows()}
+  assert generated == pretrained.table(), (
+      'regenerate it: python -m resnet_jax.pretrained_table')
+
+
+def test_list_pretrained_counts_every_weight_and_filters():
+  import timm
+  import torchvision
+  import resnet_jax
+  from timm.models._registry import _model_to_module
+  timm_names = [n for n in timm.list_pretrained() if not n.startswith('test_')
+                and _model_to_module.get(n.split('.')[0]) == 'resnet']
+  tv_names = [w for arch, library in convert.TORCH_ARCHS.items() if library == 'torchvision'
+              for w in torchvision.models.get_model_weights(arch)]
+  names = resnet_jax.list_pretrained()
+  assert len(names) == len(timm_names) + len(tv_names) == 166
+  assert {f'timm/{n}' for n in timm_names} <= set(names)
+  resnet50 = resnet_jax.list_pretrained('resnet50')
+  assert {'resnet50.tv_in1k', 'resnet50.tv2_in1k', 'timm/resnet50.a1_in1k'} <= set(resnet50)
+  assert all(pretrained.PRETRAINED[n][0] == 'resnet50' for n in resnet50)
+  in12k = resnet_jax.list_pretrained(pattern='*in12k*')
+  assert in12k == [n for n in names if 'in12k' in n] and len(in12k) == 10
+  assert resnet_jax.list_pretrained('resnetaa50d', pattern='*_ft_in1k') == [
+      'timm/resnetaa50d.sw_in12k_ft_in1k']
+  assert resnet_jax.list_pretrained(pattern='*in22k*') == []  # resnet.py has none
+
+
+def test_a_name_whose_architecture_is_missing_says_so(fresh, monkeypatch):
+  from resnet_jax.models import zoo
+  monkeypatch.delitem(zoo.PYTORCH_REFERENCE, 'seresnet50')
+  with pytest.raises(UserError, match="architecture 'seresnet50', which this version of "
+                                      "resnet_jax does not build yet"):
+    pretrained.load_pretrained('timm/seresnet50.a1_in1k')
+
+
+# ------------------------------------------------ each weight's own preprocessing
+
+
+PHOTOS = sorted((pathlib.Path(__import__('sklearn.datasets').datasets.__file__).parent
+                 / 'images').glob('*.jpg'))  # load_sample_images()'s two JPEG photographs
+SAMPLES = (
+    'resnet18.tv_in1k',  # torchvision V1: resize 256 bilinear, crop 224
+    'resnet50.tv2_in1k',  # torchvision V2: resize 232
+    'timm/resnet18.a1_in1k',  # bicubic, crop_pct 0.95
+    'timm/resnet50d.ra4_e3600_r224_in1k',  # mean = std = 0.5
+    'timm/seresnext26d_32x4d.bt_in1k',  # SE
+    'timm/ecaresnet26t.ra2_in1k',  # ECA, at 256 (resize 292)
+)
+
+
+def _library_transform(name):
+  """The weights' preprocessing as their library builds it."""
+  source = pretrained.PRETRAINED[name][1]
+  if name.startswith('timm/'):
+    import timm.data
+    from timm.models import get_pretrained_cfg
+    config = timm.data.resolve_data_config(
+        pretrained_cfg=get_pretrained_cfg(name[len('timm/'):]).to_dict())
+    return timm.data.create_transform(**config)
+  import torchvision
+  return torchvision.models.get_weight(source.split(':', 1)[1]).transforms()
+
+
+def _library_model(name):
+  """The library's model of `name` with random weights: BN statistics randomized and the
+  classifier scaled to logits of standard deviation 3 on a photograph, so the top
+  probabilities stand apart (neither all alike nor one near 1 and the rest near 0)."""
+  from PIL import Image
+  if name.startswith('timm/'):
+    import timm
+    model = timm.create_model(name[len('timm/'):], pretrained=False)
+  else:
+    import torchvision
+    model = torchvision.models.get_model(pretrained.PRETRAINED[name][0])
+  torch.manual_seed(0)
+  _random_state_dict(model)  # randomizes the statistics in place
+  model.eval()
+  with Image.open(PHOTOS[0]) as image, torch.no_grad():
+    scale = 3.0 / model(_library_transform(name)(image.convert('RGB'))[None]).std()
+    model.fc.weight.mul_(scale)
+    model.fc.bias.mul_(scale)
+  return model
+
+
+def _put(dirs, name, state_dict):
+  row = pretrained.table()[name]
+  if row['source'].startswith('hf:'):
+    _put_hub_weights(dirs, row['source'][3:], row['arch'], state_dict)
+  else:
+    _put_torchvision_weights(dirs, row['arch'], row['url'].rsplit('/', 1)[1], state_dict)
+
+
+def _distinct_specs():
+  """One name for each distinct preprocessing in the table, and every sample."""
+  seen = {}
+  for name, row in pretrained.table().items():
+    seen.setdefault(json.dumps(row['input'], sort_keys=True), name)
+  return sorted(set(seen.values()) | set(SAMPLES))
+
+
+@pytest.mark.parametrize('name', _distinct_specs())
+def test_predicts_transform_is_the_libraries_own(name):
+  from PIL import Image
+  transform = pretrained.input_spec(name).transform(3)
+  reference = _library_transform(name)
+  for photo in PHOTOS:
+    with Image.open(photo) as image:
+      expected = reference(image.convert('RGB')).numpy().transpose(1, 2, 0)
+      np.testing.assert_allclose(transform(image), expected, rtol=0, atol=2e-6,
+                                 err_msg=f'{name} {photo.name}')
+
+
+def test_resnet50_tv2_resizes_to_232_bilinear_and_crops_224():
+  spec = pretrained.input_spec('resnet50.tv2_in1k')
+  assert (spec.resize_size, spec.crop_size, spec.interpolation, spec.antialias) == (
+      232, 224, 'bilinear', True)
+
+
+@pytest.mark.parametrize('name', SAMPLES)
+def test_predict_gives_the_libraries_top5_on_photographs(fresh, name, capsys):
+  from PIL import Image
+  from resnet_jax import predict
+  model = _library_model(name)
+  _put(fresh, name, model.state_dict())
+  transform = _library_transform(name)
+  assert predict.main(['--pretrained', name] + [str(p) for p in PHOTOS]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  for photo in PHOTOS:
+    with Image.open(photo) as image, torch.no_grad():
+      expected = torch.softmax(model(transform(image.convert('RGB'))[None]), -1)[0].numpy()
+    at = lines.index(str(photo))
+    got = [line.split() for line in lines[at + 1:at + 6]]
+    top5 = np.argsort(-expected)[:5]
+    assert [int(g[2]) for g in got] == list(top5), (name, photo.name)
+    np.testing.assert_allclose([float(g[1]) for g in got], expected[top5], atol=1e-3)
+    assert all(len(g) > 3 for g in got)  # ImageNet-1k's class names, not indices
+  entry = pretrained.cache_dir(name)
+  assert json.loads((entry / 'input_spec.json').read_text()) == pretrained.table()[name]['input']
+
+
+EXPORT_LOADER = """
+import sys
+import jax
+import numpy as np
+artifact, inputs, outputs = sys.argv[1:]
+exported = jax.export.deserialize(open(artifact, 'rb').read())
+np.save(outputs, np.asarray(exported.call(np.load(inputs))))
+assert 'resnet_jax' not in sys.modules and 'flax' not in sys.modules, 'not jax alone'
+"""
+
+
+@pytest.mark.cli
+def test_export_of_a_pretrained_name_embeds_its_normalization(fresh, tmp_path):
+  from resnet_jax import export
+  from resnet_jax.data.normalization import normalize_with
+  name = 'timm/resnet50d.ra4_e3600_r224_in1k'  # mean = std = 0.5
+  _put(fresh, name, _library_model(name).state_dict())
+  artifact = tmp_path / 'model.jaxexport'
+  assert export.main(['--pretrained', name, '--output', str(artifact),
+                      '--platforms', 'cpu']) == 0
+  contract = json.loads(pathlib.Path(str(artifact) + '.json').read_text())
+  assert contract['normalization']['mean'] == contract['normalization']['std'] == [.5] * 3
+  assert contract['normalization']['name'] == 'centered'
+  assert {k: contract['preprocessing'][k] for k in ('resize_size', 'crop_size',
+                                                    'interpolation')} == {
+      'resize_size': 235, 'crop_size': 224, 'interpolation': 'bicubic'}
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), np.uint8)
+  np.save(tmp_path / 'pixels.npy', pixels)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
+  env.pop('PYTHONPATH', None)  # the loader must not need resnet_jax
+  result = subprocess.run([sys.executable, '-c', EXPORT_LOADER, str(artifact),
+                           str(tmp_path / 'pixels.npy'), str(tmp_path / 'logits.npy')],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  model, variables = pretrained.load_pretrained(name)
+  expected = model.apply(variables, normalize_with(pixels, [.5] * 3, [.5] * 3), train=False)
+  imagenet = model.apply(variables, normalize_with(pixels, [.485, .456, .406],
+                                                   [.229, .224, .225]), train=False)
+  got = np.load(tmp_path / 'logits.npy')
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  assert np.abs(got - np.asarray(imagenet)).max() > 1e-2  # the normalization matters
+
+
+def test_the_readmes_table_is_the_data_files():
+  from resnet_jax import pretrained_table
+  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  shown = readme.split('<!-- pretrained table begin -->\n')[1].split('<!-- pretrained table end')[0]
+  assert shown == pretrained_table.readme_table(pretrained.table()), (
+      'update it: python -m resnet_jax.pretrained_table --readme')

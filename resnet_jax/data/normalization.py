@@ -33,5 +33,9 @@ def checked_recipe(recipe: str) -> str:
 def normalize(pixels, statistics: str) -> jax.Array:
   """Pixels in [0, 255] (any dtype, channels last) -> float32 (pixels / 255 - mean) / std,
   with the mean and std named `statistics`, as torchvision's ToTensor + Normalize."""
-  mean, std = STATISTICS[statistics]
+  return normalize_with(pixels, *STATISTICS[statistics])
+
+
+def normalize_with(pixels, mean, std) -> jax.Array:
+  """Pixels in [0, 255] -> float32 (pixels / 255 - mean) / std, per channel."""
   return (jnp.asarray(pixels, jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
