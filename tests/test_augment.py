@@ -119,7 +119,7 @@ def test_erase_boxes_are_distributed_as_torchvision_draws_them():
 
 @pytest.mark.parametrize('auto_augment', ['ta_wide', 'rand-m9-mstd0.5-inc1'])
 def test_augmentation_is_a_function_of_the_seed(photos, auto_augment):
-  augment_fn = tf.function(augment.train_augmentation(auto_augment, 0.5, MEAN))
+  augment_fn = tf.function(augment.train_augmentation(auto_augment, 0.5, MEAN, 3))
   image = tf.constant(photos[1])
   seeds = [tf.constant([s, 3], tf.int64) for s in range(8)]
   first = [augment_fn(image, seed).numpy() for seed in seeds]
@@ -144,3 +144,41 @@ def test_timm_magnitude_noise_is_clipped():
   values = [float(augment._noisy_magnitude(  # pylint: disable=protected-access
       policy, tf.constant([s, 0], tf.int64))) for s in range(200)]
   assert max(values) == 10.0 and min(values) < 8.0
+
+
+def test_pipeline_augments_and_resumes_exactly():
+  """The stream with TA-wide and random erasing on: a resumed stream sees the same pixels."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_digits_config  # pylint: disable=import-outside-toplevel
+  from resnet_jax.data import create_pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_digits_config(dataset='imagenet2012', preprocess='imagenet', image_size=16,
+                              batch_size=4, shuffle_buffer=8)
+  streams = {}
+  with tfds.testing.mock_data(num_examples=12):
+    for auto_augment, erase in (('', 0.0), ('ta_wide', 0.5)):
+      config.update(dict(auto_augment=auto_augment, random_erase=erase))
+      pipeline = create_pipeline(config)
+      stream = pipeline.train_batches(0)
+      streams[auto_augment] = [next(stream) for _ in range(5)]
+    resumed = next(pipeline.train_batches(4))
+  augmented, plain = streams['ta_wide'], streams['']
+  np.testing.assert_array_equal(resumed['image'], augmented[4]['image'])
+  for ours, theirs in zip(augmented, plain):
+    np.testing.assert_array_equal(ours['label'], theirs['label'])
+  changed = [not np.array_equal(a, p) for ours, theirs in zip(augmented, plain)
+             for a, p in zip(ours['image'], theirs['image'])]
+  assert 5 <= sum(changed) < len(changed)  # TA-wide's Identity, or a no-op, leaves some
+
+
+def test_config_refuses_unknown_policies_and_dali():
+  from conftest import tiny_digits_config  # pylint: disable=import-outside-toplevel
+  from resnet_jax.train.config_schema import check_config  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match="'rand-m9-x1'.*'ta_wide'"):
+    check_config(tiny_digits_config(auto_augment='rand-m9-x1'), num_devices=1)
+  with pytest.raises(UserError, match=r'random_erase=1.5 must be in \[0, 1\]'):
+    check_config(tiny_digits_config(random_erase=1.5), num_devices=1)
+  with pytest.raises(UserError, match="input_pipeline='tf.data'"):
+    check_config(tiny_digits_config(input_pipeline='dali', auto_augment='ta_wide'),
+                 num_devices=1)
+  check_config(tiny_digits_config(auto_augment='rand-m7-mstd0.5-inc1', random_erase=0.25),
+               num_devices=1)

@@ -364,25 +364,27 @@ def random_erase(image, seed, probability: float, fill):
   return erase(image, top, left, tf.where(applied, box_height, 0), box_width, fill)
 
 
-def train_augmentation(auto_augment: str, erase_probability: float,
-                       mean: Sequence[float]) -> Optional[Callable]:
+def train_augmentation(auto_augment: str, erase_probability: float, mean: Sequence[float],
+                       channels: int) -> Optional[Callable]:
   """(uint8 image, [2] int64 seed) -> uint8 image applying config.auto_augment and then
   config.random_erase, or None if both are off. `mean`: the normalization's mean pixel
-  in [0, 1], which RandAugment fills with (timm's img_mean) and random erasing writes."""
+  in [0, 1] (one value, or one per channel), which RandAugment fills with (timm's
+  img_mean) and random erasing writes."""
   policy = augment_policy.parse(auto_augment)
   if policy is None and not erase_probability:
     return None
-  fill = [round(255 * m) for m in mean]  # timm's img_mean: (124, 116, 104) for ImageNet
+  mean = [255.0 * m for m in (mean if len(mean) == channels else mean[:1] * channels)]
+  fill = [round(m) for m in mean]  # timm's img_mean: (124, 116, 104) for ImageNet
 
   def augment(image, seed):
+    image = tf.ensure_shape(image, [None, None, channels])  # the ops need the channels
     augment_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if policy == augment_policy.TA_WIDE:
       image = trivial_augment_wide(image, augment_seed)
     elif policy is not None:
       image = rand_augment(image, augment_seed, policy, fill)
     if erase_probability:
-      image = random_erase(image, erase_seed, erase_probability,
-                           [255 * m for m in mean])
+      image = random_erase(image, erase_seed, erase_probability, mean)
     return image
 
   return augment
