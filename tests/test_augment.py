@@ -34,16 +34,18 @@ def _mean_levels(ours, theirs):
 
 
 def _torchvision_ta_wide(image, name, bin_index, negate):
-  transform = v2.TrivialAugmentWide()
+  """torchvision's TrivialAugmentWide op as its V2 recipe runs it: on a PIL image, with
+  bilinear interpolation."""
+  transform = v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)
   magnitudes, signed = transform._AUGMENTATION_SPACE[name]  # pylint: disable=protected-access
   magnitudes = magnitudes(augment.NUM_BINS, *image.shape[:2])
   magnitude = 0.0 if magnitudes is None else float(magnitudes[bin_index])
   if signed and negate:
     magnitude = -magnitude
-  tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
   result = transform._apply_image_or_video_transform(  # pylint: disable=protected-access
-      tensor, name, magnitude, interpolation=transform.interpolation, fill=transform._fill)
-  return result.permute(1, 2, 0).numpy()
+      Image.fromarray(image), name, magnitude, interpolation=transform.interpolation,
+      fill=transform._fill)  # pylint: disable=protected-access
+  return np.asarray(result)
 
 
 @pytest.mark.parametrize('op_index, name', list(enumerate(augment.TA_WIDE_OPS)))

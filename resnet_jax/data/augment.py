@@ -9,11 +9,12 @@ stateless draw from the example's seed, so a resumed run sees the same pixels.
 The operations follow torchvision.transforms.v2.functional on uint8 tensors (a blend is
 computed in float32, clipped and truncated to uint8; grayscale is 0.2989 R + 0.587 G +
 0.114 B, floored) and PIL's geometry (an affine map sends each output pixel centre to an
-input position; pixels outside the image get the fill). TrivialAugmentWide fills with 0
-and samples the nearest pixel, as torchvision's defaults do; RandAugment fills with the
-mean pixel and interpolates bilinearly (timm draws bilinear or bicubic at random; TF's
-projective transform has no bicubic). tests/test_augment.py compares each op with
-torchvision's and timm's.
+input position; pixels outside the image get the fill). Both interpolate bilinearly:
+TrivialAugmentWide fills with 0, as torchvision's V2 recipe runs it (on PIL images, with
+interpolation=BILINEAR; the class's own default is NEAREST); RandAugment fills with the
+mean pixel as timm does (timm draws bilinear or bicubic at random; TF's projective
+transform has no bicubic). tests/test_augment.py compares each op with torchvision's and
+timm's.
 """
 
 import math
@@ -195,7 +196,7 @@ def _ta_wide_ops(image, bin_index, negate):
     return tf.where(negate, -value, value)
 
   def geometric(matrix):
-    return lambda: affine(image, matrix, [0.0], 'NEAREST')
+    return lambda: affine(image, matrix, [0.0], 'BILINEAR')
 
   # TranslateX/Y: torchvision's affine(translate=int(m)) moves the image by +int(m).
   pixels = tf.cast(tf.cast(signed(_TA_TRANSLATE), tf.int32), tf.float32)
