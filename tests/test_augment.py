@@ -60,6 +60,18 @@ def test_trivial_augment_wide_ops_match_torchvision(photos, op_index, name):
   assert changed == (name != 'Identity')  # the comparison saw the op at work
 
 
+def test_ta_wide_magnitude_bins_are_torchvisions():
+  space = v2.TrivialAugmentWide._AUGMENTATION_SPACE  # pylint: disable=protected-access
+  bins = {name: space[name][0](augment.NUM_BINS, 56, 72).tolist()
+          for name in ('ShearX', 'TranslateX', 'Rotate', 'Solarize', 'Posterize')}
+  # pylint: disable=protected-access
+  assert bins['ShearX'] == augment._TA_SHEAR_OR_ENHANCE
+  assert bins['Rotate'] == augment._TA_ROTATE
+  assert bins['Solarize'] == augment._TA_SOLARIZE
+  assert bins['TranslateX'] == augment._TA_TRANSLATE  # int() of bin 15 (15.999999) is 15
+  assert bins['Posterize'] == augment._TA_POSTERIZE
+
+
 def _timm_op(image, name, magnitude, negate, monkeypatch):
   monkeypatch.setattr(timm_aa, '_randomly_negate', lambda v: -v if negate else v)
   level_fn = timm_aa.LEVEL_TO_ARG[name]

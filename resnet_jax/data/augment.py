@@ -171,11 +171,13 @@ def rotate_matrix(degrees, height, width):
 
 
 def _torch_linspace(start: float, end: float):
-  """torch.linspace(start, end, NUM_BINS) as torch computes it in float32 (from both ends,
-  so that int() of a TranslateX magnitude truncates where torchvision's does)."""
-  step = np.float32((end - start) / (NUM_BINS - 1))
-  return [float(np.float32(start) + step * np.float32(i)) if i < NUM_BINS // 2 else
-          float(np.float32(end) - step * np.float32(NUM_BINS - 1 - i)) for i in range(NUM_BINS)]
+  """torch.linspace(start, end, NUM_BINS) as torch computes it: a float32 step, each value
+  from the nearer end, rounded once to float32 (int() of a TranslateX bin truncates where
+  torchvision's does: bin 15 is 15.999999)."""
+  start, end = float(np.float32(start)), float(np.float32(end))
+  step = float(np.float32((end - start) / (NUM_BINS - 1)))
+  return [float(np.float32(start + step * i if i < NUM_BINS // 2 else
+                           end - step * (NUM_BINS - 1 - i))) for i in range(NUM_BINS)]
 
 
 # TrivialAugmentWide's magnitudes by bin (its _AUGMENTATION_SPACE).
