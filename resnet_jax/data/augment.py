@@ -132,16 +132,19 @@ def affine(image, matrix, fill: Sequence[float], interpolation: str):
   # TF's transform indexes pixels at their centres: x_tf = x - 0.5 on both sides.
   transform = tf.stack([a, b, c + 0.5 * (a + b) - 0.5, d, e, f + 0.5 * (d + e) - 0.5,
                         0.0, 0.0])[None]
-  size = tf.shape(image)[:2]
-
-  def warp(pixels, mode, fill_mode):
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=pixels[None], transforms=transform, output_shape=size, fill_value=0.0,
-        interpolation=mode, fill_mode=fill_mode)[0]
-
-  moved = warp(tf.cast(image, tf.float32), interpolation, 'NEAREST')
-  inside = warp(tf.ones_like(image[..., :1], tf.float32), 'NEAREST', 'CONSTANT') > 0
-  moved = tf.where(inside, moved, tf.constant(fill, tf.float32))
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  moved = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(image, tf.float32)[None], transforms=transform,
+      output_shape=[height, width], fill_value=0.0, interpolation=interpolation,
+      fill_mode='NEAREST')[0]
+  # Where the position falls outside the image, as PIL decides it (computed here: a
+  # second transform of a mask took as long as the image's).
+  x = tf.range(tf.cast(width, tf.float32))[None] + 0.5
+  y = tf.range(tf.cast(height, tf.float32))[:, None] + 0.5
+  x_in, y_in = a * x + b * y + c, d * x + e * y + f
+  inside = ((x_in >= 0) & (x_in < tf.cast(width, tf.float32)) &
+            (y_in >= 0) & (y_in < tf.cast(height, tf.float32)))
+  moved = tf.where(inside[..., None], moved, tf.constant(fill, tf.float32))
   return tf.cast(tf.clip_by_value(tf.round(moved), 0.0, 255.0), tf.uint8)
 
 
@@ -361,10 +364,13 @@ def random_erase(image, seed, probability: float, fill):
   """torchvision's RandomErasing(p=probability) at its defaults, with value 0 after
   normalization, which is `fill` (the mean pixel) rounded to uint8 before it."""
   apply_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  top, left, box_height, box_width = erase_box(box_seed, tf.shape(image)[0],
-                                               tf.shape(image)[1])
+
+  def erased():
+    box = erase_box(box_seed, tf.shape(image)[0], tf.shape(image)[1])
+    return erase(image, *box, fill)
+
   applied = tf.random.stateless_uniform([], apply_seed) < probability
-  return erase(image, top, left, tf.where(applied, box_height, 0), box_width, fill)
+  return tf.cond(applied, erased, lambda: image)
 
 
 def train_augmentation(auto_augment: str, erase_probability: float, mean: Sequence[float],
