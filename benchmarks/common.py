@@ -138,11 +138,13 @@ def write_photo_jpegs(root, count, classes=4):
     image.save(os.path.join(folder, f'{i:05d}.jpg'), 'JPEG', quality=int(rng.integers(75, 96)))
 
 
-def folder_pipeline(root, batch, size, input_pipeline='tf.data'):
-  """The project's ImageNet training pipeline (decode, inception crop, flip, resize) over
-  the image folder `root`, made by `input_pipeline` ('tf.data' or 'dali')."""
+def folder_pipeline(root, batch, size, input_pipeline='tf.data', auto_augment='',
+                    random_erase=0.0):
+  """The project's ImageNet training pipeline (decode, inception crop, flip, resize, then
+  `auto_augment` and `random_erase` as the config keys) over the image folder `root`, made
+  by `input_pipeline` ('tf.data' or 'dali')."""
   from resnet_jax.data import create_pipeline  # TensorFlow: only once torch is imported
   return create_pipeline(ml_collections.ConfigDict(dict(
       dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
       image_size=size, batch_size=batch, seed=0, shuffle_buffer=1024,
-      input_pipeline=input_pipeline)))
+      input_pipeline=input_pipeline, auto_augment=auto_augment, random_erase=random_erase)))

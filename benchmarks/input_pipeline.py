@@ -1,12 +1,18 @@
 """ImageNet preprocessing throughput: images/second and per CPU core, side by side.
 
     python benchmarks/input_pipeline.py [--images 512] [--batch 64] [--rounds 3]
+        [--modes train eval train_v2]
 
 Over the same JPEG files, with the same output size (224), times the project's tf.data
 pipeline, its DALI pipeline (CPU decoding here; if `nvidia-dali-cuda120` is installed)
 and torchvision's ImageFolder in a DataLoader with one worker per core, for training
 (decode, inception crop, flip, resize) and evaluation (resize to 256, center crop 224).
-All deliver uint8 batches, to be normalized on the device. Two sets of files:
+All deliver uint8 batches, to be normalized on the device. Mode 'train_v2' is the
+training transform of torchvision's V2 recipe (random resized crop to 176, flip,
+TrivialAugmentWide, normalize, random erasing with p=0.1): tf.data with
+auto_augment='ta_wide', random_erase=0.1 (uint8; it normalizes on the device) against
+torchvision's reference transforms (float32 normalized, as erasing comes after the
+normalization there); DALI refuses these keys. Two sets of files:
 'synthetic' (500x375, quality 90, smooth content plus noise) and 'photos' (crops and
 scalings of scikit-image's sample photographs, 400-600 pixels, quality 75-95; needs
 scikit-image). The pipelines alternate rounds; each round starts after the batches a
@@ -34,6 +40,9 @@ from torchvision import transforms
 from common import folder_pipeline, write_jpegs, write_photo_jpegs
 
 SIZE = 224
+V2_SIZE = 176  # torchvision's V2 recipe trains at 176
+V2_ERASE = 0.1
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def cpu_seconds(worker_pids=()):
@@ -58,10 +67,14 @@ def timed(stream, batch, batches, skip, worker_pids=()):
           images / (cpu_seconds(worker_pids) - cpu_start))
 
 
-def project_round(root, kind, train, batch, batches):
+def project_round(root, kind, mode, batch, batches):
   """One round of the project's pipeline `kind` ('tf.data' or 'dali'): a fresh stream."""
-  pipeline = folder_pipeline(root, batch, SIZE, kind)
-  if train:
+  if mode == 'train_v2':
+    pipeline = folder_pipeline(root, batch, V2_SIZE, kind, auto_augment='ta_wide',
+                               random_erase=V2_ERASE)
+  else:
+    pipeline = folder_pipeline(root, batch, SIZE, kind)
+  if mode != 'eval':
     stream = pipeline.train_batches()
   else:  # passes over the files, as an evaluation makes
     _, make = pipeline.eval_batches('train', batch)
@@ -71,13 +84,25 @@ def project_round(root, kind, train, batch, batches):
   return rate
 
 
-def torchvision_stream(root, train, batch):
-  if train:
+def torchvision_transform(mode):
+  """torchvision's transform for `mode`; 'train_v2' as its classification references'
+  ClassificationPresetTrain builds the V2 recipe's (bilinear, TA-wide, erasing 0.1)."""
+  if mode == 'train_v2':
+    bilinear = transforms.InterpolationMode.BILINEAR
+    return transforms.Compose([
+        transforms.RandomResizedCrop(V2_SIZE, interpolation=bilinear, antialias=True),
+        transforms.RandomHorizontalFlip(), transforms.TrivialAugmentWide(interpolation=bilinear),
+        transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float),
+        transforms.Normalize(MEAN, STD), transforms.RandomErasing(V2_ERASE)])
+  if mode == 'train':
     crop = [transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip()]
   else:
     crop = [transforms.Resize(round(SIZE / 0.875)), transforms.CenterCrop(SIZE)]
-  dataset = torchvision.datasets.ImageFolder(root, transforms.Compose(
-      crop + [transforms.PILToTensor()]))
+  return transforms.Compose(crop + [transforms.PILToTensor()])
+
+
+def torchvision_stream(root, mode, batch):
+  dataset = torchvision.datasets.ImageFolder(root, torchvision_transform(mode))
   sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
   loader = iter(torch.utils.data.DataLoader(dataset, batch, sampler=sampler,
                                             num_workers=os.cpu_count(), persistent_workers=True,
@@ -86,22 +111,26 @@ def torchvision_stream(root, train, batch):
   return loader, [worker.pid for worker in loader._workers]  # pylint: disable=protected-access
 
 
-def measure(root, train, args, kinds):
+def measure(root, mode, args, kinds):
   """{pipeline: [(img/s, img per CPU-second) per round]}, the pipelines alternating
   rounds."""
-  loader, worker_pids = torchvision_stream(root, train, args.batch)
+  loader, worker_pids = torchvision_stream(root, mode, args.batch)
   prefetched = 2 * os.cpu_count()  # DataLoader's prefetch_factor per worker
   rates = {kind: [] for kind in kinds + ['torchvision']}
   for _ in range(args.rounds):
     for kind in kinds:
-      rates[kind].append(project_round(root, kind, train, args.batch, args.batches))
+      rates[kind].append(project_round(root, kind, mode, args.batch, args.batches))
     rates['torchvision'].append(timed(loader, args.batch, args.batches, skip=prefetched,
                                       worker_pids=worker_pids))
   return rates
 
 
-def print_table(name, train, rates, cores):
-  print(f'\n{name} JPEGs, {"training" if train else "evaluation"} transform')
+MODE_NAMES = {'train': 'training', 'eval': 'evaluation',
+              'train_v2': "torchvision V2 recipe's training"}
+
+
+def print_table(name, mode, rates, cores):
+  print(f'\n{name} JPEGs, {MODE_NAMES[mode]} transform')
   print('| pipeline | img/s per round | median img/s | img/s per core | / torchvision '
         '| img per CPU-s per round | median img per CPU-s | / torchvision |')
   print('|---|---|---:|---:|---:|---|---:|---:|')
@@ -125,7 +154,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--files', nargs='+', default=['synthetic', 'photos'],
                       choices=['synthetic', 'photos'])
-  parser.add_argument('--modes', nargs='+', default=['train', 'eval'], choices=['train', 'eval'])
+  parser.add_argument('--modes', nargs='+', default=['train', 'eval'], choices=list(MODE_NAMES))
   args = parser.parse_args()
   cores = os.cpu_count()
   kinds = ['tf.data'] + (['dali'] if importlib.util.find_spec('nvidia.dali') else [])
@@ -137,8 +166,9 @@ def main():
     with tempfile.TemporaryDirectory() as root:
       (write_jpegs if name == 'synthetic' else write_photo_jpegs)(root, args.images)
       for mode in args.modes:
-        rates = measure(root, mode == 'train', args, kinds)
-        print_table(name, mode == 'train', rates, cores)
+        # DALI does not apply auto_augment / random_erase (config_schema refuses them).
+        rates = measure(root, mode, args, kinds if mode != 'train_v2' else ['tf.data'])
+        print_table(name, mode, rates, cores)
   print(f'\nload average after: {os.getloadavg()[0]:.1f}')
 
 

@@ -72,8 +72,9 @@ def test_compile_time_and_memory_tables():
 
 def test_input_pipeline_compares_with_torchvision():
   output = run_benchmark('input_pipeline.py', '--images', '16', '--batch', '4',
-                         '--batches', '2', '--rounds', '1', '--files', 'synthetic')
-  for mode in ('training', 'evaluation'):
+                         '--batches', '2', '--rounds', '1', '--files', 'synthetic',
+                         '--modes', 'train', 'eval', 'train_v2')
+  for mode in ('training', 'evaluation', "torchvision V2 recipe's training"):
     table = output[output.index(f'synthetic JPEGs, {mode} transform'):]
     [(ours, ours_median, ours_per_core, ratio, cpu, _, _)] = table_rows(
         table, 'resnet_jax (tf.data)')[:1]

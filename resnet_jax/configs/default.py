@@ -30,6 +30,10 @@ def get_config():
   config.eval_split = 'test'
   config.preprocess = 'digits'  # augmentation: 'digits', 'cifar', 'imagenet' or 'none'
   config.image_size = 8
+  # After the crop and flip: '' (off), 'ta_wide' (torchvision's TrivialAugmentWide) or a
+  # timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1' (resnet_jax.data.augment).
+  config.auto_augment = ''
+  config.random_erase = 0.0  # torchvision's RandomErasing probability (its defaults); 0: off
   config.shuffle_buffer = 2048  # examples; >= the split size shuffles fully
   # 'tf.data', or 'dali' (image folders with preprocess='imagenet'; pip install '.[dali]';
   # decodes on the GPU when JAX runs on NVIDIA GPUs, else on the CPU)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from resnet_jax.data import normalization, preprocessing
+from resnet_jax.data import augment, normalization, preprocessing
 from resnet_jax.data.sources import create_source
 from resnet_jax.errors import UserError
 
@@ -117,14 +117,23 @@ class Pipeline:
       raise UserError(self.source.explain_read_error(split, e)) from None
 
   def _augment(self, ds):
-    """(epoch, index in epoch, example) -> augmented batches."""
+    """(epoch, index in epoch, example) -> augmented batches: the recipe's crop and flip,
+    then config.auto_augment and config.random_erase (each seeded by the example's seed)."""
     recipe, size, seed = self.recipe, self.config.image_size, self.config.seed
+    extra = augment.train_augmentation(self.config.auto_augment, self.config.random_erase,
+                                       normalization.STATISTICS[self.normalization][0],
+                                       self.channels)
 
-    def augment(epoch, index, example):
+    def transform(epoch, index, example):
       example_seed = tf.stack([epoch_seed(seed, epoch), index])
-      return preprocessing.train_transform(example, example_seed, recipe, size, self.channels)
+      example = preprocessing.train_transform(example, example_seed, recipe, size,
+                                              self.channels)
+      if extra:
+        example['image'] = extra(example['image'],
+                                 tf.random.experimental.stateless_fold_in(example_seed, 1))
+      return example
 
-    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   def _in_memory_stream(self, start_step: int) -> tf.data.Dataset:

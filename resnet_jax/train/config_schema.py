@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_jax.data import augment_policy
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import ResNet
@@ -51,6 +52,15 @@ def _boundaries(value) -> Optional[str]:
   steps = list(value)
   if any(int(b) != b or b <= 0 for b in steps) or steps != sorted(set(steps)):
     return 'must be increasing positive step numbers, e.g. (32000, 48000)'
+  return None
+
+
+def _probability(value) -> Optional[str]:
+  return None if 0 <= value <= 1 else 'must be in [0, 1]'
+
+
+def _auto_augment(value) -> Optional[str]:
+  augment_policy.parse(value)  # a UserError that says what to write
   return None
 
 
@@ -148,6 +158,7 @@ KEYS: Dict[str, Callable] = {
     'dataset': _name, 'data_dir': _any, 'train_split': _name, 'eval_split': _name,
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
     'shuffle_buffer': _positive, 'input_pipeline': _one_of(INPUT_PIPELINES),
+    'auto_augment': _auto_augment, 'random_erase': _probability,
     'synthetic_train_size': _positive,
     'synthetic_eval_size': _positive,
     # Optimization.
@@ -203,6 +214,10 @@ def check_config(config, num_devices: int):
       raise UserError(f'config.{key}={config[key]} must be a multiple of the number of '
                       f'devices ({num_devices}); use e.g. {key}='
                       f'{max(1, config[key] // num_devices) * num_devices}.')
+  if config.input_pipeline == 'dali' and (config.auto_augment or config.random_erase):
+    raise UserError(f"config.input_pipeline='dali' does not apply auto_augment="
+                    f"{config.auto_augment!r} or random_erase={config.random_erase}: use "
+                    f"input_pipeline='tf.data' for them, or turn them off.")
   steps, epochs = config.num_train_steps, config.num_epochs
   if steps == 0 or steps < -1 or (steps == -1 and not epochs > 0):
     raise UserError(f'config.num_train_steps={steps}, num_epochs={epochs}: set '
