@@ -84,12 +84,13 @@ class Preprocessing(NamedTuple):
   recipe: str
   image_size: int
   channels: int
+  resize_size: int = 0  # 'imagenet': the shorter side before the crop; 0: image_size*256/224
 
   def transform(self) -> Callable:
     """A function PIL image -> normalized float32 pixels."""
     mode = MODES[self.channels]
     if self.recipe == 'imagenet':
-      resize = round(self.image_size * RESIZE_SIZE / CROP_SIZE)
+      resize = self.resize_size or round(self.image_size * RESIZE_SIZE / CROP_SIZE)
       return functools.partial(imagenet_eval_transform, resize_size=resize,
                                crop_size=self.image_size, mode=mode)
     return functools.partial(resize_transform, image_size=self.image_size,
@@ -115,7 +116,8 @@ def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessin
     if len(STATISTICS[RECIPE_STATISTICS[recipe]][0]) not in (1, in_channels):
       raise UserError(f'The run in {checkpoint} normalizes with preprocess={recipe!r}, made '
                       f'for 3-channel images, but its model takes {in_channels}.')
-    return Preprocessing(recipe, config['image_size'], in_channels)
+    settings = run_dir.eval_settings(checkpoint)
+    return Preprocessing(recipe, settings['image_size'], in_channels, settings['resize_size'])
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import tempfile
+import types
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -155,18 +156,26 @@ def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
 
 
 def eval_settings(path: PathLike) -> Dict[str, Any]:
-  """{'preprocess', 'image_size'} a checkpoint's images are evaluated with: a training
-  workdir's own (its config.json), else ImageNet's at 224 (converted torchvision/timm
-  weights)."""
+  """{'preprocess', 'image_size', 'resize_size'} a checkpoint's images are evaluated with
+  (image_size: the eval crop; resize_size: the shorter side before it, 'imagenet'): a
+  training workdir's own (its config.json), else ImageNet's at 224 (converted
+  torchvision/timm weights)."""
+  from resnet_jax.data.sizes import image_sizes  # pylint: disable=g-import-not-at-top
   saved = read_run_config(path) or {}
-  return {key: saved.get(key, default) for key, default in IMAGENET_EVAL.items()}
+  settings = {key: saved.get(key, default) for key, default in IMAGENET_EVAL.items()}
+  # Runs from before the eval size keys existed evaluated at image_size.
+  sizes = image_sizes(types.SimpleNamespace(
+      image_size=settings['image_size'], **{key: saved.get(key, 0) for key in (
+          'train_image_size', 'eval_image_size', 'eval_resize_size')}))
+  return {**settings, 'image_size': sizes.eval, 'resize_size': sizes.eval_resize}
 
 
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
 # whose checkpoints were made with other values is refused rather than mixed. Each
 # checkpoint's 'data' item records them too (`run_settings`), so a workdir whose
 # config.json is lost or damaged is still checked.
-RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
+RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed',
+                     'train_image_size', 'repeated_augmentation')
 
 
 def run_settings(config) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ import math
 from typing import Callable, Dict, Optional, Sequence
 
 from resnet_jax.data.normalization import RECIPES
+from resnet_jax.data.sizes import EVAL_CROP_FRACTION, image_sizes
 from resnet_jax.errors import UserError
 from resnet_jax.train.losses import LOSSES
 from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -54,6 +55,14 @@ def _name(value) -> Optional[str]:
   return None if isinstance(value, str) and value.strip() else 'must not be empty'
 
 
+def _profile_steps(value) -> Optional[str]:
+  steps = tuple(value)
+  if steps and (len(steps) != 2 or any(int(s) != s for s in steps)
+                or not 0 <= steps[0] < steps[1]):
+    return 'must be () or (start, end) steps with 0 <= start < end, e.g. (10, 15)'
+  return None
+
+
 def _seed(value) -> Optional[str]:
   # What jax.random.PRNGKey and the data order's 64-bit seeds take without overflow.
   if isinstance(value, bool) or int(value) != value or not 0 <= value < 2**32:
@@ -83,7 +92,9 @@ KEYS: Dict[str, Callable] = {
     'preprocess': _one_of(RECIPES), 'image_size': _positive,
     'shuffle_buffer': _positive, 'input_pipeline': _one_of(INPUT_PIPELINES),
     'synthetic_train_size': _positive,
-    'synthetic_eval_size': _positive,
+    'synthetic_eval_size': _positive, 'train_image_size': _non_negative,
+    'eval_image_size': _non_negative, 'eval_resize_size': _non_negative,
+    'repeated_augmentation': _positive,
     # Optimization.
     'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
     'num_epochs': _any, 'learning_rate': _positive, 'learning_rate_batch_base': _non_negative,
@@ -104,6 +115,7 @@ KEYS: Dict[str, Callable] = {
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
     'best_metric': _one_of(('eval/top1', 'eval_ema/top1')),
     'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
+    'profile_steps': _profile_steps,
 }
 
 
@@ -137,11 +149,25 @@ def check_config(config, num_devices: int):
       raise UserError(f'config.{key}={config[key]} must be a multiple of the number of '
                       f'devices ({num_devices}); use e.g. {key}='
                       f'{max(1, config[key] // num_devices) * num_devices}.')
+  _check_sizes(config)
   steps, epochs = config.num_train_steps, config.num_epochs
   if steps == 0 or steps < -1 or (steps == -1 and not epochs > 0):
     raise UserError(f'config.num_train_steps={steps}, num_epochs={epochs}: set '
                     f'num_train_steps to a positive number, or to -1 with a positive '
                     f'num_epochs.')
+
+
+def _check_sizes(config):
+  sizes = image_sizes(config)
+  if sizes.eval_resize < sizes.eval:
+    raise UserError(f'config.eval_resize_size={config.eval_resize_size} is smaller than the '
+                    f'eval crop ({sizes.eval}): use eval_resize_size >= {sizes.eval}, or 0 '
+                    f'for {round(sizes.eval / EVAL_CROP_FRACTION)}.')
+  copies = config.repeated_augmentation
+  if config.batch_size % copies:
+    raise UserError(f'config.batch_size={config.batch_size} is not a multiple of '
+                    f'repeated_augmentation={copies}, whose copies share each batch: use '
+                    f'e.g. batch_size={max(1, config.batch_size // copies) * copies}.')
 
 
 def check_eval_batch_size(config, eval_examples: int, num_devices: int):
