@@ -40,7 +40,8 @@ def _tiny(config):
   """`config` on synthetic data with a 4-block ResNet-50 of small widths, 3 steps; its
   train and eval sizes keep the recipe's relation (smaller, larger or the same)."""
   sizes = image_sizes(config)
-  config.model_overrides.update({'stage_sizes': (1, 1, 1, 1), 'stage_widths': (4, 4, 8, 8)})
+  with config.unlocked():
+    config.model_overrides.update({'stage_sizes': (1, 1, 1, 1), 'stage_widths': (4, 4, 8, 8)})
   config.update(dict(
       dataset='synthetic', num_classes=10, image_size=32,
       train_image_size=32 + (sizes.train - sizes.eval) // 16, eval_image_size=32,

@@ -271,6 +271,21 @@ def test_repeated_augmentation_uses_each_example_n_times_per_window_on_other_pro
                                 batch['label'].reshape(copies, 16)[1])
 
 
+def test_repeated_augmentation_when_the_copies_do_not_divide_the_batch():
+  """RSB's 3 copies in batches of 2048: 683 examples a batch, one of them twice (its third
+  copy cut off, as RASampler's straddle a batch boundary); here 3 in 50 (17, one twice)."""
+  config = tiny_digits_config(batch_size=50, preprocess='none', repeated_augmentation=3)
+  pipeline = create_pipeline(config)
+  stream = pipeline.train_batches(0)
+  for _ in range(3 * pipeline.steps_per_epoch):
+    batch = next(stream)['image']
+    copies = collections.Counter(image.tobytes() for image in batch)
+    assert sorted(copies.values()) == [2] + [3] * 16
+    for j in range(16):  # copy c of example j at slot 17c + j
+      np.testing.assert_array_equal(batch[j], batch[17 + j])
+      np.testing.assert_array_equal(batch[j], batch[34 + j])
+
+
 def test_streamed_repeated_augmentation_resumes_exactly(tmp_path):
   _image_folder(tmp_path)
   config = tiny_digits_config(dataset=f'folder:{tmp_path}', preprocess='imagenet',

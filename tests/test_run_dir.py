@@ -202,3 +202,19 @@ def test_read_only_checkpoints_folder_is_refused_before_compiling(tmp_path, monk
   monkeypatch.setattr(parallel, 'compile_steps', _no_compile)
   with pytest.raises(UserError, match=r"checkpoints' \(PermissionError: Permission denied"):
     loop.train_and_evaluate(tiny_digits_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize('saved, expected', [
+    # torchvision's V2 recipe: trained at 176, evaluated on 224 crops of 232.
+    ({'preprocess': 'imagenet', 'image_size': 224, 'train_image_size': 176,
+      'eval_image_size': 224, 'eval_resize_size': 232}, (224, 232)),
+    # A run from before the size keys: image_size, resized by 256/224.
+    ({'preprocess': 'imagenet', 'image_size': 160}, (160, 183)),
+    (None, (224, 256)),  # a converted checkpoint: ImageNet's
+])
+def test_eval_settings_are_the_runs_eval_sizes(tmp_path, saved, expected):
+  if saved is not None:
+    (tmp_path / run_dir.CONFIG_JSON).write_text(json.dumps(saved))
+  settings = run_dir.eval_settings(tmp_path)
+  assert (settings['image_size'], settings['resize_size']) == expected
+  assert settings['preprocess'] == 'imagenet'

@@ -22,8 +22,9 @@ at least), so that an epoch of a few batches does not wait for a new pipeline to
 Repeated augmentation (config.repeated_augmentation=N, torchvision's RASampler) groups the
 epochs into windows of N: window w is one pass over the data in the order of epoch w
 without it, and every global batch holds B/N of its examples, N times each, copy c of
-example j at slot c*B/N + j; so each example is used N times per window, differently
-augmented (the augmentation seed is still the epoch and the position in it), by other
+example j at slot c*B/N + j (B/N rounded up: when N does not divide B, the last
+copies of a few examples per batch are cut off, as RASampler's straddle batches); so each
+example is used N times per window, differently augmented (the augmentation seed is still the epoch and the position in it), by other
 processes when N <= the process count, like RASampler's replicas. In memory that is
 again a pure function of (seed, step) and independent of the process count; streamed, a
 host batch of b holds b/N examples of the process's shard N times (copies b/N slots
@@ -69,13 +70,19 @@ def host_batch_size(batch_size: int) -> int:
   return batch_size // jax.process_count()
 
 
+def copy_group(batch_size: int, copies: int) -> int:
+  """How many examples a batch of `batch_size` holds `copies` times (the last copies of a
+  few are cut off when `copies` does not divide the batch, as RASampler's straddle)."""
+  return -(-batch_size // copies)
+
+
 def repeated_positions(positions, epoch_in_window, steps_per_epoch: int, batch_size: int,
                        copies: int):
   """The positions in the window's order of the examples at `positions` of an epoch (global
-  positions, int64) under repeated augmentation: global batch g of the window holds its
-  examples g*B/N .. (g+1)*B/N - 1, copy c of the j-th at slot c*B/N + j. With one copy,
-  `positions` themselves."""
-  group = batch_size // copies
+  positions, int64) under repeated augmentation: with G = copy_group(B, N), global batch g
+  of the window holds its examples g*G .. (g+1)*G - 1, copy c of the j-th at slot c*G + j.
+  With one copy, `positions` themselves."""
+  group = copy_group(batch_size, copies)
   batch_in_window = epoch_in_window * steps_per_epoch + positions // batch_size
   return batch_in_window * group + positions % batch_size % group
 
@@ -105,10 +112,6 @@ class Pipeline:
                        f'{config.train_split!r} ({self.shard_size} examples per process).')
     self.steps_per_epoch = self.shard_size // per_step
     self.copies = config.repeated_augmentation
-    if not self.in_memory and self.batch % self.copies:
-      raise UserError(f'repeated_augmentation={self.copies} repeats examples within each '
-                      f'process\'s batch of {self.batch} here (streamed data): use a '
-                      f'batch_size of a multiple of {self.copies * jax.process_count()}.')
     self.sizes = image_sizes(config)
     # Streamed, one tf.data dataset holds this many epoch windows (of `copies` epochs; their
     # file orders are computed when it is built): a whole window when large, many when small.
@@ -172,8 +175,10 @@ class Pipeline:
       order = tf.random.experimental.stateless_shuffle(
           tf.range(self.shard_size, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64),
                                                                window]))
+      # Past the end (copies not dividing the batch) wraps to the window's first examples.
       examples = tf.gather(order, repeated_positions(positions, epoch % self.copies, steps,
-                                                     self.config.batch_size, self.copies))
+                                                     self.config.batch_size, self.copies)
+                           % self.shard_size)
       return tf.data.Dataset.from_tensor_slices(
           (tf.fill(tf.shape(positions), epoch), positions, examples))
 
@@ -199,15 +204,21 @@ class Pipeline:
                                    encoded=self.recipe == 'imagenet')
     seeds = tf.constant(seeds, tf.int64)
 
-    epoch_size, copies = self.steps_per_epoch * self.batch, self.copies
+    epoch_size, copies, batch = self.steps_per_epoch * self.batch, self.copies, self.batch
+    group = copy_group(batch, copies)
+    # A window reads its epoch's examples, and the few more that groups of `group` need
+    # when `copies` does not divide the batch (from the start of the shard again).
+    extra = copies * self.steps_per_epoch * group - epoch_size
 
     def epoch_examples(i):
       ds = read(i).take(epoch_size)
+      if copies > 1 and extra:
+        ds = ds.concatenate(read(i).take(extra))
       ds = ds.shuffle(self.config.shuffle_buffer, seed=tf.gather(seeds, i),
                       reshuffle_each_iteration=False)
-      if copies > 1:  # each group of batch/copies examples, `copies` times in a row
-        ds = ds.batch(self.batch // copies, drop_remainder=True).map(
-            lambda group: tf.nest.map_structure(lambda x: tf.concat([x] * copies, 0), group))
+      if copies > 1:  # each group of examples `copies` times in a batch, group apart
+        ds = ds.batch(group, drop_remainder=True).map(lambda examples: tf.nest.map_structure(
+            lambda x: tf.concat([x] * copies, 0)[:batch], examples))
         ds = ds.unbatch()
       return ds.enumerate().map(lambda index, example: (
           (first + i) * copies + index // epoch_size, index % epoch_size, example))

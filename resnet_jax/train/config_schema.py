@@ -163,11 +163,10 @@ def _check_sizes(config):
     raise UserError(f'config.eval_resize_size={config.eval_resize_size} is smaller than the '
                     f'eval crop ({sizes.eval}): use eval_resize_size >= {sizes.eval}, or 0 '
                     f'for {round(sizes.eval / EVAL_CROP_FRACTION)}.')
-  copies = config.repeated_augmentation
-  if config.batch_size % copies:
-    raise UserError(f'config.batch_size={config.batch_size} is not a multiple of '
-                    f'repeated_augmentation={copies}, whose copies share each batch: use '
-                    f'e.g. batch_size={max(1, config.batch_size // copies) * copies}.')
+  if config.repeated_augmentation > config.batch_size:
+    raise UserError(f'config.repeated_augmentation={config.repeated_augmentation} is more '
+                    f'copies than a batch holds (batch_size={config.batch_size}): use at most '
+                    f'{config.batch_size}.')
 
 
 def check_eval_batch_size(config, eval_examples: int, num_devices: int):
