@@ -43,8 +43,8 @@ def _tiny(config):
   with config.unlocked():
     config.model_overrides.update({'stage_sizes': (1, 1, 1, 1), 'stage_widths': (4, 4, 8, 8)})
   config.update(dict(
-      dataset='synthetic', num_classes=10, image_size=32,
-      train_image_size=32 + (sizes.train - sizes.eval) // 16, eval_image_size=32,
+      dataset='synthetic', num_classes=10, image_size=64,  # ResNet-50 downsamples by 32
+      train_image_size=64 + (sizes.train - sizes.eval) // 8, eval_image_size=64,
       eval_resize_size=0, batch_size=12, eval_batch_size=12, synthetic_train_size=48,
       synthetic_eval_size=12, num_train_steps=3, num_epochs=-1, warmup_steps=1,
       warmup_epochs=0, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3))

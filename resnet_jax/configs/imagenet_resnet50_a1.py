@@ -1,8 +1,6 @@
 """ResNet-50 on ImageNet with timm's "ResNet strikes back" A1 recipe (600 epochs)."""
 
-import ml_collections
-
-from resnet_jax.configs import default
+from resnet_jax.configs import imagenet_resnet50
 
 # timm evaluates the RSB models on a 224 crop of 224 / 0.95 (crop_pct 0.95), bicubic.
 RSB_EVAL_RESIZE = 235  # math.floor(224 / 0.95), timm's scale_size
@@ -22,48 +20,25 @@ def get_config():
   python train.py --config configs/imagenet_resnet50_a1.py --workdir workdirs/rsb_a1 \\
       --config.data_dir=/path/to/tensorflow_datasets
   """
-  config = default.get_config()
-  config.model = 'resnet50'
-  config.model_overrides = ml_collections.ConfigDict()
+  config = imagenet_resnet50.get_config()  # ImageNet, bfloat16, zero-init last BN (timm's)
   config.drop_path_rate = 0.05
-  config.dtype = 'bfloat16'
-  config.bn_group_size = 0
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train'
-  config.eval_split = 'validation'
-  config.preprocess = 'imagenet'
-  config.image_size = 224
   config.eval_resize_size = RSB_EVAL_RESIZE
   config.auto_augment = 'rand-m7-mstd0.5-inc1'
   config.random_erase = 0.0
   config.repeated_augmentation = 3
-  config.shuffle_buffer = 16_384
   config.batch_size = 2048
-  config.eval_batch_size = 1000
-  config.num_train_steps = -1
   config.num_epochs = 600
   config.optimizer = 'lamb'
   config.learning_rate = 5e-3
   config.learning_rate_batch_base = 2048  # lr = 5e-3 * batch_size / 2048
-  config.schedule = 'cosine'
   config.end_learning_rate = 1e-6  # timm's min_lr
-  config.warmup_steps = 0
-  config.warmup_epochs = 5
-  config.adam_beta1 = 0.9
-  config.adam_beta2 = 0.999
   config.adam_eps = 1e-6  # timm's Lamb
   config.grad_clip_norm = 1.0  # timm's Lamb clips the global gradient norm at 1
   config.weight_decay = 0.01
   config.weight_decay_exclude_bn_and_bias = True
-  config.weight_decay_exclude_norm = False
   config.label_smoothing = 0.1
   config.loss = 'bce'
   config.bce_target_thresh = 0.2
   config.mixup_alpha = 0.2
   config.cutmix_alpha = 1.0
-  config.ema_decay = 0.0
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 2_500
-  config.keep_checkpoints = 3
   return config

@@ -1,8 +1,6 @@
 """ResNet-50 on ImageNet as MLPerf Training submissions run it: LARS at large batch."""
 
-import ml_collections
-
-from resnet_jax.configs import default
+from resnet_jax.configs import imagenet_resnet50
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -29,18 +27,9 @@ def get_config(setting: str = 'tpu'):
   On a 256-chip v5e pod slice (`python -m resnet_jax.plan --config
   configs/imagenet_resnet50_mlperf.py --topology v5e:16x16` plans it without one).
   """
-  config = default.get_config()
-  config.model = 'resnet50'
-  # The last BN of each block starts at zero (the TPU reference's init_zero).
-  config.model_overrides = ml_collections.ConfigDict({'zero_init_residual': True})
-  config.dtype = 'bfloat16'
-  config.bn_group_size = 0  # BN statistics over the global batch
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train'
-  config.eval_split = 'validation'
-  config.preprocess = 'imagenet'  # inception crop + flip; eval: resize 256, crop 224
-  config.image_size = 224
-  config.shuffle_buffer = 16_384
+  # ImageNet, bfloat16, the last BN of each block zero-initialized (the TPU reference's
+  # init_zero), BN statistics over the global batch; eval resize 256, crop 224.
+  config = imagenet_resnet50.get_config()
   config.optimizer = 'lars'  # trust ratio eta * |w| / (|g| + wd |w|); none on BN, biases
   config.lars_eta = 0.001
   config.lars_eps = 0.0

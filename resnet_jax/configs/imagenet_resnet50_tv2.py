@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from resnet_jax.configs import default
+from resnet_jax.configs import imagenet_resnet50
 
 
 def get_config():
@@ -25,51 +25,27 @@ def get_config():
   python train.py --config configs/imagenet_resnet50_tv2.py --workdir workdirs/tv2 \\
       --config.data_dir=/path/to/tensorflow_datasets
   """
-  config = default.get_config()
-  config.model = 'resnet50'
-  config.model_overrides = ml_collections.ConfigDict()
-  config.dtype = 'bfloat16'
-  config.bn_group_size = 0  # torchvision's per-GPU BN is over 128 images; ours the batch
+  config = imagenet_resnet50.get_config()  # ImageNet, bfloat16, the 'imagenet' transforms
+  config.model_overrides = ml_collections.ConfigDict()  # torchvision: no zero-init BN
   # Data: inception crop 176 + flip + TA-wide + random erasing; eval 224 of 232.
-  config.dataset = 'imagenet2012'
-  config.train_split = 'train'
-  config.eval_split = 'validation'
-  config.preprocess = 'imagenet'
-  config.image_size = 224
   config.train_image_size = 176
   config.eval_image_size = 224
   config.eval_resize_size = 232
   config.auto_augment = 'ta_wide'
   config.random_erase = 0.1
   config.repeated_augmentation = 4
-  config.shuffle_buffer = 16_384
   # Optimization: SGD with momentum 0.9 (no Nesterov), lr 0.5 at batch 1024.
-  config.batch_size = 1024
-  config.eval_batch_size = 1000
-  config.num_train_steps = -1
   config.num_epochs = 600
   config.optimizer = 'sgd'
   config.learning_rate = 0.5
   config.learning_rate_batch_base = 1024  # lr = 0.5 * batch_size / 1024
-  config.schedule = 'cosine'
-  config.end_learning_rate = 0.0
-  config.warmup_steps = 0
-  config.warmup_epochs = 5
-  config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 2e-5
   config.weight_decay_exclude_norm = True  # --norm-weight-decay 0.0
-  config.weight_decay_exclude_bn_and_bias = False
   config.label_smoothing = 0.1
   config.mixup_alpha = 0.2
   config.cutmix_alpha = 1.0
-  config.loss = 'softmax'
   config.ema_decay = 0.99998
   config.ema_every_steps = 32
   config.best_metric = 'eval_ema/top1'  # the published weights are the EMA's
-  # Run.
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 2_500
-  config.keep_checkpoints = 3
   return config

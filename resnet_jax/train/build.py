@@ -48,7 +48,8 @@ def create_model_checked(spec: dict, image_size: int) -> ResNet:
   except (ValueError, TypeError) as e:
     raise UserError(f'config.model={spec["name"]!r} with {spec}: {e}') from None
   if image_size < model.total_stride:
-    raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
+    raise UserError(f'Images of {image_size}x{image_size} (config.image_size, or '
+                    f'train_image_size / eval_image_size) are too small for {spec["name"]}, '
                     f'which downsamples by {model.total_stride}: use image_size >= '
                     f'{model.total_stride}.')
   return model
