@@ -39,7 +39,8 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
       'train_split': 'train', 'eval_split': 'validation', 'eval_batch_size': 256,
       'batch_size': 1, 'seed': 0, 'num_classes': 1000, 'in_channels': 3,
       'shuffle_buffer': 1, 'synthetic_train_size': 1, 'synthetic_eval_size': 1024,
-      'input_pipeline': 'tf.data'})
+      'input_pipeline': 'tf.data', 'train_image_size': 0, 'eval_image_size': 0,
+      'eval_resize_size': 0, 'repeated_augmentation': 1})
   if workdir:
     saved = run_dir.read_run_config(workdir)
     if saved is None:
@@ -60,7 +61,7 @@ def _checkpoint_spec(checkpoint: str) -> input_spec.InputSpec:
 def _checked_against_spec(checkpoint: str, config: ml_collections.ConfigDict) -> None:
   """Warns when the pipeline's eval transform is not the checkpoint's own input spec."""
   spec = _checkpoint_spec(checkpoint)
-  applied = input_spec.of_recipe(config.preprocess, config.image_size)
+  applied = input_spec.of_config(config)
   fields = ('crop_size', 'resize_size', 'interpolation', 'mean', 'std')
   differ = [f'{f} {getattr(applied, f)} (its own: {getattr(spec, f)})' for f in fields
             if getattr(applied, f) != getattr(spec, f)]

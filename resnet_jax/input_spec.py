@@ -17,20 +17,24 @@ predict and export apply it; evaluate's pipeline takes its size and normalizatio
 
 import dataclasses
 import functools
+import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from resnet_jax.data.normalization import RECIPE_STATISTICS, STATISTICS, checked_recipe
+from resnet_jax.data.sizes import image_sizes
 from resnet_jax.errors import UserError
 
 CLASS_NAME_FILES = {'imagenet-1k': Path(__file__).with_name('imagenet_classes.txt')}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic')
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # torchvision's ImageNet evaluation
 # The config keys that make a workdir's train-time recipe (recorded under 'train').
-TRAIN_RECIPE_KEYS = ('dataset', 'train_split', 'preprocess', 'image_size', 'label_smoothing',
-                     'mixup_alpha', 'cutmix_alpha', 'loss', 'bce_target_thresh')
+TRAIN_RECIPE_KEYS = ('dataset', 'train_split', 'preprocess', 'image_size', 'train_image_size',
+                     'auto_augment', 'random_erase', 'repeated_augmentation',
+                     'label_smoothing', 'mixup_alpha', 'cutmix_alpha', 'loss',
+                     'bce_target_thresh', 'drop_path_rate', 'ema_decay')
 
 
 def imagenet_class_names() -> List[str]:
@@ -142,20 +146,33 @@ def apply(spec: InputSpec, mode: str, image) -> np.ndarray:
   return np.asarray(normalize_with(pixels, spec.mean, spec.std))
 
 
-def of_recipe(recipe: str, image_size: int, class_names: Optional[str] = None) -> InputSpec:
+def of_recipe(recipe: str, image_size: int, class_names: Optional[str] = None,
+              resize_size: int = 0) -> InputSpec:
   """The eval transform of a training recipe (config.preprocess), as the eval pipeline does
-  it: 'imagenet' resizes the shorter side to image_size * 256/224 and center-crops, the
-  others resize to the square."""
+  it: 'imagenet' resizes the shorter side to resize_size (0: image_size * 256/224) and
+  center-crops, the others resize to the square."""
   mean, std = STATISTICS[RECIPE_STATISTICS[checked_recipe(recipe)]]
-  resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP) if recipe == 'imagenet' else None
+  resize = None
+  if recipe == 'imagenet':
+    resize = resize_size or round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
   return InputSpec(crop_size=int(image_size), resize_size=resize, mean=mean, std=std,
                    class_names=class_names)
+
+
+def of_config(config: Mapping[str, Any], class_names: Optional[str] = None) -> InputSpec:
+  """The eval transform of a run's config (a ConfigDict or its config.json): its recipe at
+  its eval sizes (data.sizes; runs from before the size keys evaluate at image_size)."""
+  sizes = image_sizes(types.SimpleNamespace(
+      image_size=config['image_size'],
+      **{key: config.get(key, 0) for key in ('train_image_size', 'eval_image_size',
+                                             'eval_resize_size')}))
+  return of_recipe(config['preprocess'], sizes.eval, class_names, sizes.eval_resize)
 
 
 def of_run(config: Mapping[str, Any], num_classes: int) -> InputSpec:
   """A training run's spec: its recipe's eval transform and its train-time recipe."""
   names = 'imagenet-1k' if num_classes == 1000 else None  # as predict always assumed
-  spec = of_recipe(config['preprocess'], config['image_size'], names)
+  spec = of_config(config, names)
   train = {k: config[k] for k in TRAIN_RECIPE_KEYS if k in config}
   return dataclasses.replace(spec, train=_plain(train))
 
@@ -194,8 +211,7 @@ def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 
       raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
                       f'{run_dir.CONFIG_JSON}); the input transform comes from its '
                       f'preprocess and image_size.')
-    return of_recipe(config['preprocess'], config['image_size'],
-                     'imagenet-1k' if num_classes == 1000 else None)
+    return of_config(config, 'imagenet-1k' if num_classes == 1000 else None)
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '

@@ -193,7 +193,8 @@ def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
 # whose checkpoints were made with other values is refused rather than mixed. Each
 # checkpoint's 'data' item records them too (`run_settings`), so a workdir whose
 # config.json is lost or damaged is still checked.
-RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed')
+RUN_DEFINING_KEYS = ('dataset', 'train_split', 'batch_size', 'image_size', 'preprocess', 'seed',
+                     'train_image_size', 'repeated_augmentation')
 
 
 def run_settings(config) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """Tests of resnet_jax.data: the digits builder, resumable order, eval padding, sources."""
 
+import collections
 import io
 import logging
 
@@ -217,3 +218,115 @@ def test_imagenet_eval_of_encoded_file_is_pils_resize_of_the_central_crop(mode):
   reference = np.asarray(image.crop((left, top, left + side, top + side)).resize(
       (16, 16), Image.BILINEAR)).reshape(16, 16, channels)
   np.testing.assert_array_equal(out, reference)
+
+
+# --- repeated augmentation (config.repeated_augmentation) ----------------------------------
+
+def _ra_reference_slots(num_examples, copies, replicas, step_batch):
+  """timm's RepeatAugSampler (torchvision's RASampler) over `replicas` processes: for each
+  step, {example: the replicas holding its copies}, the reference our layout is held to."""
+  from timm.data.distributed_sampler import RepeatAugSampler  # pylint: disable=g-import-not-at-top
+  per_replica = [list(RepeatAugSampler(range(num_examples), num_replicas=replicas, rank=rank,
+                                       num_repeats=copies, selected_round=0))
+                 for rank in range(replicas)]
+  steps = []
+  for start in range(0, len(per_replica[0]) - step_batch + 1, step_batch):
+    holders = collections.defaultdict(set)
+    for rank, indices in enumerate(per_replica):
+      for index in indices[start:start + step_batch]:
+        holders[index].add(rank)
+    steps.append(holders)
+  return steps
+
+
+def test_repeated_augmentation_uses_each_example_n_times_per_window_on_other_processes(
+    monkeypatch):
+  """As RASampler: over a window of N epochs, each example of the window N times, its
+  copies in one step on N different processes, each differently augmented; the batches do
+  not depend on the process count, and a resumed stream sees the same ones."""
+  from test_pods import _global_batches  # pylint: disable=g-import-not-at-top
+  copies, processes = 3, 3
+  config = tiny_digits_config(batch_size=48, preprocess='none', repeated_augmentation=copies)
+  steps = create_pipeline(config).steps_per_epoch  # 29
+  window = _global_batches(monkeypatch, processes, 0, copies * steps, config)
+  # Resumed mid-window on 2 processes, and on 1 from the start: the same global batches.
+  changed = (_global_batches(monkeypatch, 1, 0, steps + 5, config) +
+             _global_batches(monkeypatch, 2, steps + 5, 2 * steps - 5, config))
+  for a, b in zip(changed, window):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  used = collections.Counter(image.tobytes() for b in window for image in b['image'])
+  assert set(used.values()) == {copies} and len(used) == steps * 48  # N each, 1392 examples
+  reference = _ra_reference_slots(1437, copies, processes, 16)
+  for batch, holders in zip(window, reference):
+    ours = collections.defaultdict(set)
+    for slot, image in enumerate(batch['image']):
+      ours[image.tobytes()].add(slot // 16)  # the process of the slot
+    assert sorted(map(len, ours.values())) == sorted(map(len, holders.values())) == [3] * 16
+  # Differently augmented copies: an augmenting recipe gives each copy its own pixels.
+  augmented = tiny_digits_config(batch_size=48, repeated_augmentation=copies)
+  batch = next(create_pipeline(augmented).train_batches(0))
+  groups = batch['image'].reshape(copies, 16, -1)
+  assert np.mean([not np.array_equal(groups[0, j], groups[1, j]) for j in range(16)]) > 0.5
+  np.testing.assert_array_equal(batch['label'].reshape(copies, 16)[0],
+                                batch['label'].reshape(copies, 16)[1])
+
+
+def test_repeated_augmentation_when_the_copies_do_not_divide_the_batch():
+  """RSB's 3 copies in batches of 2048: 683 examples a batch, one of them twice (its third
+  copy cut off, as RASampler's straddle a batch boundary); here 3 in 50 (17, one twice)."""
+  config = tiny_digits_config(batch_size=50, preprocess='none', repeated_augmentation=3)
+  pipeline = create_pipeline(config)
+  stream = pipeline.train_batches(0)
+  for _ in range(3 * pipeline.steps_per_epoch):
+    batch = next(stream)['image']
+    copies = collections.Counter(image.tobytes() for image in batch)
+    assert sorted(copies.values()) == [2] + [3] * 16
+    for j in range(16):  # copy c of example j at slot 17c + j
+      np.testing.assert_array_equal(batch[j], batch[17 + j])
+      np.testing.assert_array_equal(batch[j], batch[34 + j])
+
+
+def test_streamed_repeated_augmentation_resumes_exactly(tmp_path):
+  _image_folder(tmp_path)
+  config = tiny_digits_config(dataset=f'folder:{tmp_path}', preprocess='imagenet',
+                              image_size=8, batch_size=4, shuffle_buffer=8,
+                              repeated_augmentation=2)
+  pipeline = create_pipeline(config)
+  steps = pipeline.steps_per_epoch
+  stream = pipeline.train_batches(0)
+  batches = [next(stream) for _ in range(2 * steps + 2)]
+  window_labels = np.concatenate([b['label'] for b in batches[:2 * steps]])
+  assert sorted(window_labels) in ([0] * 16 + [1] * 16, [0] * 18 + [1] * 14,
+                                   [0] * 14 + [1] * 18)  # the 16 train files twice each
+  for b in batches:  # copies two slots apart
+    np.testing.assert_array_equal(b['label'][:2], b['label'][2:])
+  for start in (steps - 1, 2 * steps):
+    for got, expected in zip(pipeline.train_batches(start), batches[start:]):
+      np.testing.assert_array_equal(got['image'], expected['image'])
+
+
+def test_eval_sizes_differ_from_the_train_size(digits):
+  """torchvision's V2 recipe trains at 176 and evaluates a 224 crop of 232: here 6 and 8."""
+  config = tiny_digits_config(batch_size=64, train_image_size=6, eval_image_size=10)
+  pipeline = create_pipeline(config)
+  assert next(pipeline.train_batches())['image'].shape == (64, 6, 6, 1)
+  assert next(pipeline.eval_batches('test', 128)[1]())['image'].shape == (128, 10, 10, 1)
+
+
+def test_imagenet_eval_resizes_to_eval_resize_size_then_crops():
+  """Resize 232, crop 224, as torchvision's Resize(232) + CenterCrop(224) (here 58 and 56),
+  from pixels and from an encoded file, on a smooth image (resamplers differ on noise)."""
+  from torchvision.transforms import v2  # pylint: disable=g-import-not-at-top
+  y, x = np.mgrid[0:140, 0:180]
+  pixels = np.stack([127 + 100 * np.sin(x / 30), 127 + 100 * np.cos(y / 40), (x + y) * 0.7],
+                    -1).astype(np.uint8)
+  expected = np.asarray(v2.CenterCrop(56)(v2.Resize(58, antialias=True)(
+      Image.fromarray(pixels)))).astype(int)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'PNG')
+  for image in (tf.constant(pixels), tf.constant(buffer.getvalue())):
+    ours = preprocessing.eval_transform({'image': image, 'label': 0}, 'imagenet', 56, 3,
+                                        crop_fraction=56 / 58)['image'].numpy()
+    assert ours.shape == (56, 56, 3)
+    assert np.abs(ours.astype(int) - expected).mean() < 1.5

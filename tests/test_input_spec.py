@@ -88,3 +88,20 @@ def test_the_square_resize_and_the_crop_are_torchvisions():
         spec.mean, spec.std)])(image)
     np.testing.assert_allclose(spec.transform(3)(image),
                                torch.permute(expected, (1, 2, 0)).numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize('saved, expected', [
+    # torchvision's V2 recipe: trained at 176, evaluated on 224 crops of 232.
+    ({'preprocess': 'imagenet', 'image_size': 224, 'train_image_size': 176,
+      'eval_image_size': 224, 'eval_resize_size': 232}, (224, 232)),
+    # A run from before the size keys: image_size, resized by 256/224.
+    ({'preprocess': 'imagenet', 'image_size': 160}, (160, 183)),
+    (None, (224, 256)),  # a converted checkpoint: ImageNet's
+])
+def test_a_workdirs_spec_evaluates_at_its_eval_sizes(tmp_path, saved, expected):
+  if saved is not None:
+    (tmp_path / run_dir.CONFIG_JSON).write_text(json.dumps(saved))
+    (tmp_path / run_dir.CHECKPOINTS_DIR).mkdir()
+  spec = input_spec.of_checkpoint(tmp_path)
+  assert (spec.crop_size, spec.resize_size) == expected
+  assert spec.mean == input_spec.CONVERTED_DEFAULT.mean

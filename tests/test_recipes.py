@@ -1,18 +1,24 @@
 """The recipe features together (LARS with the polynomial schedule, drop path, Mixup and
-CutMix, BCE, weight EMA): an interrupted run resumes bit-identically."""
+CutMix, BCE, weight EMA, repeated augmentation, other train and eval sizes, TA-wide and
+random erasing): an interrupted run resumes bit-identically."""
 
 import pytest
 from conftest import tiny_digits_config
 from test_fault_tolerance import _steps, assert_metrics_match, assert_same_state, interrupt_at
 
 from resnet_jax.errors import Interrupted
+from resnet_jax.train.config_schema import KEYS
 from resnet_jax.train.loop import train_and_evaluate
 
 EVERYTHING = dict(num_train_steps=6, optimizer='lars', schedule='polynomial',
                   end_learning_rate=0.001, warmup_steps=2, drop_path_rate=0.2,
                   mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, loss='bce',
                   bce_target_thresh=0.2, ema_decay=0.99, ema_every_steps=2,
-                  best_metric='eval_ema/top1', eval_every_steps=3)
+                  best_metric='eval_ema/top1', eval_every_steps=3,
+                  repeated_augmentation=4, train_image_size=10, eval_image_size=9)
+# Augmentations of resnet_jax.data.augment, on where this tree has them (their keys).
+AUGMENTATIONS = {'auto_augment': 'ta_wide', 'random_erase': 0.5}
+EVERYTHING.update({k: v for k, v in AUGMENTATIONS.items() if k in KEYS})
 
 
 def test_interrupted_run_with_every_recipe_feature_resumes_bit_identically(tmp_path,

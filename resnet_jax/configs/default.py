@@ -34,6 +34,15 @@ def get_config():
   # timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1' (resnet_jax.data.augment).
   config.auto_augment = ''
   config.random_erase = 0.0  # torchvision's RandomErasing probability (its defaults); 0: off
+  # Sizes that differ from image_size (0: image_size; see resnet_jax.data.sizes): train
+  # crops, the eval crop, and the shorter side the eval image is resized to before it
+  # ('imagenet' recipe; 0: eval size / 0.875). torchvision's V2 recipe: 176, 224, 232.
+  config.train_image_size = 0
+  config.eval_image_size = 0
+  config.eval_resize_size = 0
+  # Repeated augmentation (torchvision's RASampler, timm's): each image N times per window
+  # of N epochs, its copies differently augmented on other devices of the same step; 1: off.
+  config.repeated_augmentation = 1
   config.shuffle_buffer = 2048  # examples; >= the split size shuffles fully
   # 'tf.data', or 'dali' (image folders with preprocess='imagenet'; pip install '.[dali]';
   # decodes on the GPU when JAX runs on NVIDIA GPUs, else on the CPU)
@@ -95,4 +104,7 @@ def get_config():
   # Warn when no step finished for this many median step times (a stuck host); 0: off.
   config.stall_factor = 20.0
   config.stall_exit = False  # True: a stall exits (status 1) instead of only warning
+  # (start, end): a jax.profiler trace of steps start..end-1 in WORKDIR/profile, written by
+  # process 0, for TensorBoard's profile plugin; (): off.
+  config.profile_steps = ()
   return config

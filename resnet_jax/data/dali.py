@@ -29,7 +29,7 @@ from PIL import Image
 
 from resnet_jax.data import normalization
 from resnet_jax.data.pipeline import epoch_seed, host_batch_size
-from resnet_jax.data.preprocessing import EVAL_CROP_FRACTION
+from resnet_jax.data.sizes import image_sizes
 from resnet_jax.data.sources import FOLDER_PREFIX, FolderSource, create_source
 from resnet_jax.errors import UserError
 
@@ -92,6 +92,10 @@ class DaliPipeline:
                       f"(--config.dataset='folder:/path' --config.preprocess=imagenet), not "
                       f"dataset={config.dataset!r}, preprocess={config.preprocess!r}; use "
                       f"--config.input_pipeline=tf.data for those.")
+    if config.repeated_augmentation > 1:
+      raise UserError(f'input_pipeline=\'dali\' has no repeated augmentation '
+                      f'(repeated_augmentation={config.repeated_augmentation}): use '
+                      f'--config.input_pipeline=tf.data, or repeated_augmentation=1.')
     self.dali, self.fn, self.types = _import_dali()
     self.config = config
     self.source: FolderSource = create_source(config.dataset)
@@ -132,7 +136,7 @@ class DaliPipeline:
     images = fn.decoders.image_slice(encoded, anchors, shapes, device=self.device,
                                      output_type=types.RGB, normalized_anchor=False,
                                      normalized_shape=False)
-    size = self.config.image_size
+    size = image_sizes(self.config).train
     images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                        antialias=False)
     return fn.flip(images, horizontal=flips), labels
@@ -170,10 +174,10 @@ class DaliPipeline:
     encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
                                          dtype=[types.UINT8, types.INT32])
     images = fn.decoders.image(encoded, device=self.device, output_type=types.RGB)
-    size = self.config.image_size
-    images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION),
+    sizes = image_sizes(self.config)
+    images = fn.resize(images, resize_shorter=sizes.eval_resize,
                        interp_type=types.INTERP_LINEAR, antialias=True)
-    return fn.crop(images, crop=(size, size)), labels
+    return fn.crop(images, crop=(sizes.eval, sizes.eval)), labels
 
   def eval_batches(self, split: str, batch_size: int):
     """(num_batches, iterable) over all of `split`, each batch with a 0/1 'mask', as

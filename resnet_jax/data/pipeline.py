@@ -18,6 +18,17 @@ seeded order through a seeded shuffle buffer; a change of process count there ch
 shards, so the epoch it happens in is not exactly-once (the next epochs are). Consecutive
 streamed epochs are one tf.data dataset (up to 1024 of them, EXAMPLES_PER_DATASET examples
 at least), so that an epoch of a few batches does not wait for a new pipeline to start.
+
+Repeated augmentation (config.repeated_augmentation=N, torchvision's RASampler) groups the
+epochs into windows of N: window w is one pass over the data in the order of epoch w
+without it, and every global batch holds B/N of its examples, N times each, copy c of
+example j at slot c*B/N + j (B/N rounded up: when N does not divide B, the last
+copies of a few examples per batch are cut off, as RASampler's straddle batches); so each
+example is used N times per window, differently augmented (the augmentation seed is still the epoch and the position in it), by other
+processes when N <= the process count, like RASampler's replicas. In memory that is
+again a pure function of (seed, step) and independent of the process count; streamed, a
+host batch of b holds b/N examples of the process's shard N times (copies b/N slots
+apart, on different devices of the process).
 """
 
 import math
@@ -28,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet_jax.data import augment, normalization, preprocessing
+from resnet_jax.data.sizes import image_sizes
 from resnet_jax.data.sources import create_source
 from resnet_jax.errors import UserError
 
@@ -58,6 +70,23 @@ def host_batch_size(batch_size: int) -> int:
   return batch_size // jax.process_count()
 
 
+def copy_group(batch_size: int, copies: int) -> int:
+  """How many examples a batch of `batch_size` holds `copies` times (the last copies of a
+  few are cut off when `copies` does not divide the batch, as RASampler's straddle)."""
+  return -(-batch_size // copies)
+
+
+def repeated_positions(positions, epoch_in_window, steps_per_epoch: int, batch_size: int,
+                       copies: int):
+  """The positions in the window's order of the examples at `positions` of an epoch (global
+  positions, int64) under repeated augmentation: with G = copy_group(B, N), global batch g
+  of the window holds its examples g*G .. (g+1)*G - 1, copy c of the j-th at slot c*G + j.
+  With one copy, `positions` themselves."""
+  group = copy_group(batch_size, copies)
+  batch_in_window = epoch_in_window * steps_per_epoch + positions // batch_size
+  return batch_in_window * group + positions % batch_size % group
+
+
 class Pipeline:
   """Train and eval streams of one dataset for this process (host-local numpy batches of
   uint8 pixels, for the steps to normalize with the `normalization` statistics)."""
@@ -82,10 +111,13 @@ class Pipeline:
       raise UserError(f'batch_size={config.batch_size} is larger than the training split '
                        f'{config.train_split!r} ({self.shard_size} examples per process).')
     self.steps_per_epoch = self.shard_size // per_step
-    # Streamed, one tf.data dataset holds this many epochs (their file orders are computed
-    # when it is built): a whole epoch when large, many when small.
+    self.copies = config.repeated_augmentation
+    self.sizes = image_sizes(config)
+    # Streamed, one tf.data dataset holds this many epoch windows (of `copies` epochs; their
+    # file orders are computed when it is built): a whole window when large, many when small.
     self.epochs_per_dataset = int(np.clip(
-        EXAMPLES_PER_DATASET // (self.steps_per_epoch * self.batch), 1, MAX_EPOCHS_PER_DATASET))
+        EXAMPLES_PER_DATASET // (self.copies * self.steps_per_epoch * self.batch), 1,
+        MAX_EPOCHS_PER_DATASET))
 
   def split_size(self, split: str) -> int:
     """The number of examples of `split` (a UserError if it names none)."""
@@ -102,10 +134,10 @@ class Pipeline:
     if self.in_memory:
       yield from self._readable(split, lambda: self._in_memory_stream(start_step))
       return
-    epoch, skip = divmod(start_step, self.steps_per_epoch)
+    window, skip = divmod(start_step, self.copies * self.steps_per_epoch)
     while True:
-      yield from self._readable(split, lambda: self._streamed_epochs(epoch, skip))
-      epoch, skip = epoch + self.epochs_per_dataset, 0
+      yield from self._readable(split, lambda: self._streamed_epochs(window, skip))
+      window, skip = window + self.epochs_per_dataset, 0
 
   def _readable(self, split: str, make_dataset):
     """The dataset's numpy batches; a file that fails to decode becomes a UserError naming
@@ -119,7 +151,7 @@ class Pipeline:
   def _augment(self, ds):
     """(epoch, index in epoch, example) -> augmented batches: the recipe's crop and flip,
     then config.auto_augment and config.random_erase (each seeded by the example's seed)."""
-    recipe, size, seed = self.recipe, self.config.image_size, self.config.seed
+    recipe, size, seed = self.recipe, self.sizes.train, self.config.seed
     extra = augment.train_augmentation(self.config.auto_augment, self.config.random_erase,
                                        normalization.STATISTICS[self.normalization][0],
                                        self.channels)
@@ -148,10 +180,16 @@ class Pipeline:
     positions = tf.constant(positions, tf.int64)
 
     def epoch_order(epoch):
+      window = epoch // self.copies
       order = tf.random.experimental.stateless_shuffle(
-          tf.range(self.shard_size, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), epoch]))
+          tf.range(self.shard_size, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64),
+                                                               window]))
+      # Past the end (copies not dividing the batch) wraps to the window's first examples.
+      examples = tf.gather(order, repeated_positions(positions, epoch % self.copies, steps,
+                                                     self.config.batch_size, self.copies)
+                           % self.shard_size)
       return tf.data.Dataset.from_tensor_slices(
-          (tf.fill(tf.shape(positions), epoch), positions, tf.gather(order, positions)))
+          (tf.fill(tf.shape(positions), epoch), positions, examples))
 
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     ds = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_order).skip(skip * self.batch)
@@ -160,13 +198,14 @@ class Pipeline:
     return self._augment(ds)
 
   def _streamed_epochs(self, first: int, skip_batches: int) -> tf.data.Dataset:
-    """Epochs first .. first+epochs_per_dataset-1 as one dataset, after `skip_batches`: a
-    small epoch does not start a new pipeline (its decoding threads and prefetch buffers
-    refilled, its functions traced again), and the next epoch's files are read while the
-    last batches of this one are augmented. Epoch e's file order and shuffle buffer are
-    seeded by file_order_seed(seed, e), computed here."""
-    epochs = range(first, first + self.epochs_per_dataset)
-    seeds = [file_order_seed(self.config.seed, epoch) for epoch in epochs]
+    """Epoch windows first .. first+epochs_per_dataset-1 as one dataset, after
+    `skip_batches`: a small epoch does not start a new pipeline (its decoding threads and
+    prefetch buffers refilled, its functions traced again), and the next epoch's files are
+    read while the last batches of this one are augmented. Window w's file order and
+    shuffle buffer are seeded by file_order_seed(seed, w), computed here (a window is an
+    epoch without repeated augmentation)."""
+    windows = range(first, first + self.epochs_per_dataset)
+    seeds = [file_order_seed(self.config.seed, window) for window in windows]
     # The inception crop decodes only its window of a JPEG, so it gets the encoded files
     # (which also keeps the shuffle buffer small).
     read = self.source.read_epochs(self.config.train_split, jax.process_index(),
@@ -174,11 +213,24 @@ class Pipeline:
                                    encoded=self.recipe == 'imagenet')
     seeds = tf.constant(seeds, tf.int64)
 
+    epoch_size, copies, batch = self.steps_per_epoch * self.batch, self.copies, self.batch
+    group = copy_group(batch, copies)
+    # A window reads its epoch's examples, and the few more that groups of `group` need
+    # when `copies` does not divide the batch (from the start of the shard again).
+    extra = copies * self.steps_per_epoch * group - epoch_size
+
     def epoch_examples(i):
-      ds = read(i).take(self.steps_per_epoch * self.batch)
+      ds = read(i).take(epoch_size)
+      if copies > 1 and extra:
+        ds = ds.concatenate(read(i).take(extra))
       ds = ds.shuffle(self.config.shuffle_buffer, seed=tf.gather(seeds, i),
                       reshuffle_each_iteration=False)
-      return ds.enumerate().map(lambda index, example: (first + i, index, example))
+      if copies > 1:  # each group of examples `copies` times in a batch, group apart
+        ds = ds.batch(group, drop_remainder=True).map(lambda examples: tf.nest.map_structure(
+            lambda x: tf.concat([x] * copies, 0)[:batch], examples))
+        ds = ds.unbatch()
+      return ds.enumerate().map(lambda index, example: (
+          (first + i) * copies + index // epoch_size, index % epoch_size, example))
 
     # Plain tracing: autograph would try to convert the source's reading code (TFDS's).
     ds = tf.data.Dataset.range(self.epochs_per_dataset).flat_map(
@@ -194,10 +246,11 @@ class Pipeline:
     batch = host_batch_size(batch_size)
     total = self.source.num_examples(split)
     num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch)
-    recipe, size, channels = self.recipe, self.config.image_size, self.channels
+    recipe, size, channels = self.recipe, self.sizes.eval, self.channels
     ds = self.source.read(split, jax.process_index(), jax.process_count(), drop_remainder=False,
                           encoded=recipe == 'imagenet')  # decodes the central crop only
-    ds = ds.map(lambda ex: preprocessing.eval_transform(ex, recipe, size, channels),
+    ds = ds.map(lambda ex: preprocessing.eval_transform(ex, recipe, size, channels,
+                                                        self.sizes.eval_crop_fraction),
                 num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors({
         'image': tf.zeros((size, size, self.channels), tf.uint8),

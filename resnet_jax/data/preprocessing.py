@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to size / 0.875 (256 for 224), crop
+from resnet_jax.data.sizes import EVAL_CROP_FRACTION
 
 
 def _resize(image, shape, antialias=True):
@@ -66,14 +66,14 @@ def _decode_and_inception_crop(encoded, seed, channels):
                  lambda: _inception_crop(decode(encoded, channels), seed))
 
 
-def _decode_center_crop_and_resize(encoded, size, channels):
-  """The central crop that a resize to size / EVAL_CROP_FRACTION keeps, resized to `size`:
+def _decode_center_crop_and_resize(encoded, size, channels, crop_fraction):
+  """The central crop that a resize to size / crop_fraction keeps, resized to `size`:
   decodes only that window of a JPEG and resizes only it (as Flax's ImageNet example does;
   0.6x the CPU of resizing the whole image, benchmarks/RESULTS.md)."""
 
   def window(shape):
     side = tf.cast(tf.round(tf.cast(tf.reduce_min(shape[:2]), tf.float32) *
-                            EVAL_CROP_FRACTION), tf.int32)
+                            crop_fraction), tf.int32)
     return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
 
   def crop_jpeg():
@@ -103,9 +103,9 @@ def _pil_resize(image, size: int, channels: int):
   return tf.ensure_shape(resized, (size, size, channels))
 
 
-def _resize_and_center_crop(image, size):
+def _resize_and_center_crop(image, size, crop_fraction):
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (size / EVAL_CROP_FRACTION) / tf.reduce_min(shape)
+  scale = (size / crop_fraction) / tf.reduce_min(shape)
   resized_shape = tf.cast(tf.round(shape * scale), tf.int32)
   image = _resize(image, resized_shape)
   top = (resized_shape[0] - size) // 2
@@ -147,18 +147,21 @@ def train_transform(example, seed, recipe: str, image_size: int, channels: int =
   return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
 
-def eval_transform(example, recipe: str, image_size: int, channels: int = 3):
+def eval_transform(example, recipe: str, image_size: int, channels: int = 3,
+                   crop_fraction: float = EVAL_CROP_FRACTION):
   """Deterministic eval transform to uint8 pixels; adds mask=1 (padding gets mask=0).
 
+  'imagenet' resizes the shorter side to image_size / crop_fraction and crops the center
+  (`sizes.ImageSizes.eval_crop_fraction`: 224/232 for torchvision's V2 recipe).
   For 'imagenet', 'image' may be the encoded file (decoded to `channels` channels): then
   only the central crop is decoded and resized, instead of the whole image resized and
   then cropped (a crop of the same window; the pixels differ from those by resampling).
   """
   image = example['image']
   if recipe == 'imagenet' and image.dtype == tf.string:
-    image = _decode_center_crop_and_resize(image, image_size, channels)
+    image = _decode_center_crop_and_resize(image, image_size, channels, crop_fraction)
   elif recipe == 'imagenet':
-    image = _resize_and_center_crop(image, image_size)
+    image = _resize_and_center_crop(image, image_size, crop_fraction)
   else:
     image = _maybe_resize(image, image_size)
   return {'image': image, 'label': tf.cast(example['label'], tf.int32),

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from resnet_jax.data import normalization
+from resnet_jax.data.sizes import image_sizes
 
 
 class SyntheticPipeline:
@@ -21,9 +22,9 @@ class SyntheticPipeline:
     self.steps_per_epoch = max(1, config.synthetic_train_size
                                // config.batch_size)
 
-  def _batch(self, batch_size, seed):
+  def _batch(self, batch_size, seed, size):
     rng = np.random.default_rng(seed)
-    size, host = self.config.image_size, batch_size // jax.process_count()
+    host = batch_size // jax.process_count()
     return {
         'image': rng.integers(0, 256, (host, size, size, self.channels), np.uint8),
         'label': rng.integers(0, self.num_classes, host).astype(np.int32),
@@ -39,7 +40,8 @@ class SyntheticPipeline:
 
   def train_batches(self, start_step: int = 0):
     del start_step  # every batch is the same
-    batch = self._batch(self.config.batch_size, self.config.seed)
+    batch = self._batch(self.config.batch_size, self.config.seed,
+                        image_sizes(self.config).train)
     while True:
       yield batch
 
@@ -47,6 +49,6 @@ class SyntheticPipeline:
     del split
     total = self.config.synthetic_eval_size
     num_batches = math.ceil(total / batch_size)
-    batch = dict(self._batch(batch_size, self.config.seed + 1),
+    batch = dict(self._batch(batch_size, self.config.seed + 1, image_sizes(self.config).eval),
                  mask=np.ones(batch_size // jax.process_count(), np.float32))
     return num_batches, lambda: iter([batch] * num_batches)

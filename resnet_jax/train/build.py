@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from resnet_jax import run_dir
 from resnet_jax.data import normalization
+from resnet_jax.data.sizes import image_sizes
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet
 from resnet_jax.train import ema, optim, parallel
@@ -47,7 +48,8 @@ def create_model_checked(spec: dict, image_size: int) -> ResNet:
   except UserError as e:
     raise UserError(f'config.model={spec["name"]!r}: {e}') from None
   if image_size < model.total_stride:
-    raise UserError(f'config.image_size={image_size} is too small for {spec["name"]}, '
+    raise UserError(f'Images of {image_size}x{image_size} (config.image_size, or '
+                    f'train_image_size / eval_image_size) are too small for {spec["name"]}, '
                     f'which downsamples by {model.total_stride}: use image_size >= '
                     f'{model.total_stride}.')
   return model
@@ -57,11 +59,12 @@ def build_run(config, mesh: Mesh, num_classes: int, channels: int,
               steps_per_epoch: int) -> RunParts:
   """The model, optimizer, state initializer and steps of `config` over `mesh`."""
   spec = run_dir.model_config_of_run(config, num_classes, channels)
-  model = create_model_checked(spec, config.image_size)
+  sizes = image_sizes(config)
+  model = create_model_checked(spec, min(sizes.train, sizes.eval))
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
   tx = optim.create_optimizer(config, learning_rate_fn)
   init = functools.partial(create_train_state, model, tx,
-                           input_shape=(1, config.image_size, config.image_size, channels),
+                           input_shape=(1, sizes.train, sizes.train, channels),
                            label_smoothing=config.label_smoothing,
                            ema=config.ema_decay > 0)
   statistics = normalization.RECIPE_STATISTICS[normalization.checked_recipe(config.preprocess)]
@@ -98,7 +101,7 @@ def abstract_batch(config, mesh: Mesh, channels: int, batch_size: int,
                    eval_mask: bool = False) -> dict:
   """Shapes and shardings of a global batch of uint8 pixels, as the pipelines make them."""
   sharding = parallel.batch_sharding(mesh)
-  size = config.image_size
+  size = image_sizes(config).eval if eval_mask else image_sizes(config).train
   batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.uint8,
                                          sharding=sharding),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}

@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from resnet_jax.data import augment_policy
 from resnet_jax.data.normalization import RECIPES
+from resnet_jax.data.sizes import EVAL_CROP_FRACTION, image_sizes
 from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.models.zoo import MODEL_OPTIONS
@@ -70,6 +71,14 @@ def _decay_factor(value) -> Optional[str]:
 
 def _name(value) -> Optional[str]:
   return None if isinstance(value, str) and value.strip() else 'must not be empty'
+
+
+def _profile_steps(value) -> Optional[str]:
+  steps = tuple(value)
+  if steps and (len(steps) != 2 or any(int(s) != s for s in steps)
+                or not 0 <= steps[0] < steps[1]):
+    return 'must be () or (start, end) steps with 0 <= start < end, e.g. (10, 15)'
+  return None
 
 
 def _seed(value) -> Optional[str]:
@@ -160,7 +169,9 @@ KEYS: Dict[str, Callable] = {
     'shuffle_buffer': _positive, 'input_pipeline': _one_of(INPUT_PIPELINES),
     'auto_augment': _auto_augment, 'random_erase': _probability,
     'synthetic_train_size': _positive,
-    'synthetic_eval_size': _positive,
+    'synthetic_eval_size': _positive, 'train_image_size': _non_negative,
+    'eval_image_size': _non_negative, 'eval_resize_size': _non_negative,
+    'repeated_augmentation': _positive,
     # Optimization.
     'batch_size': _positive, 'eval_batch_size': _positive, 'num_train_steps': _any,
     'num_epochs': _any, 'learning_rate': _positive, 'learning_rate_batch_base': _non_negative,
@@ -181,6 +192,7 @@ KEYS: Dict[str, Callable] = {
     'checkpoint_every_steps': _any, 'keep_checkpoints': _positive, 'init_from': _any,
     'best_metric': _one_of(('eval/top1', 'eval_ema/top1')),
     'skip_nonfinite_steps': _any, 'stall_factor': _non_negative, 'stall_exit': _any,
+    'profile_steps': _profile_steps,
 }
 
 
@@ -218,11 +230,24 @@ def check_config(config, num_devices: int):
     raise UserError(f"config.input_pipeline='dali' does not apply auto_augment="
                     f"{config.auto_augment!r} or random_erase={config.random_erase}: use "
                     f"input_pipeline='tf.data' for them, or turn them off.")
+  _check_sizes(config)
   steps, epochs = config.num_train_steps, config.num_epochs
   if steps == 0 or steps < -1 or (steps == -1 and not epochs > 0):
     raise UserError(f'config.num_train_steps={steps}, num_epochs={epochs}: set '
                     f'num_train_steps to a positive number, or to -1 with a positive '
                     f'num_epochs.')
+
+
+def _check_sizes(config):
+  sizes = image_sizes(config)
+  if sizes.eval_resize < sizes.eval:
+    raise UserError(f'config.eval_resize_size={config.eval_resize_size} is smaller than the '
+                    f'eval crop ({sizes.eval}): use eval_resize_size >= {sizes.eval}, or 0 '
+                    f'for {round(sizes.eval / EVAL_CROP_FRACTION)}.')
+  if config.repeated_augmentation > config.batch_size:
+    raise UserError(f'config.repeated_augmentation={config.repeated_augmentation} is more '
+                    f'copies than a batch holds (batch_size={config.batch_size}): use at most '
+                    f'{config.batch_size}.')
 
 
 def check_eval_batch_size(config, eval_examples: int, num_devices: int):

@@ -18,6 +18,7 @@ from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.metrics import (METRICS_FILE, MetricWindow, MetricWriter, Progress, log,
                                       log_eval, log_train, progress_bar)
 from resnet_jax.train.preemption import StopRequest
+from resnet_jax.train.profiling import StepProfiler
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.watchdog import StepWatchdog
 
@@ -110,10 +111,13 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
   step, eval_results, stopping = start_step, {}, False
   bar = progress_bar(total_steps, start_step)
   watchdog = StepWatchdog(config.stall_factor, config.stall_exit, _log_any_process)
+  profiler = StepProfiler(config.profile_steps, workdir)
   try:
     while step < total_steps and not stopping:
+      profiler.before_step(step)
       state, metrics = run.parts.train_fn(state, next(batches))
       step += 1
+      profiler.after_step(step, metrics)
       watchdog.dispatched(metrics)
       window.add(step, metrics)
       bar.update()
@@ -137,6 +141,7 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
         if _every(step, config.checkpoint_every_steps) or last:
           _save(run, config, step, state, window, top1, force=last)
   finally:
+    profiler.stop()
     watchdog.close()
     bar.close()
     stop.restore_handlers()
