@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import run_dir
+from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
@@ -61,9 +61,9 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   replicated = NamedSharding(mesh, P())
   pipeline = create_pipeline(config)
   if workdir:
-    model, variables = run_dir.restore_run(workdir, step, replicated)
+    model, variables = checkpoint_format.restore_run(workdir, step, replicated)
   else:
-    model, variables = run_dir.load_model(checkpoint)
+    model, variables = checkpoint_format.load_model(checkpoint)
     variables = jax.device_put(variables, replicated)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())

@@ -65,7 +65,7 @@ def serving_settings(checkpoint: Path) -> Dict[str, Any]:
   """{'normalization', 'image_size'} of a checkpoint directory: a training workdir's
   config.json, else ImageNet's at 224 (converted torchvision/timm weights)."""
   from resnet_jax.data.normalization import RECIPE_STATISTICS, checked_recipe
-  from resnet_jax.run_dir import eval_settings
+  from resnet_jax.train.run_dir import eval_settings
 
   settings = eval_settings(checkpoint)
   return {'normalization': RECIPE_STATISTICS[checked_recipe(settings['preprocess'])],
@@ -210,7 +210,8 @@ def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str =
   """Writes the serving artifact of `checkpoint` to `output`; returns its contract. An
   existing output is replaced only with `overwrite` and only if export wrote it."""
   import jax.numpy as jnp
-  from resnet_jax.run_dir import load_model, read_model_config
+  from resnet_jax.train.checkpoint_format import load_model
+  from resnet_jax.train.run_dir import read_model_config
 
   platforms = checked_platforms(platforms)
   outputs.check_output(Path(output), KINDS[fmt], [checkpoint], overwrite)

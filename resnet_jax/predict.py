@@ -100,12 +100,12 @@ def checkpoint_preprocessing(checkpoint: Path, in_channels: int) -> Preprocessin
   """A training workdir's own preprocessing (its config.json, read as evaluate reads it);
   torchvision's ImageNet transform for a converted checkpoint of a 3-channel model; a
   UserError when neither applies."""
-  from resnet_jax import run_dir
+  from resnet_jax.train import run_dir
 
   if in_channels not in MODES:
     raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; predict '
                     f'reads images as grayscale (1 channel) or RGB (3).')
-  if (checkpoint / run_dir.CHECKPOINTS_DIR).is_dir():
+  if run_dir.is_training_workdir(checkpoint):
     config = run_dir.read_run_config(checkpoint)
     if config is None:
       raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
 
   import jax
   from resnet_jax.pretrained import load_pretrained
-  from resnet_jax.run_dir import load_model
+  from resnet_jax.train.checkpoint_format import load_model
 
   try:
     if args.pretrained:

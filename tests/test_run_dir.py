@@ -1,4 +1,5 @@
-"""resnet_jax.run_dir: converted checkpoint directories and training workdirs."""
+"""resnet_jax.train.run_dir and checkpoint_format: converted checkpoint directories and
+training workdirs."""
 
 import errno
 import io
@@ -16,9 +17,10 @@ import pytest
 from conftest import tiny_digits_config
 
 import resnet_jax
-from resnet_jax import create_model, run_dir, scan_variables
+from resnet_jax import create_model, scan_variables
 from resnet_jax.errors import UserError
-from resnet_jax.run_dir import save_converted
+from resnet_jax.train import run_dir
+from resnet_jax.train.checkpoint_format import save_converted
 from resnet_jax.train import loop, parallel
 
 ARCH = 'cifar_resnet20'
