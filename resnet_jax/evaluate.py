@@ -49,10 +49,12 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
 
 def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
              step: Optional[int] = None, split: Optional[str] = None,
-             batch_size: Optional[int] = None, **dataset_overrides) -> dict:
+             batch_size: Optional[int] = None, raw_weights: bool = False,
+             **dataset_overrides) -> dict:
   """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default: the newest that
-  reads, also while train.py writes the workdir; nothing is moved) or of a converted
-  checkpoint directory, on `split` (default: the run's eval split)."""
+  reads, also while train.py writes the workdir; nothing is moved; its weight EMA when the
+  run kept one, unless `raw_weights`) or of a converted checkpoint directory, on `split`
+  (default: the run's eval split)."""
   if (workdir is None) == (checkpoint is None):
     raise ValueError('Pass exactly one of --workdir (a training run) or --checkpoint '
                      '(a converted checkpoint directory).')
@@ -61,7 +63,7 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   replicated = NamedSharding(mesh, P())
   pipeline = create_pipeline(config)
   if workdir:
-    model, variables = checkpoint_format.restore_run(workdir, step, replicated)
+    model, variables = checkpoint_format.restore_run(workdir, step, replicated, raw_weights)
   else:
     model, variables = checkpoint_format.load_model(checkpoint)
     variables = jax.device_put(variables, replicated)
@@ -90,6 +92,9 @@ def main(argv=None):
   parser.add_argument('--data_dir', help='TFDS data_dir')
   parser.add_argument('--preprocess', help='digits, cifar, imagenet or none')
   parser.add_argument('--image_size', type=int)
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='the run\'s trained weights, not its weight EMA (used by default '
+                           'when the run kept one)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   try:

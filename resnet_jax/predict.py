@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k '
                       '(resnet_jax.list_pretrained())')
   parser.add_argument('--top-k', type=int, default=5, help='classes to print per image')
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='with a training workdir: its trained weights, not its weight EMA '
+                           '(used by default when the run kept one)')
   parser.add_argument('images', nargs='+', type=Path, help='image files (JPEG, PNG, ...)')
   return parser
 
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
       model, variables = load_pretrained(args.pretrained)
       transform = Preprocessing('imagenet', CROP_SIZE, 3).transform()
     else:
-      model, variables = load_model(args.checkpoint)
+      model, variables = load_model(args.checkpoint, args.raw_weights)
       transform = checkpoint_preprocessing(args.checkpoint, model.in_channels).transform()
   except ValueError as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                       help='convert weights holding NaN or inf (refused by default: they '
                            'come from a diverged run or a damaged file). Tensors that are '
                            'not floating point (complex, integer, bool) are always refused')
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='with a training workdir: its trained weights, not its weight EMA '
+                           '(used by default when the run kept one)')
   return parser
 
 
@@ -85,7 +88,7 @@ def _read_and_convert(args, to_flax: bool, progress):
     return arch, {}, state_dict, variables, write
   model_config = run_dir.read_model_config(args.input)
   arch, overrides = args.arch or model_config['name'], layout_overrides(model_config)
-  variables = checkpoint_format.load_variables(args.input)
+  variables = checkpoint_format.load_variables(args.input, args.raw_weights)
   progress.update()
   progress.set_description('converting')
   state_dict = flax_to_torch(variables, arch, args.allow_nonfinite, **overrides)

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, scan_variables, unscan_variables
 from resnet_jax.train import run_dir
+from resnet_jax.train.state import EMA_KEY
 
 STATE_ITEM, DATA_ITEM = 'state', 'data'
 DATA_FILE = 'metadata'  # the file orbax's JsonCheckpointHandler writes in the 'data' item
@@ -214,14 +215,15 @@ def _restore_converted(path: run_dir.PathLike) -> Dict[str, Any]:
 
 # --- variables of a checkpoint directory ----------------------------------------------------
 
-def load_variables(path: run_dir.PathLike) -> Dict[str, Any]:
+def load_variables(path: run_dir.PathLike, raw_weights: bool = False) -> Dict[str, Any]:
   """{'params', 'batch_stats'} (unrolled layout) from a converted checkpoint directory or
-  the newest complete, readable step of a training workdir."""
+  the newest complete, readable step of a training workdir (its weight EMA when the run
+  kept one, unless `raw_weights`; `restore_variables`)."""
   path = Path(path)
   if run_dir.is_converted_dir(path):
     state = _restore_converted(path)
   elif run_dir.is_training_workdir(path):
-    state = restore_variables(path)  # the newest step that reads
+    state = restore_variables(path, raw_weights=raw_weights)  # the newest step that reads
   elif not path.exists():
     raise run_dir.not_a_checkpoint(path, 'it does not exist')
   else:
@@ -231,20 +233,24 @@ def load_variables(path: run_dir.PathLike) -> Dict[str, Any]:
   return jax.tree.map(jnp.asarray, unscan_variables(variables))
 
 
-def load_model(path: run_dir.PathLike, **overrides: Any) -> Tuple[ResNet, Dict[str, Any]]:
+def load_model(path: run_dir.PathLike, raw_weights: bool = False,
+               **overrides: Any) -> Tuple[ResNet, Dict[str, Any]]:
   """(model, variables) from a checkpoint directory; `overrides` go to `create_model`
   (e.g. dtype=jnp.bfloat16). Variables come in the layout the model uses (scanned when
-  it is built with scan_blocks=True)."""
+  it is built with scan_blocks=True); a training run's weight EMA when it kept one,
+  unless `raw_weights`."""
   model = run_dir.model_from_config({**run_dir.read_model_config(path), **overrides})
-  variables = load_variables(path)
+  variables = load_variables(path, raw_weights)
   return model, scan_variables(variables) if model.scan_blocks else variables
 
 
-def restore_run(workdir: str, step: Optional[int] = None, sharding=None):
+def restore_run(workdir: str, step: Optional[int] = None, sharding=None,
+                raw_weights: bool = False):
   """(model, {'params', 'batch_stats'}) of a training run, on any number of devices.
 
   The model is rebuilt from WORKDIR/model.json; the variables (in the model's own layout,
-  scanned if it scans) are placed with `sharding`, by default replicated on all devices.
+  scanned if it scans) are placed with `sharding`, by default replicated on all devices;
+  they are the run's weight EMA when it kept one, unless `raw_weights`.
   """
   model = run_dir.model_from_config(run_dir.read_model_config(workdir))
   if sharding is None:
@@ -254,7 +260,7 @@ def restore_run(workdir: str, step: Optional[int] = None, sharding=None):
       jax.random.PRNGKey(0), jnp.zeros((1, size, size, model.in_channels)), train=False))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                         target)
-  return model, restore_variables(workdir, target, step)
+  return model, restore_variables(workdir, target, step, raw_weights=raw_weights)
 
 
 def _warn(message: str):
@@ -262,11 +268,15 @@ def _warn(message: str):
 
 
 def restore_variables(workdir: run_dir.PathLike, target: Any = None,
-                      step: Optional[int] = None,
-                      log: Callable[[str], None] = _warn) -> dict:
+                      step: Optional[int] = None, log: Callable[[str], None] = _warn,
+                      raw_weights: bool = False) -> dict:
   """{'params', 'batch_stats'} of a training run's newest complete checkpoint that reads
   (or of `step`), laid out like `target` (arrays or ShapeDtypeStructs with shardings;
   default: as saved, on one device). The optimizer state is not read.
+
+  When the run kept a weight EMA (config.ema_decay > 0) these are the EMA's, as its
+  evaluation reports them (eval_ema/...), and `log` says so in one line; `raw_weights`
+  reads the trained ones.
 
   Safe while a train.py writes the workdir: orbax lists only committed steps; a step that
   vanishes while read (rotated away by the writer) makes it list again; an unreadable one
@@ -276,7 +286,7 @@ def restore_variables(workdir: run_dir.PathLike, target: Any = None,
   failures = {}
   for _ in range(READ_ATTEMPTS):
     try:
-      return _read_newest_readable(directory, target, step, failures, log)
+      return _read_newest_readable(directory, target, step, failures, log, raw_weights)
     except (FileNotFoundError, _ListAgain):  # the writer rotated a step away: list again
       continue
     except _NothingReadable:
@@ -297,14 +307,14 @@ class _NothingReadable(Exception):
 
 
 def _read_newest_readable(directory: str, target: Any, step: Optional[int], failures: dict,
-                          log: Callable[[str], None]) -> dict:
+                          log: Callable[[str], None], raw_weights: bool) -> dict:
   """One pass of `restore_variables` over the steps orbax lists now."""
   listed = saved_steps(directory)
   if step is not None and step not in listed:
     raise UserError(f'{directory} has no step {step}; it has {listed}.')
   for candidate in [step] if step is not None else reversed(listed):
     try:
-      return _read_variables(directory, candidate, target)
+      return _read_variables(directory, candidate, target, raw_weights, log)
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (fall back, never move)
@@ -316,13 +326,15 @@ def _read_newest_readable(directory: str, target: Any, step: Optional[int], fail
   raise _NothingReadable()
 
 
-def _read_variables(directory: str, step: int, target: Any) -> dict:
+def _read_variables(directory: str, step: int, target: Any, raw_weights: bool,
+                    log: Callable[[str], None]) -> dict:
   saved = saved_state_tree(directory, step)
   missing = [c for c in VARIABLES if c not in saved]
   if missing:
     raise UserError(f'The {STATE_ITEM!r} item of step {step} in {directory} has no '
                     f'{" or ".join(missing)}; it holds {sorted(saved)}.')
-  saved = {c: saved[c] for c in VARIABLES}
+  ema = EMA_KEY in saved and not raw_weights
+  saved = {c: (saved[EMA_KEY] if ema else saved)[c] for c in VARIABLES}
   if target is None:
     # An explicit single-device target: without one orbax would rebuild the saving run's
     # shardings, which fails ('Topology mismatch') when it had more devices than this one.
@@ -334,4 +346,9 @@ def _read_variables(directory: str, step: int, target: Any) -> dict:
     if differences:
       raise UserError(f'Checkpoint {step} in {directory} does not fit the model of '
                       f'model.json: {"; ".join(differences)}.')
-  return read_state(directory, step, target, partial=True)
+  if not ema:
+    return read_state(directory, step, target, partial=True)
+  variables = read_state(directory, step, {EMA_KEY: target}, partial=True)[EMA_KEY]
+  log(f'Using the weight EMA of checkpoint {step} in {directory} (pass --raw_weights for '
+      f'the trained weights).')
+  return variables
