@@ -107,6 +107,21 @@ def test_import_resnet_jax_stays_light():
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 
 
+def test_each_run_directory_name_is_typed_in_run_dir_only():
+  """Every other module asks run_dir for a path, so a renamed file cannot be half-renamed."""
+  names = (run_dir.MODEL_JSON, run_dir.CONFIG_JSON, run_dir.METRICS_FILE, run_dir.CURVES_FILE,
+           run_dir.UNREADABLE_DIR, run_dir.LOCK_FILE)
+  package = os.path.dirname(resnet_jax.__file__)
+  typed = {}
+  for root, _, files in os.walk(package):
+    for file in (f for f in files if f.endswith('.py')):
+      text = open(os.path.join(root, file)).read()
+      for name in names:
+        if f"'{name}'" in text or f'"{name}"' in text:
+          typed.setdefault(name, []).append(os.path.relpath(os.path.join(root, file), package))
+  assert typed == {name: [os.path.join('train', 'run_dir.py')] for name in names}
+
+
 def test_loads_the_trainers_workdir(trained_workdir):
   """The contract with resnet_jax.train: a real (tiny) training run's workdir loads."""
   workdir, _ = trained_workdir

@@ -119,7 +119,7 @@ def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainS
   except (ValueError, OSError) as e:
     raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
   merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
-                                    loaded, spec.get('scan_blocks', False))
+                            loaded, spec.get('scan_blocks', False))
   merged = jax.device_put(merged, parallel.replicated(mesh))
   log(f'Initialized from {config.init_from}.')
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])

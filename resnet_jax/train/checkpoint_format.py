@@ -349,6 +349,6 @@ def _read_variables(directory: str, step: int, target: Any, raw_weights: bool,
   if not ema:
     return read_state(directory, step, target, partial=True)
   variables = read_state(directory, step, {EMA_KEY: target}, partial=True)[EMA_KEY]
-  log(f'Using the weight EMA of checkpoint {step} in {directory} (pass --raw_weights for '
-      f'the trained weights).')
+  log(f'Using the weight EMA of checkpoint {step} in {directory} (--raw_weights or '
+      f'raw_weights=True reads the trained weights).')
   return variables

@@ -20,6 +20,7 @@ from resnet_jax.train.preemption import StopRequest
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.watchdog import StepWatchdog
 
+
 class _Run(NamedTuple):
   mesh: Mesh
   pipeline: object

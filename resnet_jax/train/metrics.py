@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from resnet_jax.train import run_dir
 
+
 class MetricWriter:
   """Writes scalars for a step to the console, metrics.jsonl and TensorBoard."""
 
