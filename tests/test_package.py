@@ -73,7 +73,7 @@ def _export_for_the_serving_example(directory):
   model = create_model('cifar_resnet20')
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
   save_converted(variables, {'name': 'cifar_resnet20', 'num_classes': 10},
-                         directory / 'converted')
+                 directory / 'converted')
   export.main(['--checkpoint', str(directory / 'converted'), '--output',
                str(directory / 'resnet50.jaxexport'), '--platforms', 'cpu'])
 
