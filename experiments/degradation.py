@@ -71,11 +71,10 @@ def set_steps(config, steps: int):
 
 def is_complete(workdir: str, config) -> bool:
   """Whether `workdir` holds a finished run of `config` (raises if it holds another)."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
+  from resnet_jax.train import run_dir  # pylint: disable=g-import-not-at-top
+  saved = run_dir.read_run_config(workdir)
+  if saved is None:
     return False
-  with open(config_path) as f:
-    saved = json.load(f)
   now = json.loads(config.to_json_best_effort())
   # Keys added to the configs since the run was made do not make it another run.
   differing = [f'{k}={saved[k]!r} there, {now[k]!r} now' for k in sorted(saved.keys() & now.keys())
@@ -84,7 +83,7 @@ def is_complete(workdir: str, config) -> bool:
     raise ValueError(f'{workdir} holds a run of another config ({"; ".join(differing)}); '
                      f'pass another --workdir or delete it.')
   from resnet_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  if not os.path.exists(run_dir.metrics_path(workdir)):
     return False
   steps = read_metrics(workdir).get('eval/top1', ((),))[0]
   return bool(steps) and steps[-1] >= config.num_train_steps

@@ -11,7 +11,8 @@ from resnet_jax.models import (BasicBlock, BatchNorm, BottleneckBlock, Downsampl
 __version__ = '0.1.0'
 
 # Loading needs orbax; import it only when asked for, so `import resnet_jax` stays light.
-_LAZY = {'load_variables': 'resnet_jax.run_dir', 'load_model': 'resnet_jax.run_dir',
+_LAZY = {'load_variables': 'resnet_jax.train.checkpoint_format',
+         'load_model': 'resnet_jax.train.checkpoint_format',
          'load_pretrained': 'resnet_jax.pretrained', 'list_pretrained': 'resnet_jax.pretrained'}
 
 

@@ -22,7 +22,8 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax import input_spec, run_dir
+from resnet_jax import input_spec
+from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import UserError
@@ -80,10 +81,12 @@ def _spec_image_size(checkpoint: Optional[str], overrides: dict) -> dict:
 
 def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
              step: Optional[int] = None, split: Optional[str] = None,
-             batch_size: Optional[int] = None, **dataset_overrides) -> dict:
+             batch_size: Optional[int] = None, raw_weights: bool = False,
+             **dataset_overrides) -> dict:
   """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default: the newest that
-  reads, also while train.py writes the workdir; nothing is moved) or of a converted
-  checkpoint directory, on `split` (default: the run's eval split)."""
+  reads, also while train.py writes the workdir; nothing is moved; its weight EMA when the
+  run kept one, unless `raw_weights`) or of a converted checkpoint directory, on `split`
+  (default: the run's eval split)."""
   if (workdir is None) == (checkpoint is None):
     raise UserError('Pass exactly one of --workdir (a training run) or --checkpoint '
                      '(a converted checkpoint directory).')
@@ -94,9 +97,9 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   replicated = NamedSharding(mesh, P())
   pipeline = create_pipeline(config)
   if workdir:
-    model, variables = run_dir.restore_run(workdir, step, replicated)
+    model, variables = checkpoint_format.restore_run(workdir, step, replicated, raw_weights)
   else:
-    model, variables = run_dir.load_model(checkpoint)
+    model, variables = checkpoint_format.load_model(checkpoint)
     variables = jax.device_put(variables, replicated)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())
@@ -123,6 +126,9 @@ def main(argv=None):
   parser.add_argument('--data_dir', help='TFDS data_dir')
   parser.add_argument('--preprocess', help='digits, cifar, imagenet or none')
   parser.add_argument('--image_size', type=int)
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='the run\'s trained weights, not its weight EMA (used by default '
+                           'when the run kept one)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   try:

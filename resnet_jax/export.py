@@ -208,18 +208,20 @@ def write_saved_model(serve, contract_: Dict[str, Any], output: Path,
 
 def export(checkpoint: Path, output: Path, fmt: str = 'jax_export', dtype: str = 'float32',
            batch: Optional[int] = None, platforms: Sequence[str] = ('cpu', 'cuda'),
-           overwrite: bool = False, spec=None) -> Dict[str, Any]:
+           overwrite: bool = False, spec=None, raw_weights: bool = False) -> Dict[str, Any]:
   """Writes the serving artifact of `checkpoint` to `output`; returns its contract. An
   existing output is replaced only with `overwrite` and only if export wrote it. `spec`
-  (an InputSpec) defaults to the checkpoint's own (`input_spec.of_checkpoint`)."""
+  (an InputSpec) defaults to the checkpoint's own (`input_spec.of_checkpoint`). A
+  training workdir's weight EMA is exported when the run kept one, unless `raw_weights`."""
   import jax.numpy as jnp
   from resnet_jax import input_spec
-  from resnet_jax.run_dir import load_model, read_model_config
+  from resnet_jax.train.checkpoint_format import load_model
+  from resnet_jax.train.run_dir import read_model_config
 
   platforms = checked_platforms(platforms)
   outputs.check_output(Path(output), KINDS[fmt], [checkpoint], overwrite)
   model_config = read_model_config(checkpoint)
-  model, variables = load_model(checkpoint, dtype=jnp.dtype(dtype))
+  model, variables = load_model(checkpoint, raw_weights, dtype=jnp.dtype(dtype))
   if spec is None:
     spec = input_spec.of_checkpoint(checkpoint, model.num_classes, model.in_channels)
   spec.check_channels(model.in_channels)
@@ -280,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--overwrite', action='store_true',
                       help='replace an existing output, only if it is one export writes; '
                            'it is swapped out once the new output is complete')
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='with a training workdir: its trained weights, not its weight EMA '
+                           '(used by default when the run kept one)')
   return parser
 
 
@@ -308,7 +313,7 @@ def main(argv=None) -> int:
       from resnet_jax.pretrained import ensure_cached, input_spec
       checkpoint, spec = ensure_cached(args.pretrained), input_spec(args.pretrained)
     result = export(checkpoint, args.output, args.format, args.dtype, batch, args.platforms,
-                    args.overwrite, spec)
+                    args.overwrite, spec, args.raw_weights)
   except (UserError, OSError) as e:
     parser.exit(2, f'{parser.prog}: error: {e}\n')
   shape = ['batch' if d is None else d for d in result['input']['shape']]

@@ -197,7 +197,7 @@ def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 
   else (a converted checkpoint of older versions) torchvision's ImageNet transform. A
   UserError when the model's images are neither grayscale nor RGB, or when a converted
   checkpoint without a spec holds a model that does not take RGB images."""
-  from resnet_jax import run_dir
+  from resnet_jax.train import run_dir
 
   if in_channels not in MODES:
     raise UserError(f'The model in {checkpoint} takes {in_channels}-channel images; images '
@@ -205,7 +205,7 @@ def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 
   saved = run_dir.read_input_spec(checkpoint)
   if saved is not None:
     return InputSpec.from_json(saved, str(Path(checkpoint) / run_dir.INPUT_SPEC_JSON))
-  if (Path(checkpoint) / run_dir.CHECKPOINTS_DIR).is_dir():
+  if run_dir.is_training_workdir(checkpoint):
     config = run_dir.read_run_config(checkpoint)
     if config is None:
       raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '

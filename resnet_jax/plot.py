@@ -7,6 +7,8 @@ import argparse
 import os
 from typing import Sequence
 
+from resnet_jax.train import run_dir
+
 PANELS = (('train/loss', 'eval/loss', 'loss'), ('train/accuracy', 'eval/top1', 'top-1 accuracy'))
 
 
@@ -42,15 +44,16 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdirs', nargs='+', help='training run directories (with metrics.jsonl)')
-  parser.add_argument('--out', help='PNG to write (default: WORKDIR/curves.png for one run, '
-                                    'curves.png for several)')
+  parser.add_argument('workdirs', nargs='+',
+                      help=f'training run directories (with {run_dir.METRICS_FILE})')
+  parser.add_argument('--out', help=f'PNG to write (default: WORKDIR/{run_dir.CURVES_FILE} for '
+                                    f'one run, {run_dir.CURVES_FILE} for several)')
   args = parser.parse_args(argv)
   for workdir in args.workdirs:
-    if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-      parser.error(f'{workdir} has no metrics.jsonl; pass a train.py --workdir.')
-  out = args.out or (os.path.join(args.workdirs[0], 'curves.png') if len(args.workdirs) == 1
-                     else 'curves.png')
+    if not os.path.exists(run_dir.metrics_path(workdir)):
+      parser.error(f'{workdir} has no {run_dir.METRICS_FILE}; pass a train.py --workdir.')
+  out = args.out or (run_dir.curves_path(args.workdirs[0]) if len(args.workdirs) == 1
+                     else run_dir.CURVES_FILE)
   try:
     print(f'Wrote {plot_runs(args.workdirs, out)}')
   except OSError as e:

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument('--pretrained', help='pretrained weights by name, e.g. resnet50.tv2_in1k '
                       '(resnet_jax.list_pretrained())')
   parser.add_argument('--top-k', type=int, default=5, help='classes to print per image')
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='with a training workdir: its trained weights, not its weight EMA '
+                           '(used by default when the run kept one)')
   parser.add_argument('images', nargs='+', type=Path, help='image files (JPEG, PNG, ...)')
   return parser
 
@@ -110,14 +113,14 @@ def main(argv=None) -> int:
 
   import jax
   from resnet_jax.pretrained import input_spec as pretrained_input_spec, load_pretrained
-  from resnet_jax.run_dir import load_model
+  from resnet_jax.train.checkpoint_format import load_model
 
   try:
     if args.pretrained:
       model, variables = load_pretrained(args.pretrained)
       spec = pretrained_input_spec(args.pretrained)
     else:
-      model, variables = load_model(args.checkpoint)
+      model, variables = load_model(args.checkpoint, args.raw_weights)
       spec = input_spec.of_checkpoint(args.checkpoint, model.num_classes, model.in_channels)
     transform = spec.transform(model.in_channels)
   except UserError as e:

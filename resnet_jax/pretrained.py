@@ -15,7 +15,7 @@ Files come through the libraries' own caches and checks: torchvision's weights t
 torch.hub's download (under $TORCH_HOME/hub/checkpoints, sha256 prefix checked on
 download, read with weights_only), timm's through `hf_hub_download` (under $HF_HOME/hub;
 HF_HUB_OFFLINE=1 reads only that cache). The converted variables are kept as a converted
-checkpoint directory (`run_dir.save_converted`) under `cache_root()/pretrained/<name>/`,
+checkpoint directory (`checkpoint_format.save_converted`) under `cache_root()/pretrained/<name>/`,
 so a second call converts nothing. cache_root() is $RESNET_JAX_CACHE, else
 $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax.
 
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from resnet_jax import run_dir
+from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.errors import UserError
 from resnet_jax.models import scan_variables
 
@@ -302,18 +302,18 @@ def _read_entry(name: str, directory: Path):
   identity = _identity(directory)
   try:
     config = run_dir.read_model_config(directory)
-    if not run_dir.is_converted_checkpoint(directory):
+    if not checkpoint_format.is_converted_checkpoint(directory):
       raise _Damaged(f'it holds {sorted(p.name for p in directory.iterdir())}, not exactly '
                      f'{run_dir.MODEL_JSON} and {run_dir.VARIABLES_DIR}/', identity)
     if config['name'] != PRETRAINED[name][0]:
       raise _Damaged(f'its {run_dir.MODEL_JSON} names model {config["name"]!r}', identity)
-    return config, run_dir.load_variables(directory)
+    return config, checkpoint_format.load_variables(directory)
   except (_Damaged, MemoryError):
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Anything that stops our own entry from reading (orbax, tensorstore, JSON, missing
     # files) means it is damaged; the entry is then set aside, not deleted.
-    raise _Damaged(run_dir.first_line(e), identity) from None
+    raise _Damaged(checkpoint_format.first_line(e), identity) from None
 
 
 @contextlib.contextmanager
@@ -373,8 +373,8 @@ def _convert(name: str, directory: Path) -> None:
   spec = {'name': arch, 'num_classes': int(state_dict['fc.weight'].shape[0])}
   tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(directory), dir=directory.parent))
   try:
-    run_dir.save_converted(variables, spec, tmp / directory.name,
-                           input_spec(name).to_json())
+    checkpoint_format.save_converted(variables, spec, tmp / directory.name,
+                                     input_spec(name).to_json())
     os.rename(tmp / directory.name, directory)
   except OSError as e:
     if os.path.lexists(directory):  # published first by a process that could not lock

@@ -25,11 +25,12 @@ def test_a_command_prints_no_libtpu_error_without_a_tpu(tmp_path):
     pytest.skip('a TPU host: libtpu runs here')
   import jax
   from PIL import Image
-  from resnet_jax import create_model, run_dir
+  from resnet_jax import create_model
+  from resnet_jax.train.checkpoint_format import save_converted
   model = create_model('cifar_resnet20')
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
-  run_dir.save_converted(variables, {'name': 'cifar_resnet20', 'num_classes': 10},
-                         tmp_path / 'converted')
+  save_converted(variables, {'name': 'cifar_resnet20', 'num_classes': 10},
+                 tmp_path / 'converted')
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'black.png')
   env = {k: v for k, v in os.environ.items()
          if k not in ('JAX_PLATFORMS', *accelerators._NO_TPU_ENV)}

@@ -15,7 +15,7 @@ from conftest import REPO, tiny_digits_config
 import resnet_jax
 from resnet_jax import evaluate
 from resnet_jax.errors import UserError
-from resnet_jax.train import checkpoints, workdir_lock
+from resnet_jax.train import checkpoint_format, checkpoints, workdir_lock
 from resnet_jax.train.loop import train_and_evaluate
 from test_fault_tolerance import (_steps, _train_py, _truncate_files,
                                   config_file)  # noqa: F401  (a fixture)
@@ -64,7 +64,7 @@ def test_checkpoint_whose_score_cannot_be_read_is_kept(tmp_path):
   for step in (1, 2):
     checkpoints.save(manager, step, {'w': np.zeros(3)}, {'batches_consumed': step})
     manager.wait_until_finished()
-  path = tmp_path / 'checkpoints' / '2' / 'data' / checkpoints.DATA_FILE
+  path = tmp_path / 'checkpoints' / '2' / 'data' / checkpoint_format.DATA_FILE
   path.write_text(json.dumps({'batches_consumed': 2}))  # as saved by an older version
   manager.close()
   manager = checkpoints.create_manager(str(tmp_path), keep=1)
@@ -107,7 +107,7 @@ def test_all_checkpoints_unreadable_is_refused_not_restarted(trained_workdir, tm
 
 def _rewrite_data_items(workdir, edit):
   for step in _steps(workdir):
-    path = os.path.join(workdir, 'checkpoints', str(step), 'data', checkpoints.DATA_FILE)
+    path = os.path.join(workdir, 'checkpoints', str(step), 'data', checkpoint_format.DATA_FILE)
     with open(path) as f:
       data = json.load(f)
     with open(path, 'w') as f:

@@ -12,7 +12,8 @@ from conftest import REPO, load_config, tiny_digits_config
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
-from resnet_jax import plan, run_dir
+from resnet_jax import plan
+from resnet_jax.train import run_dir
 from resnet_jax.models.zoo import MODEL_OPTIONS
 from resnet_jax.train.config_schema import (KEYS, check_config, check_eval_batch_size,
                                             model_overrides)

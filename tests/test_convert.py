@@ -21,7 +21,8 @@ from resnet_jax import convert, create_model
 from resnet_jax.errors import UserError
 from resnet_jax.models.torch_names import torch_layout
 from resnet_jax.models.zoo import PYTORCH_REFERENCE
-from resnet_jax.run_dir import load_variables, read_model_config, save_converted
+from resnet_jax.train.checkpoint_format import load_variables, save_converted
+from resnet_jax.train.run_dir import read_model_config
 
 TOL = 1e-4
 

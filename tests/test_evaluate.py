@@ -39,3 +39,22 @@ def test_a_pipeline_that_is_not_the_checkpoints_transform_is_warned_of(trained_w
   assert len(warned) == 1, caplog.text
   assert 'interpolation bilinear (its own: bicubic)' in warned[0]
   assert 'mean (0.3,) (its own: (0.5,))' in warned[0]
+
+
+def test_a_run_with_a_weight_ema_is_evaluated_with_it(tmp_path, capsys):
+  """A workdir is read with the weight EMA its run kept (and says so in one line);
+  --raw_weights reads the trained weights. Each matches the evaluation the run reported
+  for it (eval_ema/... and eval/...)."""
+  from conftest import tiny_digits_config
+  from resnet_jax.train.loop import train_and_evaluate
+  workdir = str(tmp_path)
+  in_training = train_and_evaluate(tiny_digits_config(ema_decay=0.999, ema_every_steps=1),
+                                   workdir)
+  capsys.readouterr()
+  ema = evaluate.main(['--workdir', workdir])
+  assert capsys.readouterr().out.count('Using the weight EMA of checkpoint 4 in ') == 1
+  raw = evaluate.main(['--workdir', workdir, '--raw_weights'])
+  assert 'weight EMA' not in capsys.readouterr().out
+  assert ema == {k[len('ema_'):]: v for k, v in in_training.items() if k.startswith('ema_')}
+  assert raw == {k: v for k, v in in_training.items() if not k.startswith('ema_')}
+  assert ema['loss'] != raw['loss']

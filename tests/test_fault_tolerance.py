@@ -17,12 +17,11 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
 
 import resnet_jax
-from resnet_jax.train import checkpoints, loop, parallel
+from resnet_jax.train import checkpoint_format, checkpoints, loop, parallel, run_dir
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
@@ -93,15 +92,9 @@ def _wait_for_checkpoint(process, workdir, timeout=240):
 
 def read_state(workdir, step=None) -> dict:
   """A checkpoint's whole 'state' item as numpy arrays (independent of device counts)."""
-  handlers = {'state': ocp.PyTreeCheckpointHandler()}
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                             item_handlers=handlers) as manager:
-    step = manager.latest_step() if step is None else step
-    metadata = manager.item_metadata(step)['state']
-    metadata = getattr(metadata, 'tree', metadata)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args)))['state']
+  directory = run_dir.checkpoint_dir(workdir)
+  step = checkpoint_format.saved_steps(directory)[-1] if step is None else step
+  return checkpoint_format.read_state(directory, step)
 
 
 def assert_same_state(workdir, reference):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import create_model, input_spec, run_dir
+from resnet_jax import create_model, input_spec
+from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.errors import UserError
 
 
@@ -40,7 +41,7 @@ def _converted(tmp_path, spec=None):
   model_config = {'name': 'cifar_resnet20', 'num_classes': 1000, 'stage_sizes': (1, 1, 1)}
   model = create_model(**model_config)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  run_dir.save_converted(variables, model_config, tmp_path / 'ckpt', spec)
+  checkpoint_format.save_converted(variables, model_config, tmp_path / 'ckpt', spec)
   return tmp_path / 'ckpt'
 
 
@@ -57,7 +58,7 @@ def test_a_converted_checkpoint_reads_its_spec_back_and_stays_a_converted_checkp
                                  crop_pct=0.95)
   directory = _converted(tmp_path, written.to_json())
   assert input_spec.of_checkpoint(directory) == written
-  assert run_dir.is_converted_checkpoint(directory)
+  assert checkpoint_format.is_converted_checkpoint(directory)
   assert written.statistics_name() == 'centered'
 
 

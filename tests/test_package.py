@@ -73,11 +73,12 @@ def _export_for_the_serving_example(directory):
   """What the README's export command leaves for its serving example: resnet50.jaxexport
   (of a small model at the same 224x224 input, to keep the test fast)."""
   import jax
-  from resnet_jax import create_model, export, run_dir
+  from resnet_jax import create_model, export
+  from resnet_jax.train.checkpoint_format import save_converted
   model = create_model('cifar_resnet20')
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
-  run_dir.save_converted(variables, {'name': 'cifar_resnet20', 'num_classes': 10},
-                         directory / 'converted')
+  save_converted(variables, {'name': 'cifar_resnet20', 'num_classes': 10},
+                 directory / 'converted')
   export.main(['--checkpoint', str(directory / 'converted'), '--output',
                str(directory / 'resnet50.jaxexport'), '--platforms', 'cpu'])
 

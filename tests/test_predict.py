@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from resnet_jax import create_model, predict
 from resnet_jax.convert import torch_to_flax
-from resnet_jax.run_dir import save_converted
+from resnet_jax.train.checkpoint_format import save_converted
 
 LINE = re.compile(r'^  (\d+)\. (\d\.\d{6})  +(\d+)  (.+)$')
 
@@ -174,7 +174,7 @@ def digit_files(tmp_path_factory):
 
 def test_predict_uses_a_digits_workdirs_own_channels_and_preprocessing(
     trained_workdir, digit_files, capsys):
-  from resnet_jax.run_dir import load_model
+  from resnet_jax.train.checkpoint_format import load_model
   workdir, _ = trained_workdir
   directory, pixels = digit_files
   names = list(pixels) + ['photo.jpg']

@@ -1,6 +1,6 @@
 """Execution settings (models.resnet.EXECUTION_FIELDS) change no variable: a workdir resumes
 with them changed (remat, dtype, scan_blocks) and refuses another architecture
-(resnet_jax.run_dir, train.checkpoints)."""
+(resnet_jax.train.run_dir, train.checkpoints)."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_digits_config
-from resnet_jax import run_dir
+from resnet_jax.train import run_dir
 from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.scan import is_scanned, unscan_tree

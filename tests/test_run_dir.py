@@ -1,4 +1,5 @@
-"""resnet_jax.run_dir: converted checkpoint directories and training workdirs."""
+"""resnet_jax.train.run_dir and checkpoint_format: converted checkpoint directories and
+training workdirs."""
 
 import errno
 import io
@@ -16,9 +17,10 @@ import pytest
 from conftest import tiny_digits_config
 
 import resnet_jax
-from resnet_jax import create_model, run_dir, scan_variables
+from resnet_jax import create_model, scan_variables
 from resnet_jax.errors import UserError
-from resnet_jax.run_dir import save_converted
+from resnet_jax.train import run_dir
+from resnet_jax.train.checkpoint_format import save_converted
 from resnet_jax.train import loop, parallel
 
 ARCH = 'cifar_resnet20'
@@ -103,6 +105,21 @@ def test_import_resnet_jax_stays_light():
           'assert callable(resnet_jax.load_model) and "orbax.checkpoint" not in sys.modules; '
           'import resnet_jax.convert; assert "torch" not in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+
+
+def test_each_run_directory_name_is_typed_in_run_dir_only():
+  """Every other module asks run_dir for a path, so a renamed file cannot be half-renamed."""
+  names = (run_dir.MODEL_JSON, run_dir.CONFIG_JSON, run_dir.METRICS_FILE, run_dir.CURVES_FILE,
+           run_dir.UNREADABLE_DIR, run_dir.LOCK_FILE)
+  package = os.path.dirname(resnet_jax.__file__)
+  typed = {}
+  for root, _, files in os.walk(package):
+    for file in (f for f in files if f.endswith('.py')):
+      text = open(os.path.join(root, file)).read()
+      for name in names:
+        if f"'{name}'" in text or f'"{name}"' in text:
+          typed.setdefault(name, []).append(os.path.relpath(os.path.join(root, file), package))
+  assert typed == {name: [os.path.join('train', 'run_dir.py')] for name in names}
 
 
 def test_loads_the_trainers_workdir(trained_workdir):

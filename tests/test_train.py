@@ -20,7 +20,8 @@ from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
 import resnet_jax
 from resnet_jax.errors import UserError
 from resnet_jax.train import optim
-from resnet_jax.run_dir import merge_pretrained, restore_run
+from resnet_jax.train.build import merge_pretrained
+from resnet_jax.train.checkpoint_format import restore_run
 from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.parallel import DATA_AXIS, create_mesh, device_batches
 from resnet_jax.train.metrics import read_metrics
@@ -281,7 +282,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     checkpoints.save(manager, step, tree, {'batches_consumed': step}, top1)
     manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]
-  restored, position = checkpoints.restore(manager, tree)
+  restored, position = checkpoints.restore_latest_good(manager, tree, str(tmp_path))
   assert position['batches_consumed'] == 5
 
 

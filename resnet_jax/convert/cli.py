@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from resnet_jax import run_dir
+from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.convert.conversion import flax_to_torch, torch_to_flax
 from resnet_jax.convert.files import (WEIGHT_SUFFIXES, check_output, read_torch_weights,
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                       help='convert weights holding NaN or inf (refused by default: they '
                            'come from a diverged run or a damaged file). Tensors that are '
                            'not floating point (complex, integer, bool) are always refused')
+  parser.add_argument('--raw_weights', action='store_true',
+                      help='with a training workdir: its trained weights, not its weight EMA '
+                           '(used by default when the run kept one)')
   return parser
 
 
@@ -81,11 +84,11 @@ def _read_and_convert(args, to_flax: bool, progress):
     variables = torch_to_flax(state_dict, arch, args.allow_nonfinite)
     config = {'name': arch, 'num_classes': num_classes_of(
         {k: tuple(v.shape) for k, v in state_dict.items()})}
-    write = lambda path: run_dir.save_converted(variables, config, path)
+    write = lambda path: checkpoint_format.save_converted(variables, config, path)
     return arch, {}, state_dict, variables, write
   model_config = run_dir.read_model_config(args.input)
   arch, overrides = args.arch or model_config['name'], layout_overrides(model_config)
-  variables = run_dir.load_variables(args.input)
+  variables = checkpoint_format.load_variables(args.input, args.raw_weights)
   progress.update()
   progress.set_description('converting')
   state_dict = flax_to_torch(variables, arch, args.allow_nonfinite, **overrides)

@@ -6,7 +6,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from resnet_jax import outputs, run_dir
+from resnet_jax import outputs
+from resnet_jax.train import checkpoint_format
 from resnet_jax.convert.conversion import strip_prefix
 from resnet_jax.errors import UserError
 
@@ -72,7 +73,7 @@ def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: Path) -> Non
 
 def _is_converted_output(output: Path) -> bool:
   if output.is_dir():
-    return run_dir.is_converted_checkpoint(output)
+    return checkpoint_format.is_converted_checkpoint(output)
   return output.is_file() and output.suffix in WEIGHT_SUFFIXES
 
 

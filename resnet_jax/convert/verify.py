@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from resnet_jax import run_dir
+from resnet_jax.train import run_dir
 from resnet_jax.convert.conversion import to_numpy
 from resnet_jax.errors import UserError
 from resnet_jax.models.torch_names import NUM_BATCHES_TRACKED, layout_overrides, num_classes_of

@@ -10,15 +10,16 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh
 
-from resnet_jax import run_dir
 from resnet_jax.data import normalization
 from resnet_jax.data.sizes import image_sizes
 from resnet_jax.errors import UserError
-from resnet_jax.models import ResNet
-from resnet_jax.train import ema, optim, parallel
+from resnet_jax.models import ResNet, scan_variables
+from resnet_jax.train import checkpoint_format, ema, optim, parallel, run_dir
 from resnet_jax.train.step import Recipe
 from resnet_jax.train.metrics import log
 from resnet_jax.train.state import TrainState, create_train_state
@@ -117,13 +118,36 @@ def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainS
   try:
     loaded = (pretrained.load_pretrained(config.init_from)[1]
               if pretrained.is_pretrained_name(config.init_from)
-              else run_dir.load_variables(config.init_from))
+              else checkpoint_format.load_variables(config.init_from))
   except (UserError, OSError) as e:
     raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
-  merged = run_dir.merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
-                                    loaded, spec.get('scan_blocks', False))
+  merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
+                            loaded, spec.get('scan_blocks', False))
   merged = jax.device_put(merged, parallel.replicated(mesh))
   log(f'Initialized from {config.init_from}.')
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
 
 
+def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
+  """Loaded {'params', 'batch_stats'} over fresh ones; a head of another shape stays fresh."""
+  loaded = scan_variables(loaded) if scan else loaded
+  merged = {}
+  for collection, fresh in state_variables.items():
+    fresh_flat = traverse_util.flatten_dict(fresh, sep='/')
+    loaded_flat = traverse_util.flatten_dict(loaded.get(collection, {}), sep='/')
+    missing = sorted(set(fresh_flat) - set(loaded_flat))
+    extra = sorted(set(loaded_flat) - set(fresh_flat))
+    missing_body = [k for k in missing if not k.startswith('fc/')]
+    if missing_body or [k for k in extra if not k.startswith('fc/')]:
+      raise UserError(f'init_from checkpoint does not fit the model ({collection}): missing '
+                      f'{missing_body[:10]}, unexpected {extra[:10]}. Check config.model.')
+    out = {}
+    for key, value in fresh_flat.items():
+      old = loaded_flat.get(key)
+      keep_fresh = old is None or (key.startswith('fc/') and np.shape(old) != value.shape)
+      if not keep_fresh and np.shape(old) != value.shape:
+        raise UserError(f'init_from: {collection}/{key} has shape {np.shape(old)}, the model '
+                        f'expects {value.shape}.')
+      out[key] = value if keep_fresh else np.asarray(old, value.dtype)
+    merged[collection] = traverse_util.unflatten_dict(out, sep='/')
+  return merged

@@ -1,14 +1,10 @@
-"""Orbax checkpoints of WORKDIR/checkpoints: the train state plus the data position.
+"""The trainer's checkpoints: what it saves, which steps it keeps, and how it restores.
 
-Each step directory holds the item 'state' (StandardSave of a dict with 'params',
-'batch_stats', 'opt_state' and 'step'; before 2026-12 also an unused 'rng', which restoring
-reads around) and the item 'data' (JsonSave of
-{'batches_consumed': ..., 'eval_top1': <top-1 if this step was evaluated, else null>, the
-run-defining settings of `run_dir.RUN_DEFINING_KEYS` (before 2026-12 batch_size only),
-...}). The trainer's restore refuses a step whose recorded settings differ from its
-config, so a lost or damaged config.json never lets another run's settings resume it.
-Restoring onto a target with new shardings places the arrays on however many devices the
-restoring run has.
+What a step holds, and reading it, is `checkpoint_format`; the folders are `run_dir`'s.
+The trainer's restore refuses a step whose recorded settings differ from its config, so a
+lost or damaged config.json never lets another run's settings resume it. Restoring onto a
+target with new shardings places the arrays on however many devices the restoring run
+has.
 
 "Could not read" and "does not match this run" are different answers: an unreadable step
 (truncated files, an incomplete save) is moved aside by the trainer and skipped by readers;
@@ -17,7 +13,6 @@ UserError that names the difference.
 """
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -28,22 +23,18 @@ from typing import Any, List, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_jax.errors import CheckpointSaveError, UserError
-from resnet_jax.run_dir import (CONFIG_JSON, DATA_ITEM, STATE_ITEM, changed_settings,
-                                checkpoint_dir, drop_closed_loop_reports, first_line,
-                                in_saved_layout,
-                                saved_state_tree, setting_differences, step_vanished,
-                                tree_differences, unreadable_dir)
+from resnet_jax.train.checkpoint_format import (DATA_ITEM, STATE_ITEM, drop_closed_loop_reports,
+                                               first_line, read_position, read_step,
+                                               retired_keys, saved_state_tree, step_vanished,
+                                               tree_differences)
+from resnet_jax.train.run_dir import (CONFIG_JSON, changed_settings, checkpoint_dir, in_saved_layout,
+                                      setting_differences, unreadable_dir)
 
 BEST_METRIC = 'eval_top1'
-DATA_FILE = 'metadata'  # the file JsonCheckpointHandler writes in the 'data' item
 _UNKNOWN = object()  # a step whose score cannot be read: it is never deleted
-# Keys of the 'state' item that older versions saved and this one no longer has: restoring
-# reads around them (the train state's unused 'rng', until 2026-12).
-RETIRED_KEYS = ('rng',)
 
 
 class LatestAndBest(policies.PreservationPolicy):
@@ -74,19 +65,17 @@ class LatestAndBest(policies.PreservationPolicy):
     if info.metrics is not None and BEST_METRIC in info.metrics:
       return info.metrics[BEST_METRIC]  # saved by this process
     try:
-      with open(os.path.join(self.directory, str(info.step), DATA_ITEM, DATA_FILE)) as f:
-        return json.load(f).get(BEST_METRIC, _UNKNOWN)
+      return read_position(self.directory, info.step).get(BEST_METRIC, _UNKNOWN)
     except (OSError, ValueError, AttributeError):
       return _UNKNOWN
 
 
-def create_manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the last `keep` checkpoints plus the best one by eval top-1 (`LatestAndBest`)."""
+def create_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+  """The trainer's writer of WORKDIR/checkpoints: asynchronous saves, keeping the last
+  `keep` checkpoints plus the best one by eval top-1 (`LatestAndBest`)."""
   directory = checkpoint_dir(workdir)
-  # A reader neither creates the directory nor deletes old steps.
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else LatestAndBest(directory, keep),
-      create=not read_only, enable_async_checkpointing=not read_only)
+  options = ocp.CheckpointManagerOptions(preservation_policy=LatestAndBest(directory, keep),
+                                         enable_async_checkpointing=True)
   handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -154,7 +143,7 @@ class QuietSaveErrors(logging.Filter):
 def quiet_save_errors():
   """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's, and, for
   the rest of the process, no 'Event loop is closed' tracebacks from orbax's threads
-  (`run_dir.drop_closed_loop_reports`)."""
+  (`checkpoint_format.drop_closed_loop_reports`)."""
   quiet = QuietSaveErrors()
   drop_closed_loop_reports()  # what a failed save's threads print, from its first moment
   loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]
@@ -165,20 +154,6 @@ def quiet_save_errors():
   finally:
     for logger in loggers:
       logger.removeFilter(quiet)
-
-
-def restore(manager: ocp.CheckpointManager, target_tree: Any, step: Optional[int] = None):
-  """(state tree, data position) of `step` (default latest) laid out like `target_tree`.
-
-  `target_tree` may hold arrays or `jax.ShapeDtypeStruct`s with shardings.
-  """
-  step = manager.latest_step() if step is None else step
-  return read_step(manager.directory, step, target_tree,
-                   partial=bool(_retired_keys(saved_state_tree(manager, step), target_tree)))
-
-
-def _retired_keys(saved_tree, target_tree) -> List[str]:
-  return [k for k in RETIRED_KEYS if k in saved_tree and k not in target_tree]
 
 
 def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> UserError:
@@ -211,7 +186,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, target_tree: Any, workdi
   """
   for step in _steps_of_process_0(manager):
     tree, error = _read_here(manager, step, target_tree, workdir, config)
-    if error is not None and step_vanished(manager, step):  # not ours to judge
+    if error is not None and step_vanished(manager.directory, step):  # not ours to judge
       raise error  # (checked before any process could move it aside)
     if error is not None and jax.process_count() > 1:  # only process 0 logs
       print(f'Process {jax.process_index()} cannot read checkpoint {step}: '
@@ -251,10 +226,10 @@ def _read_here(manager, step, target_tree, workdir, config):
   """(the step's (state tree, data position), None) or (None, the read error) on this
   process; a step that does not fit the run raises UserError."""
   try:
-    saved = saved_state_tree(manager, step)
+    saved = saved_state_tree(manager.directory, step)
   except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
     return None, e
-  retired = _retired_keys(saved, target_tree)
+  retired = retired_keys(saved, target_tree)
   target_tree, to_run_layout = in_saved_layout(saved, target_tree)  # scan_blocks switched
   differences = tree_differences({k: v for k, v in saved.items() if k not in retired},
                                  target_tree)
@@ -280,24 +255,6 @@ def _check_recorded_settings(workdir: str, step: int, data: dict, config):
         f'Checkpoint {step} in {checkpoint_dir(workdir)} was made by a run with {settings} '
         f'(it reads fine; nothing was moved). Pass a new --workdir to train with these '
         f'settings, or resume with the settings the checkpoint was made with.')
-
-
-def read_step(directory, step: int, target_tree: Any, partial: bool = False):
-  """(state tree, data position) of `step`, read by this process alone: no barrier with
-  the others (CheckpointManager.restore has one), so a process that fails to read does
-  not leave the others waiting. `partial` reads around saved keys that `target_tree` lacks
-  (`RETIRED_KEYS`; orbax's standard restore insists on the whole saved tree)."""
-  path = epath.Path(directory) / str(step)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
-  if partial:
-    state = ocp.PyTreeCheckpointHandler().restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
-  else:
-    state = ocp.StandardCheckpointHandler().restore(
-        path / STATE_ITEM, args=ocp.args.StandardRestore(abstract))
-  data = ocp.JsonCheckpointHandler().restore(path / DATA_ITEM, args=ocp.args.JsonRestore())
-  return state, data
 
 
 def _processes_that_failed(failed_here: bool) -> List[int]:

@@ -1,7 +1,6 @@
 """The training loop: set up a run from a config, restore it, train, evaluate, checkpoint."""
 
 import contextlib
-import os
 import sys
 from typing import NamedTuple, Optional
 
@@ -9,20 +8,18 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from resnet_jax import run_dir
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import Interrupted
-from resnet_jax.train import checkpoints, config_schema, divergence, parallel, workdir_lock
+from resnet_jax.train import (checkpoints, config_schema, divergence, parallel, run_dir,
+                              workdir_lock)
 from resnet_jax.train.build import RunParts, build_run, initialize_from
 from resnet_jax.train.evaluation import evaluate_split
-from resnet_jax.train.metrics import (METRICS_FILE, MetricWindow, MetricWriter, Progress, log,
-                                      log_eval, log_train, progress_bar)
+from resnet_jax.train.metrics import (MetricWindow, MetricWriter, Progress, log, log_eval,
+                                      log_train, progress_bar)
 from resnet_jax.train.preemption import StopRequest
 from resnet_jax.train.profiling import StepProfiler
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.watchdog import StepWatchdog
-
-CURVES_FILE = 'curves.png'  # the run's plot, written at its end
 
 
 class _Run(NamedTuple):
@@ -53,7 +50,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise interrupted
   if jax.process_index() == 0:
     from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
-    plot_runs([workdir], os.path.join(workdir, CURVES_FILE))
+    plot_runs([workdir], run_dir.curves_path(workdir))
   return eval_results
 
 
@@ -66,7 +63,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
                                       jax.device_count())
   pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
   if jax.process_index() == 0:  # every folder and file it will write
-    run_dir.check_writable(workdir, files=(METRICS_FILE, CURVES_FILE))
+    run_dir.check_writable(workdir)
   parts = build_run(config, mesh, pipeline.num_classes, pipeline.channels,
                     pipeline.steps_per_epoch)
   held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-METRICS_FILE = 'metrics.jsonl'
+from resnet_jax.train import run_dir
 
 
 class MetricWriter:
@@ -25,8 +25,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._file = self._tensorboard = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, METRICS_FILE), 'a')
+      self._file = open(run_dir.metrics_path(workdir), 'a')  # in the workdir the loop made
       if self._file.tell() and not _ends_with_newline(self._file.name):
         self._file.write('\n')  # close a line a killed run left half-written
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -74,7 +73,7 @@ def _records(path: str):
 def read_metrics(workdir: str) -> dict:
   """{key: ([steps], [values])} from WORKDIR/metrics.jsonl, last write per step winning."""
   rows = {}
-  for record in _records(os.path.join(workdir, METRICS_FILE)):
+  for record in _records(run_dir.metrics_path(workdir)):
     step = record.pop('step')
     for key, value in record.items():
       rows.setdefault(key, {})[step] = value

@@ -25,8 +25,8 @@ import stat
 import jax
 
 from resnet_jax.errors import UserError
+from resnet_jax.train import run_dir
 
-LOCK_FILE = '.lock'
 # What hold() writes into the lock file; a file holding anything else is not ours.
 _HOLDER = re.compile(r'process \d+ on host .*, started .*\n?')
 
@@ -38,8 +38,7 @@ def hold(workdir: str):
   if jax.process_index() != 0:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
+  path = run_dir.lock_path(workdir)  # in the workdir that `run_dir.check_writable` made
   fd = _open(path)
   try:
     try:
