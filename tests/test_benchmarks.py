@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 NUMBER = r'(\d+(?:\.\d+)?)'
 

@@ -8,7 +8,7 @@ import sys
 import ml_collections
 import pytest
 from absl import flags
-from conftest import REPO, load_config, tiny_digits_config
+from helpers import REPO, load_config, tiny_digits_config
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError

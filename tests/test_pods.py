@@ -11,7 +11,7 @@ import collections
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 
 from resnet_jax.data import pipeline as pipeline_module
 
@@ -64,9 +64,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from conftest import JAX_CACHE_DIR, REPO  # noqa: E402
-from test_fault_tolerance import (LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
-                                  assert_same_state, config_file)
+from helpers import (JAX_CACHE_DIR, LONG_FLAGS, REPO, assert_same_state,  # noqa: E402
+                     checkpoint_steps, free_port, subprocess_env, wait_for_checkpoint)
 
 # Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
 # the process whose id is INJECT_PROCESS: the stalls and read failures of the tests.
@@ -90,9 +89,9 @@ def _start_pod(tmp_path, workdir, config, *flags, inject=None, inject_process=1,
                heartbeat_s=10, port=None, ids=(0, 1)):
   """Processes `ids` of a two-process train.py run (the README command plus `flags`),
   their outputs in files."""
-  port, wrapper = port or _free_port(), tmp_path / 'wrapper.py'
+  port, wrapper = port or free_port(), tmp_path / 'wrapper.py'
   wrapper.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / 'train.py')))
-  env = _env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
+  env = subprocess_env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
   processes = []
   for i in ids:
     log = open(tmp_path / f'process{i}.{time.monotonic_ns()}.log', 'w+')
@@ -125,13 +124,11 @@ def _finish(processes, timeout=240):
   return [p.returncode for p, _ in processes], [_output(log) for _, log in processes]
 
 
-def _wait_for_checkpoint(processes, workdir, timeout=240):
-  deadline = time.monotonic() + timeout
-  while not _steps(workdir):
-    if any(p.poll() is not None for p, _ in processes) or time.monotonic() > deadline:
-      codes, outputs = _finish(processes, timeout=1)
-      pytest.fail(f'No checkpoint appeared: {codes}\n' + '\n'.join(o[-2000:] for o in outputs))
-    time.sleep(0.02)
+def _wait_for_checkpoint(processes, workdir):
+  def outputs():
+    codes, outputs = _finish(processes, timeout=1)
+    return f'{codes}\n' + '\n'.join(o[-2000:] for o in outputs)
+  wait_for_checkpoint(workdir, [p for p, _ in processes], outputs)
 
 
 def _run_pod(tmp_path, workdir, config, *flags, **kwargs):
@@ -164,7 +161,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   print(f'SIGTERM to process 1 -> both saved and exited in {took:.1f} s')
   assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
   saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])
-  assert _steps(workdir)[-1] == saved < 60, (saved, outputs[0])
+  assert checkpoint_steps(workdir)[-1] == saved < 60, (saved, outputs[0])
   assert took < 30
   start = time.monotonic()
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
@@ -209,7 +206,7 @@ def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path
   """Only one process of two starts: it exits 1 after --initialization_timeout_s with one
   message naming the other process and the coordinator's address (JAX alone aborts with
   status 134 after 300 s, saying nothing about who is missing)."""
-  port = _free_port()
+  port = free_port()
   started = time.monotonic()
   codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file, STARTUP_FLAG,
                                       port=port, ids=[1 - missing]), timeout=120)
@@ -289,7 +286,7 @@ def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
   import shutil
   workdir = tmp_path / 'run'
   shutil.copytree(pod_reference, workdir)
-  assert _steps(workdir) == [50, 60]
+  assert checkpoint_steps(workdir) == [50, 60]
   newest = _files(workdir / 'checkpoints' / '60')
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS, inject=CANNOT_READ_STEP_60)
   assert 'checkpoint 60' in outputs[0] and 'on process(es) [1] of 2' in outputs[0], outputs[0]

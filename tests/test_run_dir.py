@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 
 import resnet_jax
 from resnet_jax import create_model, run_dir, scan_variables
