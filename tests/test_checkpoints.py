@@ -42,6 +42,7 @@ manager.close()
 '''
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_restarts_across_processes(tmp_path):
   """Each process saves worse checkpoints than step 2; it stays through every restart."""
   workdir = str(tmp_path)
@@ -183,6 +184,7 @@ def test_evaluate_missing_workdir_is_one_line(tmp_path):
 
 # --- one writer per workdir -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
   with workdir_lock.hold(str(tmp_path)):
     with pytest.raises(UserError, match=f'process {os.getpid()} on host .* started'):
@@ -205,6 +207,7 @@ def _best_eval_step(workdir, steps):
   return max(scores, key=lambda s: (scores[s], s)), scores
 
 
+@pytest.mark.slow
 def test_train_py_restart_keeps_the_best_while_readers_read_and_a_second_writer_is_refused(
     tmp_path, config_file):
   """The issue's repro: 30 good steps, then a restart to 80 with a setting that makes it

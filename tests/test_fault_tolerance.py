@@ -83,6 +83,7 @@ def patch_train_batches(monkeypatch, edit):
 
 # --- exact resume and preemption ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_is_bit_identical(tmp_path, config_file, long_reference):
   """Killed with SIGKILL right after its first checkpoint appears (typically while that
   save is still being written), the same command finishes the run exactly."""
@@ -100,6 +101,7 @@ def test_sigkill_then_same_command_is_bit_identical(tmp_path, config_file, long_
   assert_metrics_match(str(workdir), long_reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits(tmp_path, config_file, long_reference):
   workdir = tmp_path / 'run'
   process = _start(train_py_command(config_file, workdir, *LONG_FLAGS))
@@ -202,6 +204,7 @@ def _assert_one_message(result, reason):
   assert len(output.strip().splitlines()) <= 8, output
 
 
+@pytest.mark.slow
 def test_failed_save_ends_the_process_with_one_message(tmp_path, config_file):
   """Before: a PermissionError traceback per orbax thread, then the process never exited
   (orbax's threads wait 300 s for the failed save)."""
@@ -222,6 +225,7 @@ def _can_mount_a_tmpfs():
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_a_tmpfs(), reason='needs user namespaces (unshare -Urm)')
 def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
   """A real full disk: a 4 MiB tmpfs (mounted in a user namespace, so no root is needed)
@@ -292,6 +296,7 @@ def test_config_checks_keys_and_device_divisibility():
     check_config(config, num_devices=1)
 
 
+@pytest.mark.slow
 def test_train_py_prints_the_error_without_a_traceback(tmp_path, config_file):
   result = _run(train_py_command(config_file, tmp_path, '--config.model=resnet_51'), check=False)
   assert result.returncode != 0
@@ -307,6 +312,7 @@ def assert_close_state(workdir, reference):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_4_devices_resumes_on_1_and_on_8(tmp_path, config_file,
                                                          trained_workdir):
   reference, _ = trained_workdir  # 4 steps on 1 device
@@ -368,6 +374,7 @@ def _two_process_batches(monkeypatch):
   monkeypatch.setattr(loop, 'create_pipeline', lambda config: whole)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_match_one_process(tmp_path, monkeypatch):
   worker = tmp_path / 'worker.py'
   worker.write_text(WORKER.replace('{tests!r}', repr(str(REPO / 'tests'))).replace(

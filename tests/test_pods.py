@@ -148,6 +148,7 @@ def pod_reference(tmp_path_factory, config_file):
   return str(tmp_path / 'run')
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file,
                                                            pod_reference):
   workdir = tmp_path / 'run'
@@ -170,6 +171,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   assert_same_state(workdir, pod_reference)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, config_file,
                                                                      pod_reference):
   workdir = tmp_path / 'run'
@@ -200,6 +202,7 @@ STARTUP_TIMEOUT_S = 10
 STARTUP_FLAG = f'--initialization_timeout_s={STARTUP_TIMEOUT_S}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('missing', [0, 1])
 def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path, config_file,
                                                                       missing):
@@ -219,6 +222,7 @@ def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path
   assert STARTUP_TIMEOUT_S <= took < 180  # JAX alone: an abort after 300 s or more
 
 
+@pytest.mark.slow
 def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
   """Another program listens on the coordinator's port: process 0 stops at once naming the
   port, process 1 (which reached that program, not a coordinator) after the start-up
@@ -256,6 +260,7 @@ loop.create_pipeline = create_pipeline
 '''
 
 
+@pytest.mark.slow
 def test_a_stalled_process_is_reported(tmp_path, config_file):
   outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS,
                      '--config.stall_factor=5', inject=STALL_AT_STEP_25)
@@ -279,6 +284,7 @@ def _files(directory):
                 for root, _, names in os.walk(directory) for name in names)
 
 
+@pytest.mark.slow
 def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
                                                         pod_reference):
   """Process 1 cannot read step 60: both restore step 50 (process 0 could read 60), step

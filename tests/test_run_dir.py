@@ -97,6 +97,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     resnet_jax.load_variables(tmp_path)
 
 
+@pytest.mark.slow
 def test_import_resnet_jax_stays_light():
   code = ('import sys, resnet_jax; heavy = [m for m in ("orbax", "torch", "tensorflow") '
           'if m in sys.modules]; assert not heavy, heavy; '

@@ -224,6 +224,7 @@ def _eval_metrics(workdir):
           if key.startswith('eval/')}
 
 
+@pytest.mark.slow
 def test_train_py_on_four_devices_matches_one_device(tmp_path, trained_workdir, config_file):
   """The README command, run on 4 simulated CPU devices, against the in-process run."""
   out = _run(['train.py', '--config', config_file, '--workdir', str(tmp_path / 'run'),
