@@ -157,13 +157,11 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   time.sleep(0.3)  # land between checkpoints
   processes[1][0].send_signal(signal.SIGTERM)
   sent = time.monotonic()
-  codes, outputs = _finish(processes, timeout=60)
-  took = time.monotonic() - sent
-  print(f'SIGTERM to process 1 -> both saved and exited in {took:.1f} s')
+  codes, outputs = _finish(processes, timeout=180)  # a bound for a hang, not a speed test
+  print(f'SIGTERM to process 1 -> both saved and exited in {time.monotonic() - sent:.1f} s')
   assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
-  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])
-  assert checkpoint_steps(workdir)[-1] == saved < 60, (saved, outputs[0])
-  assert took < 30
+  saved = [int(output.split('SIGTERM: saved step ')[1].split(';')[0]) for output in outputs]
+  assert saved[0] == saved[1] == checkpoint_steps(workdir)[-1] < 60, (saved, outputs[0])
   start = time.monotonic()
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
   print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
@@ -180,11 +178,11 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, c
   time.sleep(0.3)
   processes[1][0].send_signal(signal.SIGKILL)
   killed = time.monotonic()
-  codes, outputs = _finish(processes, timeout=90)
-  took = time.monotonic() - killed
-  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after {took:.1f} s')
-  assert codes[1] == -signal.SIGKILL and codes[0] != 0, outputs[0][-3000:]
-  assert took < 60
+  codes, outputs = _finish(processes, timeout=240)  # then process 0 is killed: fails below
+  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after '
+        f'{time.monotonic() - killed:.1f} s')
+  # Process 0 ended by itself (heartbeats every 10 s), with an error status.
+  assert codes[1] == -signal.SIGKILL and codes[0] > 0, outputs[0][-3000:]
   # Ours (a failed collective) or JAX's (the coordination service saw the process die).
   assert ('lost contact with another process' in outputs[0] and 'run the same command' in
           outputs[0]) or 'another task died' in outputs[0], outputs[0][-3000:]
@@ -212,14 +210,14 @@ def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path
   port = free_port()
   started = time.monotonic()
   codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file, STARTUP_FLAG,
-                                      port=port, ids=[1 - missing]), timeout=120)
+                                      port=port, ids=[1 - missing]), timeout=240)
   took = time.monotonic() - started
   print(f'process {1 - missing} alone exited {codes[0]} after {took:.1f} s')
-  assert codes == [1], outputs[0][-3000:]
+  assert codes == [1], outputs[0][-3000:]  # by itself: JAX alone aborts after 300 s (134)
   assert f'missing: process {missing}.' in outputs[0], outputs[0][-3000:]
   assert f'coordinator at localhost:{port}' in outputs[0]
   assert 'Traceback' not in outputs[0] and 'Check failure' not in outputs[0], outputs[0]
-  assert STARTUP_TIMEOUT_S <= took < 180  # JAX alone: an abort after 300 s or more
+  assert took >= STARTUP_TIMEOUT_S
 
 
 @pytest.mark.slow
@@ -233,7 +231,7 @@ def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
     holder.listen()
     port = holder.getsockname()[1]
     codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file,
-                                        STARTUP_FLAG, port=port), timeout=120)
+                                        STARTUP_FLAG, port=port), timeout=240)
   assert codes == [1, 1], '\n'.join(o[-3000:] for o in outputs)
   assert f'Port {port} of --coordinator_address=localhost:{port} is already in use' in \
       outputs[0], outputs[0][-3000:]
@@ -314,7 +312,7 @@ def test_watchdog_warns_or_exits_when_steps_stop_finishing(exit_on_stall):
     for _ in range(6):
       watchdog.dispatched(jax.numpy.zeros(()))
       time.sleep(0.02)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound for a missing warning, not a speed test
     while not lines and time.monotonic() < deadline:
       time.sleep(0.01)
   finally:
