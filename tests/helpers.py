@@ -30,6 +30,9 @@ LONG = dict(num_train_steps=60, log_every_steps=5, checkpoint_every_steps=10,
 LONG_FLAGS = [f'--config.{k}={v}' for k, v in LONG.items()]
 # Metrics that depend on the wall clock, not on the run.
 TIMING_KEYS = ('train/images_per_sec',)
+# Seconds after which a subprocess is taken to hang: a bound for a hang, never a speed test
+# (a two-process train.py run took over 240 s on the 2-core CI machine at load 20).
+HANG_S = 900
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -127,7 +130,7 @@ def checkpoint_steps(workdir) -> list:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def wait_for_checkpoint(workdir, processes, describe, timeout: float = 240):
+def wait_for_checkpoint(workdir, processes, describe, timeout: float = HANG_S):
   """Waits until the first checkpoint directory appears (the save may still be running);
   fails with describe() when one of `processes` ends first or `timeout` seconds pass."""
   import pytest  # pylint: disable=g-import-not-at-top

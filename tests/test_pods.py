@@ -64,7 +64,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from helpers import (JAX_CACHE_DIR, LONG_FLAGS, REPO, assert_same_state,  # noqa: E402
+from helpers import (HANG_S, JAX_CACHE_DIR, LONG_FLAGS, REPO, assert_same_state,  # noqa: E402
                      checkpoint_steps, free_port, subprocess_env, wait_for_checkpoint)
 
 # Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
@@ -110,7 +110,7 @@ def _output(log):
   return log.read()
 
 
-def _finish(processes, timeout=240):
+def _finish(processes, timeout=HANG_S):
   """(return codes, outputs) once both processes exit."""
   deadline = time.monotonic() + timeout
   try:
@@ -157,7 +157,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   time.sleep(0.3)  # land between checkpoints
   processes[1][0].send_signal(signal.SIGTERM)
   sent = time.monotonic()
-  codes, outputs = _finish(processes, timeout=180)  # a bound for a hang, not a speed test
+  codes, outputs = _finish(processes)
   print(f'SIGTERM to process 1 -> both saved and exited in {time.monotonic() - sent:.1f} s')
   assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
   saved = [int(output.split('SIGTERM: saved step ')[1].split(';')[0]) for output in outputs]
@@ -178,7 +178,7 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, c
   time.sleep(0.3)
   processes[1][0].send_signal(signal.SIGKILL)
   killed = time.monotonic()
-  codes, outputs = _finish(processes, timeout=240)  # then process 0 is killed: fails below
+  codes, outputs = _finish(processes)  # then process 0 is killed: fails below
   print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after '
         f'{time.monotonic() - killed:.1f} s')
   # Process 0 ended by itself (heartbeats every 10 s), with an error status.
@@ -210,7 +210,7 @@ def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path
   port = free_port()
   started = time.monotonic()
   codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file, STARTUP_FLAG,
-                                      port=port, ids=[1 - missing]), timeout=240)
+                                      port=port, ids=[1 - missing]))
   took = time.monotonic() - started
   print(f'process {1 - missing} alone exited {codes[0]} after {took:.1f} s')
   assert codes == [1], outputs[0][-3000:]  # by itself: JAX alone aborts after 300 s (134)
@@ -231,7 +231,7 @@ def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
     holder.listen()
     port = holder.getsockname()[1]
     codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file,
-                                        STARTUP_FLAG, port=port), timeout=240)
+                                        STARTUP_FLAG, port=port))
   assert codes == [1, 1], '\n'.join(o[-3000:] for o in outputs)
   assert f'Port {port} of --coordinator_address=localhost:{port} is already in use' in \
       outputs[0], outputs[0][-3000:]

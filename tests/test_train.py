@@ -14,7 +14,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec as P
-from helpers import REPO, TINY_MODEL, load_config, subprocess_env, tiny_digits_config
+from helpers import HANG_S, REPO, TINY_MODEL, load_config, subprocess_env, tiny_digits_config
 
 import resnet_jax
 from resnet_jax.errors import UserError
@@ -212,7 +212,7 @@ def test_trains_on_mock_tfds_data(tmp_path, dataset, preprocess):
     assert json.load(f)['num_classes'] == (10 if dataset == 'cifar10' else 1000)
 
 
-def _run(args, devices=1, timeout=240):
+def _run(args, devices=1, timeout=HANG_S):
   result = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(devices),
                           capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
