@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import (REPO, checkpoint_steps, subprocess_env, tiny_digits_config,
+from helpers import (HANG_S, REPO, checkpoint_steps, subprocess_env, tiny_digits_config,
                      train_py_command, truncate_files)
 
 import resnet_jax
@@ -49,8 +49,7 @@ def test_best_checkpoint_survives_restarts_across_processes(tmp_path):
   for pairs, kept in [(['1:0.5', '2:0.9', '3:0.4'], [2, 3]), (['4:0.3', '5:-'], [2, 5]),
                       (['6:0.8'], [2, 6]), (['7:0.95', '8:-'], [7, 8])]:
     subprocess.run([sys.executable, '-c', SAVER, workdir, *pairs], env=subprocess_env(),
-                   check=True,
-                   capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=HANG_S)
     assert checkpoint_steps(workdir) == kept, pairs
 
 
@@ -195,7 +194,7 @@ def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
        'from resnet_jax.train import workdir_lock\n'
        'with workdir_lock.hold(sys.argv[1]):\n'
        '  os.kill(os.getpid(), signal.SIGKILL)', str(tmp_path)], env=subprocess_env(),
-      timeout=60)
+      timeout=HANG_S)
   assert killed.returncode == -9
   with workdir_lock.hold(str(tmp_path)):
     pass
@@ -220,7 +219,7 @@ def test_train_py_restart_keeps_the_best_while_readers_read_and_a_second_writer_
                                           '--config.checkpoint_every_steps=10',
                                           '--config.eval_every_steps=10'),
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                         timeout=300)
+                         timeout=HANG_S)
   assert first.returncode == 0, first.stderr[-3000:]
   best, first_scores = _best_eval_step(str(workdir), (10, 20, 30))
   assert checkpoint_steps(str(workdir)) == sorted({best, 30})
@@ -233,12 +232,12 @@ def test_train_py_restart_keeps_the_best_while_readers_read_and_a_second_writer_
   runs = [subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
   try:
-    reads, deadline = 0, time.monotonic() + 240
+    reads, deadline = 0, time.monotonic() + HANG_S
     while any(r.poll() is None for r in runs) and time.monotonic() < deadline:
       variables = resnet_jax.load_variables(str(workdir))  # must never fail
       assert variables['params']['fc']['kernel'].shape == (16, 10)
       reads += 1
-    outputs = [r.communicate(timeout=120)[0] for r in runs]
+    outputs = [r.communicate(timeout=HANG_S)[0] for r in runs]
   finally:
     for r in runs:
       if r.poll() is None:

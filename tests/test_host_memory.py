@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import HANG_S, REPO, subprocess_env
 
 from resnet_jax.train import host_memory
 
@@ -42,7 +42,7 @@ print(json.dumps(dict(default=default, applied=applied, kept=kept, right=right,
 @pytest.mark.slow
 def test_keep_freed_memory_keeps_freed_buffers_in_the_process_and_jax_still_runs():
   result = subprocess.run([sys.executable, '-c', KEPT_AFTER_FREE], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=HANG_S)
   assert result.returncode == 0, result.stderr[-3000:]
   mib = json.loads(result.stdout.splitlines()[-1])
   assert mib['applied'] and mib['right'], mib

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import tiny_digits_config
+from helpers import HANG_S, tiny_digits_config
 
 import resnet_jax
 from resnet_jax import create_model, run_dir, scan_variables
@@ -103,7 +103,7 @@ def test_import_resnet_jax_stays_light():
           'if m in sys.modules]; assert not heavy, heavy; '
           'assert callable(resnet_jax.load_model) and "orbax.checkpoint" not in sys.modules; '
           'import resnet_jax.convert; assert "torch" not in sys.modules')
-  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=HANG_S)
 
 
 def test_loads_the_trainers_workdir(trained_workdir):
