@@ -390,6 +390,7 @@ port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                            process_id=process_id)
 sys.path.insert(0, {tests!r})
+from helpers import tiny_digits_config
 from resnet_jax.train.loop import train_and_evaluate
 assert jax.process_count() == 2 and jax.device_count() == 2
 train_and_evaluate(tiny_digits_config(num_train_steps=2), workdir)
