@@ -160,8 +160,8 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   codes, outputs = _finish(processes)
   print(f'SIGTERM to process 1 -> both saved and exited in {time.monotonic() - sent:.1f} s')
   assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
-  saved = [int(output.split('SIGTERM: saved step ')[1].split(';')[0]) for output in outputs]
-  assert saved[0] == saved[1] == checkpoint_steps(workdir)[-1] < 60, (saved, outputs[0])
+  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])  # process 0 logs
+  assert checkpoint_steps(workdir)[-1] == saved < 60, (saved, outputs[0])
   start = time.monotonic()
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
   print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
