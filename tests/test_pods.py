@@ -181,8 +181,9 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, c
   codes, outputs = _finish(processes)  # then process 0 is killed: fails below
   print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after '
         f'{time.monotonic() - killed:.1f} s')
-  # Process 0 ended by itself (heartbeats every 10 s), with an error status.
-  assert codes[1] == -signal.SIGKILL and codes[0] > 0, outputs[0][-3000:]
+  # Process 0 ended by itself (heartbeats every 10 s) with an error: our status 1 or JAX's
+  # abort, not the SIGKILL of _finish.
+  assert codes[1] == -signal.SIGKILL and codes[0] not in (0, -signal.SIGKILL), outputs[0][-3000:]
   # Ours (a failed collective) or JAX's (the coordination service saw the process die).
   assert ('lost contact with another process' in outputs[0] and 'run the same command' in
           outputs[0]) or 'another task died' in outputs[0], outputs[0][-3000:]
