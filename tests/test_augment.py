@@ -163,7 +163,7 @@ def test_timm_magnitude_noise_is_clipped():
 def test_pipeline_augments_and_resumes_exactly():
   """The stream with TA-wide and random erasing on: a resumed stream sees the same pixels."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from conftest import tiny_digits_config  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_digits_config  # pylint: disable=import-outside-toplevel
   from resnet_jax.data import create_pipeline  # pylint: disable=import-outside-toplevel
   config = tiny_digits_config(dataset='imagenet2012', preprocess='imagenet', image_size=16,
                               batch_size=4, shuffle_buffer=8)
@@ -185,7 +185,7 @@ def test_pipeline_augments_and_resumes_exactly():
 
 
 def test_config_refuses_unknown_policies_and_dali():
-  from conftest import tiny_digits_config  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_digits_config  # pylint: disable=import-outside-toplevel
   from resnet_jax.train.config_schema import check_config  # pylint: disable=import-outside-toplevel
   with pytest.raises(UserError, match="'rand-m9-x1'.*'ta_wide'"):
     check_config(tiny_digits_config(auto_augment='rand-m9-x1'), num_devices=1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw, nhwc
+from helpers import nchw, nhwc
 from resnet_jax.models import batch_norm
 
 

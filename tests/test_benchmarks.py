@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 NUMBER = r'(\d+(?:\.\d+)?)'
 
@@ -27,6 +27,7 @@ def table_rows(output, label):
   return [[float(cell) for cell in re.findall(NUMBER, ' '.join(row))] for row in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, size, options', [
     ('cifar_resnet20', 32, ['--dtype', 'bfloat16']),
     ('resnet18', 224, ['--real-data']),  # JPEG files through the ImageNet pipeline
@@ -49,6 +50,7 @@ def test_train_throughput_compares_with_pytorch(name, size, options):
       assert per_cpu_second > 0 and cpu_cores >= 24000 / (per_cpu_second + 0.5)
 
 
+@pytest.mark.slow
 def test_compile_time_and_memory_tables():
   compile_rows = table_rows(run_benchmark('compile_time.py', '--models', 'cifar_resnet20',
                                           '--batch', '2'), 'cifar_resnet20')
@@ -70,6 +72,7 @@ def test_compile_time_and_memory_tables():
   assert min(milliseconds) > 0
 
 
+@pytest.mark.slow
 def test_input_pipeline_compares_with_torchvision():
   output = run_benchmark('input_pipeline.py', '--images', '16', '--batch', '4',
                          '--batches', '2', '--rounds', '1', '--files', 'synthetic',
@@ -85,6 +88,7 @@ def test_input_pipeline_compares_with_torchvision():
     assert ratio == pytest.approx(ours / theirs, abs=0.01 + 0.5 * ours / theirs ** 2)
 
 
+@pytest.mark.slow
 def test_file_check_times_the_header_check_and_a_full_decode():
   output = run_benchmark('file_check.py', '--images', '20', '--rounds', '2')
   for round_ in (1, 2):
@@ -92,6 +96,7 @@ def test_file_check_times_the_header_check_and_a_full_decode():
     assert checked > 0 and decoded > 0
 
 
+@pytest.mark.slow
 def test_tpu_aot_compares_with_the_flax_example():
   pytest.importorskip('libtpu')
   output = run_benchmark('tpu_aot.py', '--topologies', 'v5e:2x2', '--batches', '4', '2',
@@ -122,6 +127,7 @@ def test_tpu_aot_compares_with_the_flax_example():
       assert int(largest.lstrip('~')) > 4
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_at_toy_sizes_without_tensorflow(tmp_path):
   """benchmarks/gpu_check.py --tiny (the CPU rehearsal of the device check): each step
   timed in its own process, the largest-batch search, converted-model parity, the table

@@ -10,20 +10,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_digits_config
+from helpers import (HANG_S, REPO, checkpoint_steps, subprocess_env, tiny_digits_config,
+                     train_py_command, truncate_files)
 
 import resnet_jax
 from resnet_jax import evaluate
 from resnet_jax.errors import UserError
 from resnet_jax.train import checkpoint_format, checkpoints, workdir_lock
 from resnet_jax.train.loop import train_and_evaluate
-from test_fault_tolerance import (_steps, _train_py, _truncate_files,
-                                  config_file)  # noqa: F401  (a fixture)
-
-
-def _env():
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
-          'PYTHONPATH': str(REPO)}
 
 
 def _copy(workdir, tmp_path):
@@ -48,14 +42,15 @@ manager.close()
 '''
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_restarts_across_processes(tmp_path):
   """Each process saves worse checkpoints than step 2; it stays through every restart."""
   workdir = str(tmp_path)
   for pairs, kept in [(['1:0.5', '2:0.9', '3:0.4'], [2, 3]), (['4:0.3', '5:-'], [2, 5]),
                       (['6:0.8'], [2, 6]), (['7:0.95', '8:-'], [7, 8])]:
-    subprocess.run([sys.executable, '-c', SAVER, workdir, *pairs], env=_env(), check=True,
-                   capture_output=True, timeout=120)
-    assert _steps(workdir) == kept, pairs
+    subprocess.run([sys.executable, '-c', SAVER, workdir, *pairs], env=subprocess_env(),
+                   check=True, capture_output=True, timeout=HANG_S)
+    assert checkpoint_steps(workdir) == kept, pairs
 
 
 def test_checkpoint_whose_score_cannot_be_read_is_kept(tmp_path):
@@ -71,7 +66,7 @@ def test_checkpoint_whose_score_cannot_be_read_is_kept(tmp_path):
   checkpoints.save(manager, 3, {'w': np.zeros(3)}, {'batches_consumed': 3})
   manager.wait_until_finished()
   manager.close()
-  assert _steps(str(tmp_path)) == [2, 3]
+  assert checkpoint_steps(str(tmp_path)) == [2, 3]
 
 
 # --- a config change is a refusal, not corruption ----------------------------------------
@@ -81,32 +76,32 @@ def test_structure_mismatch_is_refused_and_nothing_moves(trained_workdir, tmp_pa
   config_json = open(os.path.join(workdir, 'config.json')).read()
   with pytest.raises(UserError, match=r"momentum: 0\.9 -> 0\.0.*opt_state.*new --workdir"):
     train_and_evaluate(tiny_digits_config(momentum=0.0, num_train_steps=6), workdir)
-  assert _steps(workdir) == [2, 4]
+  assert checkpoint_steps(workdir) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
   assert open(os.path.join(workdir, 'config.json')).read() == config_json
   # Unchanged settings still resume (the refusal did not leave the workdir locked).
   train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
-  assert _steps(workdir) == [4, 6]
+  assert checkpoint_steps(workdir) == [4, 6]
 
 
 def test_all_checkpoints_unreadable_is_refused_not_restarted(trained_workdir, tmp_path):
   workdir = _copy(trained_workdir[0], tmp_path)
   for step in (2, 4):
-    _truncate_files(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+    truncate_files(os.path.join(workdir, 'checkpoints', str(step), 'state'))
   with pytest.raises(UserError, match='No readable checkpoint.*move or remove'):
     train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
   assert len(os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))) == 2
-  assert _steps(workdir) == []
+  assert checkpoint_steps(workdir) == []
   # Asking for it (removing the set-aside ones) starts over.
   shutil.rmtree(os.path.join(workdir, 'checkpoints_unreadable'))
   train_and_evaluate(tiny_digits_config(num_train_steps=2), workdir)
-  assert _steps(workdir) == [2]
+  assert checkpoint_steps(workdir) == [2]
 
 
 # --- a lost config.json: the checkpoints' own records are checked ------------------------
 
 def _rewrite_data_items(workdir, edit):
-  for step in _steps(workdir):
+  for step in checkpoint_steps(workdir):
     path = os.path.join(workdir, 'checkpoints', str(step), 'data', checkpoint_format.DATA_FILE)
     with open(path) as f:
       data = json.load(f)
@@ -130,10 +125,10 @@ def test_lost_config_json_is_checked_against_what_the_checkpoints_record(
     train_and_evaluate(tiny_digits_config(batch_size=16, num_train_steps=6), workdir)
   with pytest.raises(UserError, match=r'Checkpoint 4 .* seed=0 \(this config: 1\)'):
     train_and_evaluate(tiny_digits_config(seed=1, num_train_steps=6), workdir)
-  assert _steps(workdir) == [2, 4]
+  assert checkpoint_steps(workdir) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
   train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
-  assert _steps(workdir) == [4, 6]
+  assert checkpoint_steps(workdir) == [4, 6]
   assert json.load(open(config_json))['seed'] == 0
 
 
@@ -147,7 +142,7 @@ def test_checkpoints_that_record_only_the_batch_size_still_resume(trained_workdi
   with pytest.raises(UserError, match=r'batch_size=32 \(this config: 16\)'):
     train_and_evaluate(tiny_digits_config(batch_size=16, num_train_steps=6), workdir)
   train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
-  assert _steps(workdir) == [4, 6]
+  assert checkpoint_steps(workdir) == [4, 6]
 
 
 def test_damaged_manifest_falls_back_with_one_warning(trained_workdir, tmp_path, capfd):
@@ -170,11 +165,11 @@ def test_damaged_manifest_falls_back_with_one_warning(trained_workdir, tmp_path,
 def test_evaluate_falls_back_from_a_corrupt_checkpoint_without_moving_it(trained_workdir,
                                                                         tmp_path, capsys):
   workdir = _copy(trained_workdir[0], tmp_path)
-  _truncate_files(os.path.join(workdir, 'checkpoints', '4', 'state'))
+  truncate_files(os.path.join(workdir, 'checkpoints', '4', 'state'))
   results = evaluate.evaluate(workdir=workdir)
   assert results['count'] > 0
   assert 'checkpoint 4' in capsys.readouterr().out
-  assert _steps(workdir) == [2, 4]
+  assert checkpoint_steps(workdir) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
 
 
@@ -188,6 +183,7 @@ def test_evaluate_missing_workdir_is_one_line(tmp_path):
 
 # --- one writer per workdir -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
   with workdir_lock.hold(str(tmp_path)):
     with pytest.raises(UserError, match=f'process {os.getpid()} on host .* started'):
@@ -197,7 +193,8 @@ def test_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path):
       [sys.executable, '-c', 'import os, signal, sys\n'
        'from resnet_jax.train import workdir_lock\n'
        'with workdir_lock.hold(sys.argv[1]):\n'
-       '  os.kill(os.getpid(), signal.SIGKILL)', str(tmp_path)], env=_env(), timeout=60)
+       '  os.kill(os.getpid(), signal.SIGKILL)', str(tmp_path)], env=subprocess_env(),
+      timeout=HANG_S)
   assert killed.returncode == -9
   with workdir_lock.hold(str(tmp_path)):
     pass
@@ -209,35 +206,38 @@ def _best_eval_step(workdir, steps):
   return max(scores, key=lambda s: (scores[s], s)), scores
 
 
+@pytest.mark.slow
 def test_train_py_restart_keeps_the_best_while_readers_read_and_a_second_writer_is_refused(
     tmp_path, config_file):
   """The issue's repro: 30 good steps, then a restart to 80 with a setting that makes it
   worse (weight decay) and a save every step. Two such commands start together: one is
   refused at once, naming the other. Meanwhile readers read in a loop; none fails."""
   workdir = tmp_path / 'run'
-  first = subprocess.run(_train_py(config_file, workdir, '--config.num_train_steps=30',
-                                   '--config.learning_rate=0.1', '--config.keep_checkpoints=1',
-                                   '--config.checkpoint_every_steps=10',
-                                   '--config.eval_every_steps=10'),
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  first = subprocess.run(train_py_command(config_file, workdir, '--config.num_train_steps=30',
+                                          '--config.learning_rate=0.1',
+                                          '--config.keep_checkpoints=1',
+                                          '--config.checkpoint_every_steps=10',
+                                          '--config.eval_every_steps=10'),
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=HANG_S)
   assert first.returncode == 0, first.stderr[-3000:]
   best, first_scores = _best_eval_step(str(workdir), (10, 20, 30))
-  assert _steps(str(workdir)) == sorted({best, 30})
+  assert checkpoint_steps(str(workdir)) == sorted({best, 30})
 
   # Two identical commands started together: one trains, the other is refused at once.
-  command = _train_py(config_file, workdir, '--config.num_train_steps=80',
-                      '--config.learning_rate=0.1', '--config.weight_decay=10',
-                      '--config.keep_checkpoints=1', '--config.checkpoint_every_steps=1',
-                      '--config.eval_every_steps=10', '--config.log_every_steps=10')
-  runs = [subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  command = train_py_command(config_file, workdir, '--config.num_train_steps=80',
+                             '--config.learning_rate=0.1', '--config.weight_decay=10',
+                             '--config.keep_checkpoints=1', '--config.checkpoint_every_steps=1',
+                             '--config.eval_every_steps=10', '--config.log_every_steps=10')
+  runs = [subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
   try:
-    reads, deadline = 0, time.monotonic() + 240
+    reads, deadline = 0, time.monotonic() + HANG_S
     while any(r.poll() is None for r in runs) and time.monotonic() < deadline:
       variables = resnet_jax.load_variables(str(workdir))  # must never fail
       assert variables['params']['fc']['kernel'].shape == (16, 10)
       reads += 1
-    outputs = [r.communicate(timeout=120)[0] for r in runs]
+    outputs = [r.communicate(timeout=HANG_S)[0] for r in runs]
   finally:
     for r in runs:
       if r.poll() is None:
@@ -251,4 +251,4 @@ def test_train_py_restart_keeps_the_best_while_readers_read_and_a_second_writer_
   assert reads >= 10, reads
   overall_best, scores = _best_eval_step(str(workdir), range(10, 81, 10))
   assert overall_best == best, (first_scores, scores)  # the restart made it worse
-  assert _steps(str(workdir)) == [best, 80]
+  assert checkpoint_steps(str(workdir)) == [best, 80]

@@ -8,7 +8,7 @@ import sys
 import ml_collections
 import pytest
 from absl import flags
-from conftest import REPO, load_config, tiny_digits_config
+from helpers import HANG_S, REPO, load_config, tiny_digits_config
 from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
@@ -101,7 +101,7 @@ def test_unwritable_workdir_is_one_message(tmp_path):
 
 def _train_py(*args):
   return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=HANG_S)
 
 
 @pytest.mark.cli

@@ -4,7 +4,7 @@ command parses, validates and runs a few steps on synthetic data with a tiny mod
 import re
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from test_config_schema import _parse
 
 from resnet_jax.data.sizes import image_sizes

@@ -6,7 +6,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 from PIL import Image
 
 from resnet_jax.data import create_pipeline
@@ -109,7 +109,7 @@ def test_inception_crop_windows_are_torchvisions():
 def test_trains_an_imagenet_style_run_and_resumes_it_exactly(jpeg_folder, tmp_path):
   """train.py's loop on the DALI pipeline (CPU decoding): 4 steps in one go equal 2 + 2."""
   from resnet_jax.train.loop import train_and_evaluate
-  from test_fault_tolerance import assert_same_state
+  from helpers import assert_same_state
   config = dict(eval_batch_size=2, num_train_steps=4, checkpoint_every_steps=2)  # 3 test images
   results = train_and_evaluate(dali_config(jpeg_folder, **config), str(tmp_path / 'whole'))
   assert results['count'] == 3 and 0 <= results['top1'] <= 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 from PIL import Image
 
 from resnet_jax.data import create_pipeline, normalization, preprocessing

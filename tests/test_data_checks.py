@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 from PIL import Image
 
 from resnet_jax.data import create_pipeline, sources

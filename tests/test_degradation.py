@@ -5,7 +5,7 @@ import csv
 import importlib.util
 
 import pytest
-from conftest import REPO, TINY_MODEL
+from helpers import REPO, TINY_MODEL
 
 SCRIPT = REPO / 'experiments' / 'degradation.py'
 

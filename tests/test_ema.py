@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 
 from resnet_jax.train import ema
 
@@ -86,7 +86,7 @@ def test_decay_adjustment_is_torchvisions():
 def test_a_run_reports_and_keeps_the_ema(tmp_path):
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
-  from test_fault_tolerance import read_state  # pylint: disable=g-import-not-at-top
+  from helpers import read_state  # pylint: disable=g-import-not-at-top
   config = tiny_digits_config(ema_decay=0.999, ema_every_steps=1, best_metric='eval_ema/top1')
   results = train_and_evaluate(config, str(tmp_path))
   assert 0 <= results['ema_top1'] <= 1 and 0 <= results['top1'] <= 1

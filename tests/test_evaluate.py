@@ -45,7 +45,7 @@ def test_a_run_with_a_weight_ema_is_evaluated_with_it(tmp_path, capsys):
   """A workdir is read with the weight EMA its run kept (and says so in one line);
   --raw_weights reads the trained weights. Each matches the evaluation the run reported
   for it (eval_ema/... and eval/...)."""
-  from conftest import tiny_digits_config
+  from helpers import tiny_digits_config
   from resnet_jax.train.loop import train_and_evaluate
   workdir = str(tmp_path)
   in_training = train_and_evaluate(tiny_digits_config(ema_decay=0.999, ema_every_steps=1),

@@ -64,6 +64,7 @@ def _run_loader(loader, artifact, pixels, tmp_path):
   return np.load(tmp_path / 'logits.npz')
 
 
+@pytest.mark.slow
 def test_jax_export_runs_with_jax_alone(trained_workdir, tmp_path):
   workdir, _ = trained_workdir
   artifact = tmp_path / 'digits.jaxexport'
@@ -82,6 +83,7 @@ def test_jax_export_runs_with_jax_alone(trained_workdir, tmp_path):
                                           'logits.npz', 'pixels.npy']
 
 
+@pytest.mark.slow
 def test_saved_model_runs_with_tensorflow_alone(trained_workdir, tmp_path):
   pytest.importorskip('tensorflow')
   workdir, _ = trained_workdir

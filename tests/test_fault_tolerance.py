@@ -5,122 +5,48 @@ Subprocesses run train.py as a user would (each costs ~10 s of imports); everyth
 does not need a separate process runs in this one.
 """
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import JAX_CACHE_DIR, REPO, tiny_digits_config
+from helpers import (HANG_S, JAX_CACHE_DIR, LONG, LONG_FLAGS, REPO, assert_metrics_match,
+                     assert_same_state, checkpoint_steps, free_port, interrupt_at, metric_lines,
+                     read_state, subprocess_env, tiny_digits_config, train_py_command,
+                     truncate_files, wait_for_checkpoint)
 
 import resnet_jax
-from resnet_jax.train import checkpoint_format, checkpoints, loop, parallel, run_dir
+from resnet_jax.train import checkpoints, loop
 from resnet_jax.errors import Interrupted, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
 
-# The kill/preemption run: long enough that a kill after the first checkpoint lands mid-run.
-LONG = dict(num_train_steps=60, log_every_steps=5, checkpoint_every_steps=10,
-            eval_every_steps=0, keep_checkpoints=2)
-LONG_FLAGS = [f'--config.{k}={v}' for k, v in LONG.items()]
-# Metrics that depend on the wall clock, not on the run.
-TIMING_KEYS = ('train/images_per_sec',)
-
-
 # --- helpers ----------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def config_file(tmp_path_factory):
-  """A config file train.py can read: the tiny digits config."""
-  path = tmp_path_factory.mktemp('config') / 'tiny.py'
-  path.write_text(textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(REPO / 'tests')!r})
-      from conftest import tiny_digits_config
-      def get_config():
-        return tiny_digits_config()
-  '''))
-  return str(path)
-
-
-def _env(devices=1, **extra):
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **extra}
-
-
-def _train_py(config_file, workdir, *flags):
-  return [sys.executable, 'train.py', '--config', config_file, '--workdir', str(workdir),
-          '--jax_cache_dir', JAX_CACHE_DIR, *flags]
-
-
-def _run(args, devices=1, timeout=300, check=True):
-  result = subprocess.run(args, cwd=REPO, env=_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
+def _run(args, devices=1, timeout=HANG_S, check=True):
+  result = subprocess.run(args, cwd=REPO, env=subprocess_env(devices), capture_output=True,
+                          text=True, timeout=timeout)
   if check:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   return result
 
 
 def _start(args):
-  return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  return subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _steps(workdir):
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
-def _wait_for_checkpoint(process, workdir, timeout=240):
-  """Waits until the first checkpoint directory appears (the save may still be running)."""
-  deadline = time.monotonic() + timeout
-  while not _steps(workdir):
-    if process.poll() is not None or time.monotonic() > deadline:
-      process.kill()
-      pytest.fail(f'No checkpoint appeared; output:\n{process.communicate()[0][-3000:]}')
-    time.sleep(0.02)
-
-
-def read_state(workdir, step=None) -> dict:
-  """A checkpoint's whole 'state' item as numpy arrays (independent of device counts)."""
-  directory = run_dir.checkpoint_dir(workdir)
-  step = checkpoint_format.saved_steps(directory)[-1] if step is None else step
-  return checkpoint_format.read_state(directory, step)
-
-
-def assert_same_state(workdir, reference):
-  """Bit-identical parameters, batch statistics, optimizer state, step and rng."""
-  a, b = read_state(workdir), read_state(reference)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def metric_lines(workdir) -> list:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def assert_metrics_match(workdir, reference):
-  """Every line logged for a step the reference also logged equals the reference's."""
-  expected = {}
-  for row in metric_lines(reference):
-    expected.setdefault(row['step'], []).append(row)
-  checked = 0
-  for row in metric_lines(workdir):
-    if row['step'] in expected:
-      assert row in expected[row['step']], (row, expected[row['step']])
-      checked += 1
-  assert checked >= len(expected), 'the resumed run logged fewer steps than the reference'
+def _wait_for_checkpoint(process, workdir):
+  def killed_output():
+    process.kill()
+    return process.communicate()[0][-3000:]
+  wait_for_checkpoint(workdir, [process], killed_output)
 
 
 @pytest.fixture(scope='module')
@@ -136,26 +62,6 @@ def six_step_reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('six_step_reference'))
   train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
   return workdir
-
-
-def interrupt_at(monkeypatch, call: int):
-  """Makes the run's compiled train step send this process SIGINT (Ctrl-C) while its
-  `call`-th call runs."""
-  compile_steps = parallel.compile_steps
-
-  def compile_interrupted_steps(*args, **kwargs):
-    train_fn, eval_fn = compile_steps(*args, **kwargs)
-    calls = []
-
-    def train_fn_interrupted(state, batch):
-      calls.append(1)
-      if len(calls) == call:
-        os.kill(os.getpid(), signal.SIGINT)
-      return train_fn(state, batch)
-
-    return train_fn_interrupted, eval_fn
-
-  monkeypatch.setattr(parallel, 'compile_steps', compile_interrupted_steps)
 
 
 def patch_train_batches(monkeypatch, edit):
@@ -178,11 +84,12 @@ def patch_train_batches(monkeypatch, edit):
 
 # --- exact resume and preemption ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_is_bit_identical(tmp_path, config_file, long_reference):
   """Killed with SIGKILL right after its first checkpoint appears (typically while that
   save is still being written), the same command finishes the run exactly."""
   workdir = tmp_path / 'run'
-  command = _train_py(config_file, workdir, *LONG_FLAGS)
+  command = train_py_command(config_file, workdir, *LONG_FLAGS)
   process = _start(command)
   _wait_for_checkpoint(process, workdir)
   process.send_signal(signal.SIGKILL)
@@ -195,18 +102,45 @@ def test_sigkill_then_same_command_is_bit_identical(tmp_path, config_file, long_
   assert_metrics_match(str(workdir), long_reference)
 
 
-def test_sigterm_saves_the_current_step_and_exits(tmp_path, config_file, long_reference):
-  workdir = tmp_path / 'run'
-  process = _start(_train_py(config_file, workdir, *LONG_FLAGS))
-  _wait_for_checkpoint(process, workdir)
-  time.sleep(0.3)  # land between checkpoints
+# train.py, held at the end of step STEP until a signal arrives: the test knows the step the
+# signal arrives at, however slowly the machine runs.
+HELD_AT_STEP = """
+import os, runpy, sys, time
+from resnet_jax.train import preemption
+requested = preemption.StopRequest.requested
+def held(self, step):
+  if step == {step} and self.signal is None:
+    open({marker!r}, 'w').close()
+    while self.signal is None:
+      time.sleep(0.01)
+  return requested(self, step)
+preemption.StopRequest.requested = held
+sys.argv = ['train.py', *sys.argv[1:]]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_arrived_at_and_exits(tmp_path, config_file, long_reference):
+  """SIGTERM at step 23 (checkpoints every 10, logs every 5): step 23 is saved, nothing
+  after it is trained or logged, the status is 143, and a restart finishes the run exactly
+  as the uninterrupted one."""
+  workdir, marker, wrapper = tmp_path / 'run', tmp_path / 'at_23', tmp_path / 'held.py'
+  wrapper.write_text(HELD_AT_STEP.format(step=23, marker=str(marker)))
+  command = train_py_command(config_file, workdir, *LONG_FLAGS)
+  process = _start([sys.executable, str(wrapper), *command[2:]])
+  deadline = time.monotonic() + HANG_S
+  while not marker.exists():
+    if process.poll() is not None or time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f'step 23 was not reached:\n{process.communicate()[0][-3000:]}')
+    time.sleep(0.02)
   process.send_signal(signal.SIGTERM)
-  sent = time.monotonic()
-  output = process.communicate(timeout=60)[0]
-  assert time.monotonic() - sent < 15, 'SIGTERM took too long to save and exit'
+  output = process.communicate(timeout=HANG_S)[0]
   assert process.returncode == 128 + signal.SIGTERM, output  # not 0: a scheduler requeues
-  saved = int(output.split('SIGTERM: saved step ')[1].split(';')[0])
-  assert _steps(workdir)[-1] == saved < 60, (saved, output)
+  assert 'SIGTERM: saved step 23;' in output, output
+  assert checkpoint_steps(workdir)[-1] == 23
+  assert max(row['step'] for row in metric_lines(workdir)) <= 23
   # Restarting (here in-process) continues from it and ends where the reference ends.
   train_and_evaluate(tiny_digits_config(**LONG), str(workdir))
   assert_same_state(workdir, long_reference)
@@ -222,7 +156,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
   with pytest.raises(Interrupted, match='SIGINT: saved step 3') as interrupted:
     train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
   assert interrupted.value.exit_status == 130
-  assert _steps(tmp_path) == [2, 3]
+  assert checkpoint_steps(tmp_path) == [2, 3]
   monkeypatch.undo()
   train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
   assert_same_state(tmp_path, six_step_reference)
@@ -232,19 +166,11 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
 
 # --- bad checkpoints ----------------------------------------------------------------------
 
-def _truncate_files(directory):
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, six_step_reference,
                                                           capsys):
   workdir = str(tmp_path)
   train_and_evaluate(tiny_digits_config(), workdir)  # checkpoints 2 and 4
-  _truncate_files(tmp_path / 'checkpoints' / '4' / 'state')
+  truncate_files(tmp_path / 'checkpoints' / '4' / 'state')
   # What a crash during an asynchronous save leaves: a temporary directory.
   shutil.copytree(tmp_path / 'checkpoints' / '2',
                   tmp_path / 'checkpoints' / '5.orbax-checkpoint-tmp-1234')
@@ -256,9 +182,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, six_step_ref
   assert_same_state(workdir, six_step_reference)
   # All checkpoints unreadable: it refuses rather than silently start over; the user
   # starts over by removing the set-aside ones (tests/test_checkpoints.py).
-  steps = _steps(workdir)
+  steps = checkpoint_steps(workdir)
   for step in steps:
-    _truncate_files(tmp_path / 'checkpoints' / str(step) / 'state')
+    truncate_files(tmp_path / 'checkpoints' / str(step) / 'state')
   with pytest.raises(UserError, match='No readable checkpoint'):
     train_and_evaluate(tiny_digits_config(num_train_steps=6), workdir)
   assert len(os.listdir(tmp_path / 'checkpoints_unreadable')) == 1 + len(steps)
@@ -268,14 +194,14 @@ def test_workdir_of_another_model_or_run_is_refused(trained_workdir):
   workdir, _ = trained_workdir
   before = {name: open(os.path.join(workdir, name)).read()
             for name in ('model.json', 'config.json')}
-  steps = _steps(workdir)
+  steps = checkpoint_steps(workdir)
   with pytest.raises(UserError, match='another model.*new --workdir'):
     train_and_evaluate(tiny_digits_config(model_overrides={'stage_sizes': (1, 1, 1),
                                                            'stage_widths': (8, 8, 16)}),
                        workdir)
   with pytest.raises(UserError, match='batch_size=32.*batch_size=16'):
     train_and_evaluate(tiny_digits_config(batch_size=16), workdir)
-  assert _steps(workdir) == steps
+  assert checkpoint_steps(workdir) == steps
   for name, text in before.items():
     assert open(os.path.join(workdir, name)).read() == text
 
@@ -297,6 +223,29 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 
+def _run_timing_the_exit(command, tmp_path):
+  """Runs `command` (train.py) to its end: (its result, the seconds from its error message
+  to its exit)."""
+  with open(tmp_path / 'stdout.txt', 'w+') as stdout:
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=stdout,
+                               stderr=subprocess.PIPE, text=True)
+    hang = threading.Timer(HANG_S, process.kill)
+    hang.start()
+    try:
+      stderr = ''
+      for line in process.stderr:
+        stderr += line
+        if line.startswith('Error: '):
+          break
+      said = time.monotonic()
+      stderr += process.communicate()[1]
+      took = time.monotonic() - said
+    finally:
+      hang.cancel()
+    stdout.seek(0)
+    return subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr), took
+
+
 def _assert_one_message(result, reason):
   output = result.stdout + result.stderr
   assert result.returncode == 1, output[-3000:]
@@ -305,16 +254,16 @@ def _assert_one_message(result, reason):
   assert len(output.strip().splitlines()) <= 8, output
 
 
+@pytest.mark.slow
 def test_failed_save_ends_the_process_with_one_message(tmp_path, config_file):
   """Before: a PermissionError traceback per orbax thread, then the process never exited
   (orbax's threads wait 300 s for the failed save)."""
   wrapper = tmp_path / 'refused_save.py'
   wrapper.write_text(REFUSED_SAVE)
-  command = [sys.executable, str(wrapper), *_train_py(config_file, tmp_path / 'run')[2:]]
-  started = time.monotonic()
-  result = _run(command, timeout=150, check=False)
-  assert time.monotonic() - started < 120
+  command = [sys.executable, str(wrapper), *train_py_command(config_file, tmp_path / 'run')[2:]]
+  result, took = _run_timing_the_exit(command, tmp_path)
   _assert_one_message(result, 'PermissionError: Permission denied')
+  assert took < 150, f'{took:.0f} s from the message to the exit'  # orbax's wait: 300 s
 
 
 def _can_mount_a_tmpfs():
@@ -325,6 +274,7 @@ def _can_mount_a_tmpfs():
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_a_tmpfs(), reason='needs user namespaces (unshare -Urm)')
 def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
   """A real full disk: a 4 MiB tmpfs (mounted in a user namespace, so no root is needed)
@@ -334,8 +284,10 @@ def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
   fill = f'head -c {4 * 1024 * 1024 - 100 * 1024} /dev/zero > {disk}/filler'
   command = ['unshare', '-Urm', 'sh', '-c',
              f'mount -t tmpfs -o size=4m tmpfs {disk} && {fill} && exec "$@"', 'sh',
-             *_train_py(config_file, disk / 'run')]
-  _assert_one_message(_run(command, timeout=300, check=False), 'No space left on device')
+             *train_py_command(config_file, disk / 'run')]
+  result, took = _run_timing_the_exit(command, tmp_path)
+  _assert_one_message(result, 'No space left on device')
+  assert took < 150, f'{took:.0f} s from the message to the exit'  # orbax's wait: 300 s
 
 
 # --- divergence ---------------------------------------------------------------------------
@@ -356,7 +308,7 @@ def test_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypa
   # Logging only at the end: the check before the save at step 4 must catch it.
   with pytest.raises(FloatingPointError, match='at step 3'):
     train_and_evaluate(tiny_digits_config(log_every_steps=0), str(tmp_path))
-  assert _steps(tmp_path) == [2]
+  assert checkpoint_steps(tmp_path) == [2]
   assert _all_finite(read_state(tmp_path))
 
 
@@ -364,7 +316,7 @@ def test_non_finite_steps_can_be_skipped(tmp_path, monkeypatch):
   patch_train_batches(monkeypatch, _nan_at_step_3)
   train_and_evaluate(tiny_digits_config(skip_nonfinite_steps=True), str(tmp_path))
   state = read_state(tmp_path)
-  assert _steps(tmp_path) == [2, 4] and _all_finite(state)
+  assert checkpoint_steps(tmp_path) == [2, 4] and _all_finite(state)
   assert int(state['step']) == 3  # the optimizer did not count the skipped step
   last = [row for row in metric_lines(str(tmp_path)) if 'train/loss' in row][-1]
   assert last['train/skipped_steps'] == 1 and np.isfinite(last['train/loss'])
@@ -395,8 +347,9 @@ def test_config_checks_keys_and_device_divisibility():
     check_config(config, num_devices=1)
 
 
+@pytest.mark.slow
 def test_train_py_prints_the_error_without_a_traceback(tmp_path, config_file):
-  result = _run(_train_py(config_file, tmp_path, '--config.model=resnet_51'), check=False)
+  result = _run(train_py_command(config_file, tmp_path, '--config.model=resnet_51'), check=False)
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr + result.stdout, result.stderr
   assert "Unknown model 'resnet_51'" in result.stderr, result.stderr
@@ -410,16 +363,17 @@ def assert_close_state(workdir, reference):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_4_devices_resumes_on_1_and_on_8(tmp_path, config_file,
                                                          trained_workdir):
   reference, _ = trained_workdir  # 4 steps on 1 device
   four, eight = tmp_path / 'four', tmp_path / 'eight'
-  _run(_train_py(config_file, four, '--config.num_train_steps=2'), devices=4)
+  _run(train_py_command(config_file, four, '--config.num_train_steps=2'), devices=4)
   shutil.copytree(four, eight)
   # The 4-device checkpoint loads here, on 1 device, and training resumes from it.
   assert resnet_jax.load_variables(str(four))['params']['fc']['kernel'].shape == (16, 10)
   train_and_evaluate(tiny_digits_config(), str(four))
-  output = _run(_train_py(config_file, eight), devices=8).stdout
+  output = _run(train_py_command(config_file, eight), devices=8).stdout
   assert 'at step 2' in output and 'on 8 device(s)' in output, output
   assert_close_state(four, reference)
   assert_close_state(eight, reference)
@@ -427,6 +381,7 @@ def test_checkpoint_from_4_devices_resumes_on_1_and_on_8(tmp_path, config_file,
 
 WORKER = '''
 import sys
+import threading
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.config.update('jax_disable_most_optimizations', True)
@@ -435,19 +390,13 @@ port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                            process_id=process_id)
 sys.path.insert(0, {tests!r})
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 from resnet_jax.train.loop import train_and_evaluate
 assert jax.process_count() == 2 and jax.device_count() == 2
 train_and_evaluate(tiny_digits_config(num_train_steps=2), workdir)
 train_and_evaluate(tiny_digits_config(), workdir)  # restores step 2 from disk
 print('worker', process_id, 'done', flush=True)
 '''
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def _two_process_batches(monkeypatch):
@@ -478,17 +427,18 @@ def _two_process_batches(monkeypatch):
   monkeypatch.setattr(loop, 'create_pipeline', lambda config: whole)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_match_one_process(tmp_path, monkeypatch):
   worker = tmp_path / 'worker.py'
   worker.write_text(WORKER.replace('{tests!r}', repr(str(REPO / 'tests'))).replace(
       '{cache!r}', repr(JAX_CACHE_DIR)))
-  workdir, port = str(tmp_path / 'run'), _free_port()
-  env = _env(devices=1)
+  workdir, port = str(tmp_path / 'run'), free_port()
+  env = subprocess_env(devices=1)
   processes = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), workdir],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    outputs = [p.communicate(timeout=HANG_S)[0] for p in processes]
   finally:
     for p in processes:
       if p.poll() is None:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import saved_activations
+from helpers import saved_activations
 
 import resnet_jax
 from resnet_jax.models.blocks import subsample_and_pad

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import nchw, saved_activations
+from helpers import nchw, saved_activations
 from flax import nnx, traverse_util
 
 import resnet_jax

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import load_config
+from helpers import load_config
 from flax import traverse_util
 
 from resnet_jax.errors import UserError

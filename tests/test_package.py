@@ -12,6 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_import_pulls_in_neither_tensorflow_nor_torch():
   code = ('import sys, resnet_jax; m = resnet_jax.create_model("resnet18"); '
           'print(sorted({"tensorflow", "torch", "orbax", "optax"} & set(sys.modules)))')
@@ -19,6 +20,7 @@ def test_import_pulls_in_neither_tensorflow_nor_torch():
   assert out.stdout.strip() == '[]'
 
 
+@pytest.mark.slow
 def test_importing_the_planner_leaves_the_environment_alone():
   """libtpu's settings are the planner's to make when it compiles, not a side effect of an
   import (they would reach every JAX process and TF log level of the importer); the same

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_digits_config
+from helpers import REPO, tiny_digits_config
 from resnet_jax import plan
 from resnet_jax.errors import UserError
 from resnet_jax.train import parallel

@@ -25,13 +25,46 @@ def test_read_metrics_keeps_the_last_value_per_step(tmp_path):
   assert metrics['eval/top1'] == ((30,), (0.8,))
 
 
+def _plotted(monkeypatch):
+  """The figures plot.main saves, as {panel title: {line label: (steps, values)}}, and the
+  PNG paths they were saved to."""
+  from matplotlib.figure import Figure
+  saved, savefig = [], Figure.savefig
+
+  def record(figure, path, **kwargs):
+    saved.append((path, {ax.get_title(): {line.get_label(): tuple(map(tuple, line.get_data()))
+                                          for line in ax.get_lines()}
+                         for ax in figure.axes}))
+    savefig(figure, path, **kwargs)
+
+  monkeypatch.setattr(Figure, 'savefig', record)
+  return saved
+
+
 def test_plot_one_and_several_runs(tmp_path, monkeypatch):
   a, b = _write_run(tmp_path / 'a'), _write_run(tmp_path / 'b', 0.1)
+  saved = _plotted(monkeypatch)
   plot.main([a])
-  assert (tmp_path / 'a' / 'curves.png').stat().st_size > 1000
   monkeypatch.chdir(tmp_path)
   plot.main([a, b, '--out', 'both.png'])
-  assert (tmp_path / 'both.png').stat().st_size > 1000
+  (one_path, one), (both_path, both) = saved
+  assert (one_path, both_path) == (str(tmp_path / 'a' / 'curves.png'), 'both.png')
+  assert (tmp_path / 'a' / 'curves.png').exists() and (tmp_path / 'both.png').exists()
+  # Each run's metrics.jsonl as read_metrics reads it (the last value per step), one line
+  # per metric and run.
+  for run, name in [(a, 'a'), (b, 'b')]:
+    metrics = read_metrics(run)
+    expected = {'loss': {f'{name} train': metrics['train/loss'],
+                         f'{name} eval': metrics['eval/loss']},
+                'top-1 accuracy': {f'{name} train': metrics['train/accuracy'],
+                                   f'{name} eval': metrics['eval/top1']}}
+    for title, lines in expected.items():
+      for label, values in lines.items():
+        assert both[title][label] == values, (title, label)
+        if name == 'a':
+          assert one[title][label] == values, (title, label)
+  assert both['loss']['b train'] == ((10, 20, 30), (2.0 / 10 + 0.1, 9.0, 2.0 / 30 + 0.1))
+  assert sorted(one['loss']) == ['a eval', 'a train'] and len(both['loss']) == 4
 
 
 def test_a_line_cut_short_by_a_kill_is_skipped_and_closed(tmp_path):

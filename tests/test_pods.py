@@ -11,7 +11,7 @@ import collections
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 
 from resnet_jax.data import pipeline as pipeline_module
 
@@ -64,9 +64,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from conftest import JAX_CACHE_DIR, REPO  # noqa: E402
-from test_fault_tolerance import (LONG_FLAGS, _env, _free_port, _steps,  # noqa: E402
-                                  assert_same_state, config_file)
+from helpers import (HANG_S, JAX_CACHE_DIR, LONG_FLAGS, REPO, assert_same_state,  # noqa: E402
+                     checkpoint_steps, free_port, subprocess_env, wait_for_checkpoint)
 
 # Runs train.py after applying INJECT (Python source, run once jax.distributed is up) on
 # the process whose id is INJECT_PROCESS: the stalls and read failures of the tests.
@@ -90,9 +89,9 @@ def _start_pod(tmp_path, workdir, config, *flags, inject=None, inject_process=1,
                heartbeat_s=10, port=None, ids=(0, 1)):
   """Processes `ids` of a two-process train.py run (the README command plus `flags`),
   their outputs in files."""
-  port, wrapper = port or _free_port(), tmp_path / 'wrapper.py'
+  port, wrapper = port or free_port(), tmp_path / 'wrapper.py'
   wrapper.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / 'train.py')))
-  env = _env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
+  env = subprocess_env(devices=1, INJECT=inject or '', INJECT_PROCESS=str(inject_process))
   processes = []
   for i in ids:
     log = open(tmp_path / f'process{i}.{time.monotonic_ns()}.log', 'w+')
@@ -111,7 +110,7 @@ def _output(log):
   return log.read()
 
 
-def _finish(processes, timeout=240):
+def _finish(processes, timeout=HANG_S):
   """(return codes, outputs) once both processes exit."""
   deadline = time.monotonic() + timeout
   try:
@@ -125,13 +124,11 @@ def _finish(processes, timeout=240):
   return [p.returncode for p, _ in processes], [_output(log) for _, log in processes]
 
 
-def _wait_for_checkpoint(processes, workdir, timeout=240):
-  deadline = time.monotonic() + timeout
-  while not _steps(workdir):
-    if any(p.poll() is not None for p, _ in processes) or time.monotonic() > deadline:
-      codes, outputs = _finish(processes, timeout=1)
-      pytest.fail(f'No checkpoint appeared: {codes}\n' + '\n'.join(o[-2000:] for o in outputs))
-    time.sleep(0.02)
+def _wait_for_checkpoint(processes, workdir):
+  def outputs():
+    codes, outputs = _finish(processes, timeout=1)
+    return f'{codes}\n' + '\n'.join(o[-2000:] for o in outputs)
+  wait_for_checkpoint(workdir, [p for p, _ in processes], outputs)
 
 
 def _run_pod(tmp_path, workdir, config, *flags, **kwargs):
@@ -151,6 +148,7 @@ def pod_reference(tmp_path_factory, config_file):
   return str(tmp_path / 'run')
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file,
                                                            pod_reference):
   workdir = tmp_path / 'run'
@@ -159,13 +157,11 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   time.sleep(0.3)  # land between checkpoints
   processes[1][0].send_signal(signal.SIGTERM)
   sent = time.monotonic()
-  codes, outputs = _finish(processes, timeout=60)
-  took = time.monotonic() - sent
-  print(f'SIGTERM to process 1 -> both saved and exited in {took:.1f} s')
+  codes, outputs = _finish(processes)
+  print(f'SIGTERM to process 1 -> both saved and exited in {time.monotonic() - sent:.1f} s')
   assert codes == [143, 143], outputs  # not 0: the run is not finished; requeue it
-  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])
-  assert _steps(workdir)[-1] == saved < 60, (saved, outputs[0])
-  assert took < 30
+  saved = int(outputs[0].split('SIGTERM: saved step ')[1].split(';')[0])  # process 0 logs
+  assert checkpoint_steps(workdir)[-1] == saved < 60, (saved, outputs[0])
   start = time.monotonic()
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS)
   print(f'resumed two-process run: {time.monotonic() - start:.1f} s')
@@ -173,6 +169,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path, config_file
   assert_same_state(workdir, pod_reference)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, config_file,
                                                                      pod_reference):
   workdir = tmp_path / 'run'
@@ -181,11 +178,12 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_is_exact(tmp_path, c
   time.sleep(0.3)
   processes[1][0].send_signal(signal.SIGKILL)
   killed = time.monotonic()
-  codes, outputs = _finish(processes, timeout=90)
-  took = time.monotonic() - killed
-  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after {took:.1f} s')
-  assert codes[1] == -signal.SIGKILL and codes[0] != 0, outputs[0][-3000:]
-  assert took < 60
+  codes, outputs = _finish(processes)  # then process 0 is killed: fails below
+  print(f'SIGKILL of process 1 -> process 0 exited {codes[0]} after '
+        f'{time.monotonic() - killed:.1f} s')
+  # Process 0 ended by itself (heartbeats every 10 s) with an error: our status 1 or JAX's
+  # abort, not the SIGKILL of _finish.
+  assert codes[1] == -signal.SIGKILL and codes[0] not in (0, -signal.SIGKILL), outputs[0][-3000:]
   # Ours (a failed collective) or JAX's (the coordination service saw the process die).
   assert ('lost contact with another process' in outputs[0] and 'run the same command' in
           outputs[0]) or 'another task died' in outputs[0], outputs[0][-3000:]
@@ -203,25 +201,27 @@ STARTUP_TIMEOUT_S = 10
 STARTUP_FLAG = f'--initialization_timeout_s={STARTUP_TIMEOUT_S}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('missing', [0, 1])
 def test_a_process_that_never_starts_is_named_after_the_startup_timeout(tmp_path, config_file,
                                                                       missing):
   """Only one process of two starts: it exits 1 after --initialization_timeout_s with one
   message naming the other process and the coordinator's address (JAX alone aborts with
   status 134 after 300 s, saying nothing about who is missing)."""
-  port = _free_port()
+  port = free_port()
   started = time.monotonic()
   codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file, STARTUP_FLAG,
-                                      port=port, ids=[1 - missing]), timeout=120)
+                                      port=port, ids=[1 - missing]))
   took = time.monotonic() - started
   print(f'process {1 - missing} alone exited {codes[0]} after {took:.1f} s')
-  assert codes == [1], outputs[0][-3000:]
+  assert codes == [1], outputs[0][-3000:]  # by itself: JAX alone aborts after 300 s (134)
   assert f'missing: process {missing}.' in outputs[0], outputs[0][-3000:]
   assert f'coordinator at localhost:{port}' in outputs[0]
   assert 'Traceback' not in outputs[0] and 'Check failure' not in outputs[0], outputs[0]
-  assert STARTUP_TIMEOUT_S <= took < 180  # JAX alone: an abort after 300 s or more
+  assert took >= STARTUP_TIMEOUT_S
 
 
+@pytest.mark.slow
 def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
   """Another program listens on the coordinator's port: process 0 stops at once naming the
   port, process 1 (which reached that program, not a coordinator) after the start-up
@@ -232,7 +232,7 @@ def test_a_coordinator_port_in_use_is_named(tmp_path, config_file):
     holder.listen()
     port = holder.getsockname()[1]
     codes, outputs = _finish(_start_pod(tmp_path, tmp_path / 'run', config_file,
-                                        STARTUP_FLAG, port=port), timeout=120)
+                                        STARTUP_FLAG, port=port))
   assert codes == [1, 1], '\n'.join(o[-3000:] for o in outputs)
   assert f'Port {port} of --coordinator_address=localhost:{port} is already in use' in \
       outputs[0], outputs[0][-3000:]
@@ -259,6 +259,7 @@ loop.create_pipeline = create_pipeline
 '''
 
 
+@pytest.mark.slow
 def test_a_stalled_process_is_reported(tmp_path, config_file):
   outputs = _run_pod(tmp_path, tmp_path / 'run', config_file, *LONG_FLAGS,
                      '--config.stall_factor=5', inject=STALL_AT_STEP_25)
@@ -282,6 +283,7 @@ def _files(directory):
                 for root, _, names in os.walk(directory) for name in names)
 
 
+@pytest.mark.slow
 def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
                                                         pod_reference):
   """Process 1 cannot read step 60: both restore step 50 (process 0 could read 60), step
@@ -289,7 +291,7 @@ def test_all_processes_fall_back_to_the_same_checkpoint(tmp_path, config_file,
   import shutil
   workdir = tmp_path / 'run'
   shutil.copytree(pod_reference, workdir)
-  assert _steps(workdir) == [50, 60]
+  assert checkpoint_steps(workdir) == [50, 60]
   newest = _files(workdir / 'checkpoints' / '60')
   outputs = _run_pod(tmp_path, workdir, config_file, *LONG_FLAGS, inject=CANNOT_READ_STEP_60)
   assert 'checkpoint 60' in outputs[0] and 'on process(es) [1] of 2' in outputs[0], outputs[0]
@@ -311,7 +313,7 @@ def test_watchdog_warns_or_exits_when_steps_stop_finishing(exit_on_stall):
     for _ in range(6):
       watchdog.dispatched(jax.numpy.zeros(()))
       time.sleep(0.02)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound for a missing warning, not a speed test
     while not lines and time.monotonic() < deadline:
       time.sleep(0.01)
   finally:

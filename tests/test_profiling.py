@@ -3,7 +3,7 @@
 import glob
 import os
 
-from conftest import tiny_digits_config
+from helpers import tiny_digits_config
 
 from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.profiling import PROFILE_DIR

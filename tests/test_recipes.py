@@ -3,8 +3,8 @@ CutMix, BCE, weight EMA, repeated augmentation, other train and eval sizes, TA-w
 random erasing): an interrupted run resumes bit-identically."""
 
 import pytest
-from conftest import tiny_digits_config
-from test_fault_tolerance import _steps, assert_metrics_match, assert_same_state, interrupt_at
+from helpers import (assert_metrics_match, assert_same_state, checkpoint_steps, interrupt_at,
+                     tiny_digits_config)
 
 from resnet_jax.errors import Interrupted
 from resnet_jax.train.config_schema import KEYS
@@ -30,7 +30,7 @@ def test_interrupted_run_with_every_recipe_feature_resumes_bit_identically(tmp_p
   interrupt_at(monkeypatch, 4)  # while step 4 runs
   with pytest.raises(Interrupted, match='saved step 4'):
     train_and_evaluate(tiny_digits_config(**EVERYTHING), workdir)
-  assert _steps(workdir)[-1] == 4
+  assert checkpoint_steps(workdir)[-1] == 4
   monkeypatch.undo()
   train_and_evaluate(tiny_digits_config(**EVERYTHING), workdir)
   assert_same_state(workdir, reference)  # params, BN statistics, LARS momenta, the EMA

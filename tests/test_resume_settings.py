@@ -11,14 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_digits_config
-from resnet_jax.train import run_dir
+from helpers import REPO, read_state, tiny_digits_config
 from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.scan import is_scanned, unscan_tree
 from resnet_jax.models.torch_names import LAYOUT_NEUTRAL
+from resnet_jax.train import run_dir
 from resnet_jax.train.loop import train_and_evaluate
-from test_fault_tolerance import read_state
 
 # Two blocks in the first stages, so that the scanned layout differs from the unrolled one.
 MODEL = {'stage_sizes': (2, 2, 1), 'stage_widths': (4, 8, 16)}

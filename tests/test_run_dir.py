@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_digits_config
+from helpers import HANG_S, tiny_digits_config
 
 import resnet_jax
 from resnet_jax import create_model, scan_variables
@@ -99,12 +99,13 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     resnet_jax.load_variables(tmp_path)
 
 
+@pytest.mark.slow
 def test_import_resnet_jax_stays_light():
   code = ('import sys, resnet_jax; heavy = [m for m in ("orbax", "torch", "tensorflow") '
           'if m in sys.modules]; assert not heavy, heavy; '
           'assert callable(resnet_jax.load_model) and "orbax.checkpoint" not in sys.modules; '
           'import resnet_jax.convert; assert "torch" not in sys.modules')
-  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=HANG_S)
 
 
 def test_each_run_directory_name_is_typed_in_run_dir_only():

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import flax
 import jax
@@ -15,7 +14,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec as P
-from conftest import REPO, TINY_MODEL, load_config, tiny_digits_config
+from helpers import HANG_S, REPO, TINY_MODEL, load_config, subprocess_env, tiny_digits_config
 
 import resnet_jax
 from resnet_jax.errors import UserError
@@ -214,11 +213,9 @@ def test_trains_on_mock_tfds_data(tmp_path, dataset, preprocess):
     assert json.load(f)['num_classes'] == (10 if dataset == 'cifar10' else 1000)
 
 
-def _run(args, env=None, timeout=240):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
-         **(env or {})}
-  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def _run(args, devices=1, timeout=HANG_S):
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -228,19 +225,11 @@ def _eval_metrics(workdir):
           if key.startswith('eval/')}
 
 
-def test_train_py_on_four_devices_matches_one_device(tmp_path, trained_workdir):
+@pytest.mark.slow
+def test_train_py_on_four_devices_matches_one_device(tmp_path, trained_workdir, config_file):
   """The README command, run on 4 simulated CPU devices, against the in-process run."""
-  config_file = tmp_path / 'tiny.py'
-  config_file.write_text(textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(REPO / 'tests')!r})
-      from conftest import tiny_digits_config
-      def get_config():
-        return tiny_digits_config()
-  '''))
-  out = _run(['train.py', '--config', str(config_file), '--workdir', str(tmp_path / 'run'),
-              '--jax_cache_dir', ''],
-             env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  out = _run(['train.py', '--config', config_file, '--workdir', str(tmp_path / 'run'),
+              '--jax_cache_dir', ''], devices=4)
   assert 'step 4/4' in out and 'on 4 device(s)' in out and 'top-1' in out, out
   workdir, _ = trained_workdir
   single, multi = _eval_metrics(workdir), _eval_metrics(str(tmp_path / 'run'))
