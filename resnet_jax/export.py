@@ -95,17 +95,13 @@ def contract(model, model_config: Dict[str, Any], settings: Dict[str, Any],
 
 def serving_function(model, variables, normalization: str) -> Callable:
   """uint8 NHWC pixels -> float32 logits, with `variables` closed over (baked in)."""
-  import jax
   import jax.numpy as jnp
   from resnet_jax.data.normalization import normalize
 
-  def one_image(pixels):
-    logits = model.apply(variables, normalize(pixels[None], normalization), train=False)
-    return logits[0].astype(jnp.float32)
-  # The model picks its convolution formulation by batch size (models/convolution.py),
-  # which a symbolic batch cannot answer; vmap gives it a concrete one and batches the
-  # same convolutions, so the program is unchanged.
-  return jax.vmap(one_image)
+  def serve(pixels):
+    logits = model.apply(variables, normalize(pixels, normalization), train=False)
+    return logits.astype(jnp.float32)
+  return serve
 
 
 def _input_spec(batch: Optional[int], contract_: Dict[str, Any]):
