@@ -52,13 +52,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
            groups: int = 1) -> jax.Array:
   """The convolution as XLA:CPU runs it fastest; the same results as `xla_conv`.
 
-  Nothing here depends on the batch size, so a symbolic batch (`jax.export`) traces.
+  A symbolic batch (`jax.export`) traces; it counts as large, which changes only the
+  backward pass, which serving never runs.
   """
-  if groups > 1:
-    return xla_conv(x, kernel, strides, padding, groups)
-  if kernel.shape[0] > 1 and min(x.shape[1:3]) < kernel.shape[0]:
+  if groups == 1 and kernel.shape[0] > 1 and min(x.shape[1:3]) < kernel.shape[0]:
     return _conv_as_matmul(x, kernel, strides, padding)
-  return conv_with_matmul_kernel_grad(x, kernel, strides, padding)
+  if groups == 1 and not _small(x, kernel, strides, padding):
+    return conv_with_matmul_kernel_grad(x, kernel, strides, padding)
+  return xla_conv(x, kernel, strides, padding, groups)  # less to trace and compile
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -92,7 +93,7 @@ def _forward(x, kernel, strides, padding):
 def _backward(strides, padding, residuals, dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel, strides, padding), x)
-  if _kernel_grad_flops(x, kernel, strides, padding) >= MIN_MATMUL_GRAD_FLOPS:
+  if not _small(x, kernel, strides, padding):
     dkernel = _matmul_kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
   else:
     _, kernel_vjp = jax.vjp(lambda kernel: xla_conv(x, kernel, strides, padding), kernel)
@@ -103,6 +104,13 @@ def _backward(strides, padding, residuals, dy):
 def _kernel_grad_flops(x, kernel, strides, padding) -> int:
   out_h, out_w = windows.output_shape(x, kernel.shape[0], strides, padding)
   return 2 * x.shape[0] * out_h * out_w * kernel.size
+
+
+def _small(x, kernel, strides, padding) -> bool:
+  """Whether the kernel gradient is known to be below MIN_MATMUL_GRAD_FLOPS."""
+  if not isinstance(x.shape[0], int):  # a symbolic batch: counted as large
+    return False
+  return _kernel_grad_flops(x, kernel, strides, padding) < MIN_MATMUL_GRAD_FLOPS
 
 
 def _matmul_kernel_grad(x, dy, kernel_shape, strides, padding):
