@@ -97,17 +97,13 @@ def contract(model, model_config: Dict[str, Any], spec, batch: Optional[int], dt
 def serving_function(model, variables, mean: Sequence[float], std: Sequence[float]) -> Callable:
   """uint8 NHWC pixels -> float32 logits, normalized with `mean` and `std`, with `variables`
   closed over (baked in)."""
-  import jax
   import jax.numpy as jnp
   from resnet_jax.data.normalization import normalize_with
 
-  def one_image(pixels):
-    logits = model.apply(variables, normalize_with(pixels[None], mean, std), train=False)
-    return logits[0].astype(jnp.float32)
-  # The model picks its convolution formulation by batch size (models/convolution.py),
-  # which a symbolic batch cannot answer; vmap gives it a concrete one and batches the
-  # same convolutions, so the program is unchanged.
-  return jax.vmap(one_image)
+  def serve(pixels):
+    logits = model.apply(variables, normalize_with(pixels, mean, std), train=False)
+    return logits.astype(jnp.float32)
+  return serve
 
 
 def _input_spec(batch: Optional[int], contract_: Dict[str, Any]):

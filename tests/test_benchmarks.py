@@ -155,3 +155,16 @@ def test_gpu_check_runs_at_toy_sizes_without_tensorflow(tmp_path):
   for batch, mib in tried.items():
     assert mib <= limit + 0.05 if batch <= largest else mib > limit - 0.05
   assert 'PASS' in output and 'TensorFlow imported: by no worker' in output
+
+
+@pytest.mark.parametrize('options', [[], ['--compile-only']])
+def test_side_by_side_alternates_two_trees(options):
+  output = run_benchmark('side_by_side.py', str(REPO), str(REPO), '--model', 'cifar_resnet20',
+                         '--batch', '2', '--size', '32', '--rounds', '2', '--steps', '1',
+                         *options)
+  rows = table_rows(output, str(REPO))
+  assert len(rows) == 2 and all(len(row) == 3 and min(row) > 0 for row in rows)
+  median, first, second = rows[1]
+  assert min(first, second) <= median <= max(first, second)
+  [ratio] = re.findall(rf'new / old: {NUMBER}', output)
+  assert abs(float(ratio) - rows[1][0] / rows[0][0]) < 0.01

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import nchw, nhwc
-from resnet_jax.models import pooling
+from resnet_jax.models import cpu, pooling
 
 
-# The pool train.py runs here (CPU) and the one it runs on TPU and GPU.
-MAX_POOLS = [pooling.max_pool_3x3_s2, pooling._reduce_window_max]  # pylint: disable=protected-access
+# The pool train.py runs here (CPU, `cpu.max_pool_3x3_s2`) and the one it runs on TPU and GPU.
+MAX_POOLS = [pooling.max_pool_3x3_s2, cpu.max_pool_3x3_s2, pooling.reduce_window_max_3x3_s2]
 
 
 @pytest.mark.parametrize('pool', MAX_POOLS)
