@@ -26,7 +26,8 @@ TOL = 1e-4
 
 
 def random_reference(arch, num_classes=1000, seed=0):
-  """A PyTorch reference model with random weights and random BN statistics/affine."""
+  """A PyTorch reference model with random weights and random BN statistics/affine (and
+  random GroupNorm affine)."""
   torch.manual_seed(seed)
   model = convert.torch_reference_model(arch, num_classes)
   with torch.no_grad():
@@ -37,6 +38,9 @@ def random_reference(arch, num_classes=1000, seed=0):
         module.running_mean.normal_(0.0, 0.1)
         module.running_var.uniform_(0.5, 1.5)
         module.num_batches_tracked.fill_(7)
+      elif isinstance(module, torch.nn.GroupNorm):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0.0, 0.1)
     _scale_like_a_trained_net(model)
   return model.eval()
 

@@ -17,7 +17,7 @@ names and parameter counts are those of the ResNet without anti-aliasing.
 """
 
 import functools
-from typing import Optional
+from typing import Callable, List
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +55,21 @@ def max_pool_3x3_s1(x: jax.Array) -> jax.Array:
   return functools.reduce(jnp.maximum, views)
 
 
-def downsample(x: jax.Array, anti_alias: Optional[str]) -> jax.Array:
+POOLS = {'avg': avg_pool_2x2, 'blur': blur_pool}
+
+
+def downsample(x: jax.Array, anti_alias: str) -> jax.Array:
   """The anti-aliasing pool `anti_alias` ('avg' or 'blur') at stride 2."""
-  return avg_pool_2x2(x) if anti_alias == 'avg' else blur_pool(x)
+  return POOLS[anti_alias](x)
+
+
+def stem_pools(anti_alias: str) -> List[Callable[[jax.Array], jax.Array]]:
+  """What replaces the stem's 3x3/2 max-pool in timm's anti-aliased nets, in order."""
+  return [avg_pool_2x2] if anti_alias == 'avg' else [max_pool_3x3_s1, blur_pool]
 
 
 def stem_pool(x: jax.Array, anti_alias: str) -> jax.Array:
-  """What replaces the stem's 3x3/2 max-pool in timm's anti-aliased nets."""
-  return avg_pool_2x2(x) if anti_alias == 'avg' else blur_pool(max_pool_3x3_s1(x))
+  """`stem_pools(anti_alias)` applied to `x`."""
+  for pool in stem_pools(anti_alias):
+    x = pool(x)
+  return x
