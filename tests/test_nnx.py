@@ -30,6 +30,16 @@ CASES = {
     'ecaresnetlight': ('ecaresnetlight', dict(num_classes=5, stage_sizes=(1, 1, 1, 1),
                                               stage_widths=(16, 32, 64, 128)), 32),
     'resnet10t': ('resnet10t', dict(num_classes=5), 32),
+    # timm's other families: pruned widths, 'avg' anti-aliasing with SE-ResNeXt and avg-down,
+    # blur pool, GroupNorm, ResNet-RS's stem conv and SE 1/4, SENet-154.
+    'ecaresnet50d_pruned': ('ecaresnet50d_pruned', dict(num_classes=5), 32),
+    'seresnextaa': ('seresnextaa101d_32x8d', dict(num_classes=5, stage_sizes=(1, 1, 1, 1)), 32),
+    'resnetblur50': ('resnetblur50', dict(num_classes=5, stage_sizes=(1, 1, 1, 1),
+                                          stage_widths=(16, 32, 64, 128)), 32),
+    'resnet50_gn': ('resnet50_gn', dict(num_classes=5, stage_sizes=(1, 1, 1, 1)), 32),
+    'resnetrs50': ('resnetrs50', dict(num_classes=5, stage_sizes=(1, 1, 1, 1),
+                                      stage_widths=(16, 32, 64, 128)), 32),
+    'senet154': ('senet154', dict(num_classes=5, stage_sizes=(1, 1, 1, 1)), 32),
 }
 
 
@@ -208,7 +218,8 @@ def test_variables_that_are_not_collections_of_arrays_are_refused_alike(variable
   assert 'missing: bn1/bias, ' in message and f'unexpected: {stray}' in message
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'seresnext26t_32x4d', 'ecaresnet26t'])
+@pytest.mark.parametrize('arch', ['resnet18', 'seresnext26t_32x4d', 'ecaresnet26t',
+                                  'resnet50_gn'])
 def test_converted_torchvision_and_timm_weights_give_their_logits(arch):
   torch_model = torch_reference_model(arch, num_classes=4).eval()
   model = rnnx.from_linen(torch_to_flax(torch_model.state_dict(), arch), arch, num_classes=4)
