@@ -134,6 +134,11 @@ class BasicBlock(_Block):
     zero_init_last: start the last BN scale at zero, so the block starts as identity.
     attention: constructor of the channel attention applied to the residual branch
       (`resnet_jax.models.attention`), or None.
+    reduce_first: the first conv outputs features // reduce_first channels.
+    anti_alias: None, 'avg' or 'blur': the strided conv runs at stride 1 and that pool
+      strides after its BN and ReLU (`resnet_jax.models.anti_alias`).
+    down_kernel_size: kernel of a strided projection shortcut's conv.
+    widths: a bottleneck's three conv widths (pruned nets), or None.
   """
   expansion = 1
 
