@@ -203,7 +203,9 @@ def test_timm_train_mode_logits_and_running_statistics_match(arch, stage_sizes, 
   model = create_model(arch, num_classes=5, **depth)
   logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
       variables, x)
-  np.testing.assert_allclose(np.asarray(logits), expected_logits, rtol=0, atol=TOL)
+  # Batch statistics, not the scaled running ones, give train-mode logits up to ~50 on the
+  # deeper nets: float32 rounds those at ~1e-6 relative, hence rtol besides atol.
+  np.testing.assert_allclose(np.asarray(logits), expected_logits, rtol=1e-5, atol=TOL)
   got = convert.flax_to_torch({'params': variables['params'], **updates}, arch, **depth)
   before = convert.flax_to_torch(variables, arch, **depth)
   statistics = [key for key in expected if 'running_' in key]
