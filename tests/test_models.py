@@ -11,7 +11,9 @@ import pytest
 from helpers import saved_activations
 
 import resnet_jax
+from resnet_jax.models import anti_alias
 from resnet_jax.models.blocks import subsample_and_pad
+from resnet_jax.models.group_norm import group_norm
 
 # torchvision's counts (num_classes=1000), timm's for resnet200 and its resnet.py variants, the
 # paper's CIFAR nets.
@@ -64,6 +66,23 @@ PARAM_COUNTS = {
     'ecaresnet50t': 25_573_814,
     'ecaresnet101d': 44_568_563,
     'ecaresnet269d': 102_093_077,
+    'ecaresnet50d_pruned': 19_939_713,
+    'ecaresnet101d_pruned': 24_876_040,
+    'resnetaa50': 25_557_032,
+    'resnetaa50d': 25_576_264,
+    'resnetaa101d': 44_568_392,
+    'seresnextaa101d_32x8d': 93_588_280,
+    'seresnextaa201d_32x8d': 149_394_904,
+    'resnetblur50': 25_557_032,
+    'resnet50_gn': 25_557_032,
+    'resnetrs50': 35_691_912,
+    'resnetrs101': 63_618_696,
+    'resnetrs152': 86_621_576,
+    'resnetrs200': 93_209_992,
+    'resnetrs270': 129_861_448,
+    'resnetrs350': 163_956_168,
+    'resnetrs420': 191_891_656,
+    'senet154': 115_088_984,
     'cifar_resnet20': 269_722,
     'cifar_resnet32': 464_154,
     'cifar_resnet44': 658_586,
@@ -110,7 +129,9 @@ def test_readme_tables_list_every_model_with_its_count():
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
 def test_parameter_count(name):
   # Scanning stacks blocks without changing the parameters; it keeps the deep nets quick.
-  model = resnet_jax.create_model(name, scan_blocks=True)
+  # (Pruned nets, whose blocks differ in width, cannot scan.)
+  pruned = resnet_jax.models.zoo.MODELS[name].get('block_widths') is not None
+  model = resnet_jax.create_model(name, scan_blocks=not pruned)
   variables = _init_shapes(model, _image_size(name))
   assert _count(variables['params']) == PARAM_COUNTS[name]
 
@@ -149,6 +170,52 @@ def test_deep_stem_widths(name, first_convs, stem_out):
   stem = variables['params']['conv1']
   assert tuple(stem[i]['kernel'].shape[-1] for i in ('0', '3', '6')) == first_convs
   assert variables['params']['layer1']['0']['conv1']['kernel'].shape[2] == stem_out
+
+
+@pytest.mark.parametrize('height, width', [(7, 9), (8, 8), (5, 6)])
+def test_anti_aliasing_pools_are_torchs_and_timms(height, width):
+  """AvgPool2d(2), timm's BlurPool2d (reflect padding) and the blur stem's stride-1
+  max-pool, on odd and even sizes."""
+  import timm.layers
+  import torch
+  x = np.random.default_rng(0).standard_normal((2, height, width, 3)).astype(np.float32)
+  nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  references = {anti_alias.avg_pool_2x2: torch.nn.AvgPool2d(2),
+                anti_alias.blur_pool: timm.layers.BlurPool2d(3, filt_size=3, stride=2),
+                anti_alias.max_pool_3x3_s1: torch.nn.MaxPool2d(3, stride=1, padding=1)}
+  for ours, theirs in references.items():
+    with torch.no_grad():
+      expected = theirs(nchw).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours(jnp.asarray(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm_is_torchs():
+  import torch
+  x = np.random.default_rng(0).normal(1.0, 2.0, (2, 5, 3, 64)).astype(np.float32)
+  scale, bias = (np.random.default_rng(s).standard_normal(64).astype(np.float32) for s in (1, 2))
+  with torch.no_grad():
+    expected = torch.nn.functional.group_norm(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), 32, torch.from_numpy(scale),
+        torch.from_numpy(bias), 1e-5).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(group_norm(jnp.asarray(x), scale, bias), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_anti_aliased_blocks_stride_in_the_pool_not_the_conv():
+  """resnetaa50 has resnet50's parameters, but its stride-2 blocks stride after conv2,
+  so their feature maps are the same shape as resnet50's."""
+  model = resnet_jax.create_model('resnetaa50', stage_sizes=(1, 1, 1, 1))
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True),
+                            _init_shapes(model, 64), x)
+  assert [features[k].shape[1] for k in ('stem', 'layer1', 'layer2', 'layer3', 'layer4')] == [
+      16, 16, 8, 4, 2]
+
+
+def test_pruned_widths_need_unscanned_bottlenecks():
+  with pytest.raises(ValueError, match='block_widths needs bottleneck blocks'):
+    resnet_jax.create_model('ecaresnet50d_pruned', scan_blocks=True).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_cifar_stage_shapes():

@@ -118,7 +118,8 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str, allow_nonfinite: bool
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  variables = unscan_variables({c: variables[c] for c in ('params', 'batch_stats')})
+  # GroupNorm nets (resnet50_gn) have no batch_stats.
+  variables = unscan_variables({c: variables.get(c, {}) for c in ('params', 'batch_stats')})
   state_dict = {}
   for collection in ('params', 'batch_stats'):
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:

@@ -5,12 +5,17 @@ addition) by a sigmoid of a function of the channel means, as timm's `attn_layer
 and `'eca'` ResNets do, under timm's name for the module (`se`, in every block):
 
 * 'se' (Hu et al. 2018, timm's `SEModule`): mean -> 1x1 conv to r channels (+ bias) ->
-  ReLU -> 1x1 conv back (+ bias) -> sigmoid; r = `se_channels(channels)`, timm's
-  `make_divisible(channels / 16, 8)`. torch names `se.fc1`, `se.fc2`.
+  ReLU -> 1x1 conv back (+ bias) -> sigmoid; r = `se_channels(channels, ratio, divisor)`,
+  timm's `make_divisible(channels * rd_ratio, rd_divisor)`: ratio 1/16 and divisor 8 by
+  default, ratio 1/4 in ResNet-RS (the ResNet fields `se_ratio`, `se_divisor`). torch
+  names `se.fc1`, `se.fc2`.
 * 'eca' (Wang et al. 2020, timm's `EcaModule`): mean -> a bias-free 1-D convolution
   across channels, zero-padded, of odd size k = `eca_kernel_size(channels)` -> sigmoid.
   torch name `se.conv` (a Conv1d, weight (1, 1, k); here kernel (k, 1, 1), the W-I-O
   layout of a 1-D convolution).
+
+Both are sized for the width of their stage before any pruning (`attention_partial`):
+timm prunes its `_pruned` nets' convolutions but keeps the ECA kernels of the unpruned net.
 
 The pure functions here (`squeeze_excite`, `efficient_channel_attention`,
 `pointwise_conv`, `channel_conv`) are the computation; the linen modules here and the NNX
@@ -19,7 +24,7 @@ ones (`resnet_jax.nnx.attention`) hold the parameters and call them.
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -30,7 +35,7 @@ from resnet_jax.models.convolution import conv_kernel_init
 
 ATTENTIONS = (None, 'se', 'eca')
 
-SE_RATIO, SE_DIVISOR = 1 / 16, 8  # timm's SEModule defaults, used by all its SE ResNets
+SE_RATIO, SE_DIVISOR = 1 / 16, 8  # timm's SEModule defaults (ResNet-RS: ratio 1/4)
 ECA_GAMMA, ECA_BETA = 2, 1  # timm's EcaModule defaults (the paper's)
 
 
@@ -117,7 +122,8 @@ class ChannelConv(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-  """timm's SEModule with its defaults: `fc1`, `fc2` (see the module doc)."""
+  """timm's SEModule: `fc1` to `hidden` channels, `fc2` back (see the module doc)."""
+  hidden: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -125,28 +131,39 @@ class SqueezeExcite(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     fc = functools.partial(PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
-    return squeeze_excite(x.astype(self.dtype), fc(se_channels(channels), name='fc1'),
+    return squeeze_excite(x.astype(self.dtype), fc(self.hidden, name='fc1'),
                           fc(channels, name='fc2'))
 
 
 class EfficientChannelAttention(nn.Module):
-  """timm's EcaModule with its defaults: `conv`, a (k, 1, 1) kernel (see the module doc)."""
+  """timm's EcaModule: `conv`, a (kernel_size, 1, 1) kernel (see the module doc)."""
+  kernel_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = ChannelConv(eca_kernel_size(x.shape[-1]), self.dtype, self.param_dtype,
-                       name='conv')
+    conv = ChannelConv(self.kernel_size, self.dtype, self.param_dtype, name='conv')
     return efficient_channel_attention(x.astype(self.dtype), conv)
 
 
 MODULES = {'se': SqueezeExcite, 'eca': EfficientChannelAttention}
 
 
-def attention_partial(attention: Optional[str], dtype: Any,
-                      param_dtype: Any) -> Optional[functools.partial]:
-  """The constructor a block calls as `attention(name='se')`, or None for no attention."""
+def attention_sizes(attention: Optional[str], channels: int, se_ratio: float = SE_RATIO,
+                    se_divisor: int = SE_DIVISOR) -> Dict[str, int]:
+  """The size field of attention `attention` sized for `channels`: SE's `hidden`, ECA's
+  `kernel_size`."""
+  if attention == 'se':
+    return dict(hidden=se_channels(channels, se_ratio, se_divisor))
+  return dict(kernel_size=eca_kernel_size(channels))
+
+
+def attention_partial(attention: Optional[str], channels: int, se_ratio: float,
+                      se_divisor: int, dtype: Any, param_dtype: Any) -> Optional[functools.partial]:
+  """The constructor a block calls as `attention(name='se')`, sized for a stage of
+  `channels` output channels before pruning, or None for no attention."""
   if attention is None:
     return None
-  return functools.partial(MODULES[attention], dtype=dtype, param_dtype=param_dtype)
+  return functools.partial(MODULES[attention], dtype=dtype, param_dtype=param_dtype,
+                           **attention_sizes(attention, channels, se_ratio, se_divisor))

@@ -2,20 +2,24 @@
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models.attention import ATTENTIONS, attention_partial
+from resnet_jax.models.anti_alias import ANTI_ALIASES
+from resnet_jax.models.attention import ATTENTIONS, SE_DIVISOR, SE_RATIO, attention_partial
 from resnet_jax.models.batch_norm import batch_norm_partial, batch_norm_settings
 from resnet_jax.models.blocks import BLOCKS, SHORTCUTS, _Block
+from resnet_jax.models.group_norm import group_norm_partial
 from resnet_jax.models.convolution import Conv
 from resnet_jax.models.drop_path import RNG_STREAM, block_rates
-from resnet_jax.models.pooling import max_pool_3x3_s2
 from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
-from resnet_jax.models.stems import DEEP_STEMS, STEMS, DeepStem, deep_stem_widths
+from resnet_jax.models.stems import (DEEP_STEMS, STEM_POOLS, STEMS, DeepStem, deep_stem_widths,
+                                     pool_stem)
+
+NORM_LAYERS = ('batch', 'group')
 
 
 def execution(default: Any) -> Any:
@@ -34,7 +38,8 @@ class Stage(nn.Module):
   compiler sees one block instead of `num_blocks - 1`. With `remat` every block is
   rematerialized in the backward pass, trading compute for activation memory: all of it,
   or what `remat_policy` does not keep. `drop_path_rates` (one per block, training
-  only) drop each block's residual branch per example (`drop_path`).
+  only) drop each block's residual branch per example (`drop_path`). `block_widths`
+  (one (conv1, conv2, conv3) triple per block, pruned nets) sets each block's widths.
   """
   block_cls: Type[_Block]
   num_blocks: int
@@ -45,16 +50,20 @@ class Stage(nn.Module):
   remat: bool = False
   remat_policy: Optional[Callable[..., bool]] = None
   drop_path_rates: Optional[Sequence[float]] = None
+  block_widths: Optional[Sequence[Tuple[int, int, int]]] = None
 
   @nn.compact
   def __call__(self, x):
     block_cls = self.block_cls
     if self.remat:
       block_cls = nn.remat(block_cls, policy=self.remat_policy)
-    make = functools.partial(block_cls, self.features, **self.block_kwargs)
+    widths = self.block_widths
+    make = lambda i, **kw: block_cls(  # noqa: E731
+        self.features, **self.block_kwargs,
+        **({} if widths is None else dict(widths=tuple(widths[i]))), **kw)
     rates = self.drop_path_rates
     rate = (lambda i: ()) if rates is None else (lambda i: (rates[i],))  # noqa: E731
-    x = make(strides=self.strides, name='0')(x, *rate(0))
+    x = make(0, strides=self.strides, name='0')(x, *rate(0))
     if self.scan and self.num_blocks > 1:
       # The blocks' drop rates are scanned over with them; each gets its own masks.
       run_rest = nn.scan(lambda block, carry, r: (block(carry, *([] if r is None else [r])),
@@ -62,11 +71,11 @@ class Stage(nn.Module):
                          variable_axes={'params': 0, 'batch_stats': 0},
                          split_rngs={'params': True, RNG_STREAM: True},
                          length=self.num_blocks - 1)
-      x, _ = run_rest(make(name='rest'), x,
+      x, _ = run_rest(make(1, name='rest'), x,
                       None if rates is None else jnp.asarray(rates[1:], jnp.float32))
     else:
       for i in range(1, self.num_blocks):
-        x = make(name=str(i))(x, *rate(i))
+        x = make(i, name=str(i))(x, *rate(i))
     return x
 
 
@@ -93,6 +102,18 @@ class ResNet(nn.Module):
     attention: None, 'se' (squeeze-and-excitation) or 'eca' (efficient channel
       attention) on each block's residual branch, as timm's seresnet/ecaresnet; see
       `resnet_jax.models.attention`.
+    se_ratio, se_divisor: SE's squeeze width, channels * se_ratio rounded to a multiple
+      of se_divisor (timm's rd_ratio, rd_divisor).
+    anti_alias: None, 'avg' or 'blur': timm's anti-aliased downsampling (`aa_layer`) in
+      the blocks and the stem; see `resnet_jax.models.anti_alias`.
+    stem_pool: 'max' (the 3x3/2 max-pool) or 'conv' (ResNet-RS's 3x3/2 conv + BN + ReLU).
+    norm_layer: 'batch' (BatchNorm) or 'group' (timm's GroupNorm, 32 groups, no running
+      statistics; `resnet_jax.models.group_norm`).
+    reduce_first: a bottleneck's conv1 outputs its inner width / reduce_first (senet154: 2).
+    down_kernel_size: kernel of strided projection shortcuts (senet154: 3).
+    block_widths: per stage, each bottleneck's (conv1, conv2, conv3) output channels
+      (timm's pruned nets); None derives them from stage_widths and the rest. Attention
+      is sized for the unpruned stage_widths, as timm's.
     groups, width_per_group: ResNeXt cardinality and width (64 = plain ResNet).
     zero_init_residual: zero the last BN scale of each block.
     in_channels: image channels expected.
@@ -131,6 +152,14 @@ class ResNet(nn.Module):
   shortcut: str = 'B'
   avg_down: bool = False
   attention: Optional[str] = None
+  se_ratio: float = SE_RATIO
+  se_divisor: int = SE_DIVISOR
+  anti_alias: Optional[str] = None
+  stem_pool: str = 'max'
+  norm_layer: str = 'batch'
+  reduce_first: int = 1
+  down_kernel_size: int = 1
+  block_widths: Optional[Sequence[Sequence[Tuple[int, int, int]]]] = None
   groups: int = 1
   width_per_group: int = 64
   zero_init_residual: bool = execution(False)
@@ -158,9 +187,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     self.check_input(x)
     conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = batch_norm_partial(train, **batch_norm_settings(self), dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              fused_gradient=self.fuses_bn_gradient)
+    norm = self._norm_partial(train)
     features = {}
     stem, stage = ResNet._stem, Stage
     block_policy = None
@@ -171,19 +198,16 @@ class ResNet(nn.Module):
       elif not self.remat:
         stage = nn.remat(stage, policy=SAVE_CONV_OUTPUTS)
     x = features['stem'] = stem(self, x.astype(self.dtype), conv, norm)
-    block_kwargs = dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
-                        groups=self.groups, base_width=self.width_per_group,
-                        zero_init_last=self.zero_init_residual,
-                        attention=attention_partial(self.attention, self.dtype,
-                                                    self.param_dtype))
     rates = (block_rates(self.drop_path_rate, self.stage_sizes)
              if train and self.drop_path_rate > 0 else None)
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       name = f'layer{i + 1}'
       x = features[name] = stage(BLOCKS[self.block], size, width, 1 if i == 0 else 2,
-                                 block_kwargs, self.scan_blocks,
+                                 self._block_kwargs(conv, norm, width), self.scan_blocks,
                                  self.remat or block_policy is not None, block_policy,
-                                 None if rates is None else tuple(rates[i]), name=name)(x)
+                                 None if rates is None else tuple(rates[i]),
+                                 None if self.block_widths is None else self.block_widths[i],
+                                 name=name)(x)
     x = features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:
       x = features['logits'] = nn.Dense(
@@ -191,6 +215,24 @@ class ResNet(nn.Module):
           kernel_init=torch_linear_init, bias_init=nn.initializers.zeros,
           name='fc')(x).astype(jnp.float32)
     return features if return_features else x
+
+  def _norm_partial(self, train):
+    if self.norm_layer == 'group':
+      return group_norm_partial(self.bn_epsilon, self.dtype, self.param_dtype)
+    return batch_norm_partial(train, **batch_norm_settings(self), dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              fused_gradient=self.fuses_bn_gradient)
+
+  def _block_kwargs(self, conv, norm, stage_width):
+    """What every block of a stage of `stage_width` gets."""
+    block = BLOCKS[self.block]
+    return dict(conv=conv, norm=norm, shortcut=self.shortcut, avg_down=self.avg_down,
+                groups=self.groups, base_width=self.width_per_group,
+                zero_init_last=self.zero_init_residual, reduce_first=self.reduce_first,
+                anti_alias=self.anti_alias, down_kernel_size=self.down_kernel_size,
+                attention=attention_partial(self.attention, stage_width * block.expansion,
+                                            self.se_ratio, self.se_divisor, self.dtype,
+                                            self.param_dtype))
 
   def _stem(self, x, conv, norm):
     if self.stem == 'cifar':
@@ -200,7 +242,8 @@ class ResNet(nn.Module):
       x = DeepStem(deep_stem_widths(self.stem, self.stem_width), conv, norm, name='conv1')(x)
     else:
       x = conv(64, 7, 2, name='conv1')(x)
-    return max_pool_3x3_s2(nn.relu(norm(name='bn1')(x)))
+    x = nn.relu(norm(name='bn1')(x))
+    return pool_stem(x, self.stem_pool, self.anti_alias, conv, norm)
 
   @property
   def fuses_bn_gradient(self) -> bool:
@@ -232,13 +275,22 @@ def architecture_of(model_config: Mapping[str, Any]) -> Dict[str, Any]:
   return {k: v for k, v in model_config.items() if k not in EXECUTION_FIELDS}
 
 
+CHOICES = dict(stem=STEMS, shortcut=SHORTCUTS, attention=ATTENTIONS, anti_alias=ANTI_ALIASES,
+               stem_pool=STEM_POOLS, norm_layer=NORM_LAYERS)
+
+
 def check_choices(spec):
-  """Raises a ValueError unless the spec's stem, shortcut and attention are known."""
-  if (spec.stem not in STEMS or spec.shortcut not in SHORTCUTS
-      or spec.attention not in ATTENTIONS):
-    raise ValueError(f'stem must be one of {STEMS}, shortcut one of {SHORTCUTS} and attention '
-                     f'one of {ATTENTIONS}; got stem={spec.stem!r}, shortcut={spec.shortcut!r}, '
-                     f'attention={spec.attention!r}.')
+  """Raises a ValueError unless the spec's choices (stem, shortcut, attention, ...) are
+  known and its per-block widths fit its stages."""
+  wrong = [f'{field} must be one of {choices}, got {getattr(spec, field)!r}'
+           for field, choices in CHOICES.items() if getattr(spec, field) not in choices]
+  if wrong:
+    raise ValueError('; '.join(wrong) + '.')
+  widths = spec.block_widths
+  if widths is not None and (spec.block != 'bottleneck' or spec.scan_blocks or [
+      len(stage) for stage in widths] != list(spec.stage_sizes)):
+    raise ValueError('block_widths needs bottleneck blocks, scan_blocks=False and one '
+                     '(conv1, conv2, conv3) triple per block of stage_sizes.')
 
 
 def torch_linear_init(key, shape, dtype=jnp.float32):

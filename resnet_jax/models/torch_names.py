@@ -81,7 +81,7 @@ def _torch_layout(arch: str, num_classes: int, overrides: Tuple[Tuple[str, Any],
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, model.in_channels))))
   layout = {}
   for collection in ('params', 'batch_stats'):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
       names = tuple(k.key for k in path)
       key = '.'.join(names[:-1] + (LEAF_NAMES[collection, names[-1]],))
       torch_shape = to_torch_layout(np.broadcast_to(False, leaf.shape)).shape

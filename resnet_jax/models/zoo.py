@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 from typing import Any, Dict, List
 
+from resnet_jax.models import pruned_widths
 from resnet_jax.models.resnet import ResNet
 
 
@@ -23,11 +24,15 @@ _ECA = dict(attention='eca')
 _X32x4 = dict(groups=32, width_per_group=4)
 _X32x8 = dict(groups=32, width_per_group=8)
 _X64x4 = dict(groups=64, width_per_group=4)
+_AA, _BLUR = dict(anti_alias='avg'), dict(anti_alias='blur')  # anti-aliased downsampling
+# ResNet-RS: -d, a conv in place of the stem's max-pool, SE squeezing to a quarter.
+_RS = dict(_D, stem_pool='conv', attention='se', se_ratio=0.25)
 
 _R26, _R50, _R101, _R152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
 
-# timm's resnet.py architectures that have pretrained weights there and are plain
-# ResNets (stems, avg-down, SE, ECA); the ones named as torchvision's are in MODELS above.
+# timm's resnet.py architectures that have pretrained weights there (stems, avg-down, SE,
+# ECA, pruned widths, anti-aliasing, GroupNorm, ResNet-RS, SENet-154); the ones named as
+# torchvision's are in MODELS below.
 TIMM_MODELS: Dict[str, Dict[str, Any]] = {
     'resnet10t': _imagenet('basic', (1, 1, 1, 1), **_T),
     'resnet14t': _imagenet('bottleneck', (1, 1, 1, 1), **_T),
@@ -65,6 +70,28 @@ TIMM_MODELS: Dict[str, Dict[str, Any]] = {
     'ecaresnet50t': _imagenet('bottleneck', _R50, **_T, **_ECA),
     'ecaresnet101d': _imagenet('bottleneck', _R101, **_D, **_ECA),
     'ecaresnet269d': _imagenet('bottleneck', (3, 30, 48, 8), **_D, **_ECA),
+    'ecaresnet50d_pruned': _imagenet('bottleneck', _R50, **_D, **_ECA,
+                                     block_widths=pruned_widths.ECARESNET50D_PRUNED),
+    'ecaresnet101d_pruned': _imagenet('bottleneck', _R101, **_D, **_ECA,
+                                      block_widths=pruned_widths.ECARESNET101D_PRUNED),
+    'resnetaa50': _imagenet('bottleneck', _R50, **_AA),
+    'resnetaa50d': _imagenet('bottleneck', _R50, **_D, **_AA),
+    'resnetaa101d': _imagenet('bottleneck', _R101, **_D, **_AA),
+    'seresnextaa101d_32x8d': _imagenet('bottleneck', _R101, **_X32x8, **_D, **_SE, **_AA),
+    'seresnextaa201d_32x8d': _imagenet('bottleneck', (3, 24, 36, 4), **_X32x8, **_S,
+                                       avg_down=True, **_SE, **_AA),
+    'resnetblur50': _imagenet('bottleneck', _R50, **_BLUR),
+    'resnet50_gn': _imagenet('bottleneck', _R50, norm_layer='group'),
+    'resnetrs50': _imagenet('bottleneck', _R50, **_RS),
+    'resnetrs101': _imagenet('bottleneck', _R101, **_RS),
+    'resnetrs152': _imagenet('bottleneck', _R152, **_RS),
+    'resnetrs200': _imagenet('bottleneck', (3, 24, 36, 3), **_RS),
+    'resnetrs270': _imagenet('bottleneck', (4, 29, 53, 4), **_RS),
+    'resnetrs350': _imagenet('bottleneck', (4, 36, 72, 4), **_RS),
+    'resnetrs420': _imagenet('bottleneck', (4, 44, 87, 4), **_RS),
+    # SENet-154: ResNeXt 64x4d, deep stem 64, conv1 at half width, 3x3 strided projections.
+    'senet154': _imagenet('bottleneck', _R152, **_X64x4, **_S, **_SE, reduce_first=2,
+                          down_kernel_size=3),
 }
 
 

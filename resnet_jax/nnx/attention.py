@@ -32,9 +32,8 @@ class PointwiseConv(nnx.Module):
 class SqueezeExcite(nnx.Module):
   """`attention.SqueezeExcite` in NNX."""
 
-  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
+  def __init__(self, channels: int, *, hidden: int, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    hidden = attention.se_channels(channels)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = PointwiseConv(channels, hidden, **kwargs)
     self.fc2 = PointwiseConv(hidden, channels, **kwargs)
@@ -59,9 +58,10 @@ class ChannelConv(nnx.Module):
 class EfficientChannelAttention(nnx.Module):
   """`attention.EfficientChannelAttention` in NNX."""
 
-  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
+  def __init__(self, channels: int, *, kernel_size: int, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.conv = ChannelConv(attention.eca_kernel_size(channels), dtype=dtype,
+    del channels  # the kernel does not depend on them
+    self.conv = ChannelConv(kernel_size, dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
 
@@ -72,9 +72,12 @@ class EfficientChannelAttention(nnx.Module):
 MODULES = {'se': SqueezeExcite, 'eca': EfficientChannelAttention}
 
 
-def make_attention(name: Optional[str], channels: int, *, dtype: Dtype, param_dtype: Dtype,
+def make_attention(name: Optional[str], channels: int, *, sized_for: int, se_ratio: float,
+                   se_divisor: int, dtype: Dtype, param_dtype: Dtype,
                    rngs: nnx.Rngs) -> Optional[nnx.Module]:
-  """The attention `name` ('se', 'eca') over `channels`, or None when `name` is None."""
+  """The attention `name` ('se', 'eca') over `channels`, sized for a stage of `sized_for`
+  channels before pruning (`attention.attention_sizes`), or None when `name` is None."""
   if name is None:
     return None
-  return MODULES[name](channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  sizes = attention.attention_sizes(name, sized_for, se_ratio, se_divisor)
+  return MODULES[name](channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **sizes)

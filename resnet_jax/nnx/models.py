@@ -17,9 +17,9 @@ from flax.typing import Dtype
 
 from resnet_jax import models
 from resnet_jax.errors import UserError
-from resnet_jax.models import windows, zoo
+from resnet_jax.models import anti_alias, windows, zoo
 from resnet_jax.models.batch_norm import batch_norm, batch_norm_settings
-from resnet_jax.models.blocks import subsample_and_pad
+from resnet_jax.models.blocks import bottleneck_widths, subsample_and_pad
 from resnet_jax.models.convolution import conv2d, conv_kernel_init
 from resnet_jax.models.drop_path import RNG_STREAM, block_rates, drop_path
 from resnet_jax.models.pooling import avg_pool_2x2_ceil, max_pool_3x3_s2
@@ -27,6 +27,7 @@ from resnet_jax.models.remat import SAVE_CONV_OUTPUTS
 from resnet_jax.models.resnet import check_choices, torch_linear_init
 from resnet_jax.models.stems import DEEP_STEMS, deep_stem_widths
 from resnet_jax.nnx.attention import make_attention
+from resnet_jax.nnx.group_norm import GroupNorm
 
 
 class Conv(nnx.Module):
@@ -101,11 +102,13 @@ def _identity(x):
   return x
 
 
-def downsample(in_features, features, strides, conv, norm, avg_down) -> Sequential:
+def downsample(in_features, features, strides, conv, norm, avg_down,
+               kernel_size=1) -> Sequential:
   """The projection shortcut [conv, bn], or ResNet-D's [avg pool, conv, bn]
   (`models.Downsample`)."""
   if not avg_down:
-    return Sequential([conv(in_features, features, 1, strides), norm(features)])
+    kernel_size = kernel_size if strides > 1 else 1
+    return Sequential([conv(in_features, features, kernel_size, strides), norm(features)])
   pool = avg_pool_2x2_ceil if strides > 1 else _identity
   return Sequential([pool, conv(in_features, features, 1), norm(features)])
 
@@ -120,18 +123,25 @@ class _Block(nnx.Module):
   expansion = 1
 
   def __init__(self, in_features, out_features, *, strides, shortcut, avg_down, conv, norm,
-               attention=None, drop_path_rate=0.0):
+               attention=None, drop_path_rate=0.0, down_kernel_size=1):
     self.se = attention(out_features) if attention is not None else None
     reshapes = strides != 1 or in_features != out_features
     projects = shortcut == 'C' or (reshapes and shortcut == 'B')
-    self.downsample = (downsample(in_features, out_features, strides, conv, norm, avg_down)
-                       if projects else None)
+    self.downsample = (downsample(in_features, out_features, strides, conv, norm, avg_down,
+                                  down_kernel_size) if projects else None)
     self.shortcut, self.strides, self.out_features = shortcut, strides, out_features
     self.pads = reshapes and shortcut == 'A'
     self.drop_path_rate, self.deterministic = drop_path_rate, True
 
   def residual(self, x):
     raise NotImplementedError
+
+  def _conv_bn_act(self, conv, bn, x):
+    """conv -> bn -> ReLU, then the anti-aliasing pool where this block's strided conv
+    runs at stride 1 (`models.blocks._Block._conv_bn_act`)."""
+    x = nn.relu(bn(conv(x)))
+    pools = self.anti_alias is not None and self.strides > 1
+    return anti_alias.downsample(x, self.anti_alias) if pools else x
 
   def __call__(self, x: jax.Array, drop_path_key: Optional[jax.Array] = None) -> jax.Array:
     out = self.residual(x)
@@ -162,19 +172,22 @@ class BasicBlock(_Block):
   expansion = 1
 
   def __init__(self, in_features, features, *, conv, norm, strides=1, groups=1,
-               base_width=64, zero_init_last=False, **shortcut_kwargs):
+               base_width=64, zero_init_last=False, reduce_first=1, anti_alias=None,
+               **shortcut_kwargs):
     if groups != 1 or base_width != 64:
       raise ValueError('BasicBlock supports only groups=1 and base_width=64 '
                        '(as in torchvision); use BottleneckBlock for wide or ResNeXt models.')
-    self.conv1 = conv(in_features, features, 3, strides)
-    self.bn1 = norm(features)
-    self.conv2 = conv(features, features, 3)
+    first = features // reduce_first
+    self.conv1 = conv(in_features, first, 3, 1 if anti_alias else strides)
+    self.bn1 = norm(first)
+    self.conv2 = conv(first, features, 3)
+    self.anti_alias = anti_alias
     self.bn2 = _last_norm(norm, features, zero_init_last)
     super().__init__(in_features, features, strides=strides, conv=conv, norm=norm,
                      **shortcut_kwargs)
 
   def residual(self, x):
-    x = nn.relu(self.bn1(self.conv1(x)))
+    x = self._conv_bn_act(self.conv1, self.bn1, x)
     return self.bn2(self.conv2(x))
 
 
@@ -183,13 +196,15 @@ class BottleneckBlock(_Block):
   expansion = 4
 
   def __init__(self, in_features, features, *, conv, norm, strides=1, groups=1,
-               base_width=64, zero_init_last=False, **shortcut_kwargs):
-    width = int(features * (base_width / 64.0)) * groups
-    out_features = features * self.expansion
-    self.conv1 = conv(in_features, width, 1)
-    self.bn1 = norm(width)
-    self.conv2 = conv(width, width, 3, strides, groups)
+               base_width=64, zero_init_last=False, reduce_first=1, anti_alias=None,
+               widths=None, **shortcut_kwargs):
+    first, width, out_features = bottleneck_widths(features, groups, base_width, reduce_first,
+                                                   widths)
+    self.conv1 = conv(in_features, first, 1)
+    self.bn1 = norm(first)
+    self.conv2 = conv(first, width, 3, 1 if anti_alias else strides, groups)
     self.bn2 = norm(width)
+    self.anti_alias = anti_alias
     self.conv3 = conv(width, out_features, 1)
     self.bn3 = _last_norm(norm, out_features, zero_init_last)
     super().__init__(in_features, out_features, strides=strides, conv=conv, norm=norm,
@@ -197,7 +212,7 @@ class BottleneckBlock(_Block):
 
   def residual(self, x):
     x = nn.relu(self.bn1(self.conv1(x)))
-    x = nn.relu(self.bn2(self.conv2(x)))
+    x = self._conv_bn_act(self.conv2, self.bn2, x)
     return self.bn3(self.conv3(x))
 
 
@@ -224,9 +239,9 @@ def _call_stage_remat_blocks(blocks, x, key=None):
   return x
 
 
-def _call_stem(conv1, bn1, x, pool: bool):
+def _call_stem(conv1, bn1, maxpool, x):
   x = nn.relu(bn1(conv1(x)))
-  return max_pool_3x3_s2(x) if pool else x
+  return x if maxpool is None else maxpool(x)
 
 
 class ResNet(nnx.Module):
@@ -248,25 +263,23 @@ class ResNet(nnx.Module):
     _check_spec(spec)
     self.spec = spec
     conv = functools.partial(Conv, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
-    norm = functools.partial(BatchNorm, **batch_norm_settings(spec), dtype=spec.dtype,
-                             param_dtype=spec.param_dtype,
-                             fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
+    norm = _norm_partial(spec, rngs)
     width = self._build_stem(conv, norm)
     block_cls = BLOCKS[spec.block]
-    attention = (functools.partial(make_attention, spec.attention, dtype=spec.dtype,
-                                   param_dtype=spec.param_dtype, rngs=rngs)
-                 if spec.attention is not None else None)
     block_kwargs = dict(conv=conv, norm=norm, shortcut=spec.shortcut, avg_down=spec.avg_down,
                         groups=spec.groups, base_width=spec.width_per_group,
-                        zero_init_last=spec.zero_init_residual, attention=attention)
+                        zero_init_last=spec.zero_init_residual, reduce_first=spec.reduce_first,
+                        anti_alias=spec.anti_alias, down_kernel_size=spec.down_kernel_size)
     rates = block_rates(spec.drop_path_rate, spec.stage_sizes)
     for i, (size, features) in enumerate(zip(spec.stage_sizes, spec.stage_widths)):
       blocks = []
+      attention = _attention_partial(spec, features * block_cls.expansion, rngs)
       for j in range(size):
         strides = 2 if i > 0 and j == 0 else 1
-        blocks.append(block_cls(width, features, strides=strides,
-                                drop_path_rate=rates[i][j], **block_kwargs))
-        width = features * block_cls.expansion
+        widths = {} if spec.block_widths is None else dict(widths=spec.block_widths[i][j])
+        blocks.append(block_cls(width, features, strides=strides, attention=attention,
+                                drop_path_rate=rates[i][j], **widths, **block_kwargs))
+        width = blocks[-1].out_features
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.fc = (nnx.Linear(width, spec.num_classes, dtype=spec.dtype,
                           param_dtype=spec.param_dtype, kernel_init=torch_linear_init,
@@ -287,7 +300,22 @@ class ResNet(nnx.Module):
       width = 64
       self.conv1 = conv(spec.in_channels, width, 7, 2)
     self.bn1 = norm(width)
+    self.maxpool = self._stem_pool(conv, norm, width)
     return width
+
+  def _stem_pool(self, conv, norm, width) -> Optional[Sequential]:
+    """The stem's pool as timm's `maxpool` (`models.stems.pool_stem`); None for cifar."""
+    spec = self.spec
+    if spec.stem == 'cifar':
+      return None
+    if spec.stem_pool == 'conv':
+      if not spec.anti_alias:
+        return Sequential([conv(width, width, 3, 2), norm(width), nn.relu])
+      return Sequential([conv(width, width, 3, 1), anti_alias.POOLS[spec.anti_alias],
+                         norm(width), nn.relu])
+    if spec.anti_alias:
+      return Sequential(anti_alias.stem_pools(spec.anti_alias))
+    return Sequential([max_pool_3x3_s2])
 
   def __call__(self, x: jax.Array, return_features: bool = False, rngs=None):
     """`rngs` (an `nnx.Rngs` with a 'drop_path' or default stream, or a jax key) gives
@@ -296,7 +324,7 @@ class ResNet(nnx.Module):
     features = {}
     stem, stage = self._stem_and_stage_functions()
     keys = _stage_keys(rngs, len(self.spec.stage_sizes))
-    x = features['stem'] = stem(self.conv1, self.bn1, x.astype(self.spec.dtype))
+    x = features['stem'] = stem(self.conv1, self.bn1, self.maxpool, x.astype(self.spec.dtype))
     for i in range(len(self.spec.stage_sizes)):
       name = f'layer{i + 1}'
       x = features[name] = stage(getattr(self, name), x, keys[i])
@@ -307,13 +335,32 @@ class ResNet(nnx.Module):
 
   def _stem_and_stage_functions(self):
     """The stem and a stage as functions, under `nnx.remat` as the spec asks."""
-    pool = self.spec.stem != 'cifar'
-    stem = lambda conv1, bn1, x: _call_stem(conv1, bn1, x, pool)  # noqa: E731
+    stem = _call_stem
     stage = _call_stage_remat_blocks if self.spec.remat else _call_stage
     if self.spec.elementwise_remat:
       stem = nnx.remat(stem, policy=SAVE_CONV_OUTPUTS)
       stage = stage if self.spec.remat else nnx.remat(stage, policy=SAVE_CONV_OUTPUTS)
     return stem, stage
+
+
+def _norm_partial(spec, rngs):
+  """The norm constructor of `spec.norm_layer` with the spec's settings."""
+  if spec.norm_layer == 'group':
+    return functools.partial(GroupNorm, epsilon=spec.bn_epsilon, dtype=spec.dtype,
+                             param_dtype=spec.param_dtype, rngs=rngs)
+  return functools.partial(BatchNorm, **batch_norm_settings(spec), dtype=spec.dtype,
+                           param_dtype=spec.param_dtype,
+                           fused_gradient=spec.fuses_bn_gradient, rngs=rngs)
+
+
+def _attention_partial(spec, stage_channels, rngs):
+  """The attention constructor (called with the block's channels) of a stage of
+  `stage_channels` unpruned output channels, or None."""
+  if spec.attention is None:
+    return None
+  return functools.partial(make_attention, spec.attention, sized_for=stage_channels,
+                           se_ratio=spec.se_ratio, se_divisor=spec.se_divisor,
+                           dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
 
 
 def _stage_keys(rngs, count):
