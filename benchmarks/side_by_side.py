@@ -61,27 +61,27 @@ def _read(process, prefix=''):
 
 
 def compile_seconds(trees, args):
-  seconds = {tree: [] for tree in trees}
+  seconds = [[] for _ in trees]
   for _ in range(args.rounds):
-    for tree in trees:
+    for figures, tree in zip(seconds, trees):
       process = _start(tree, args)
-      seconds[tree].append(_read(process, 'compile '))
+      figures.append(_read(process, 'compile '))
       process.wait()
   return seconds
 
 
 def step_ms(trees, args):
-  processes = {tree: _start(tree, args) for tree in trees}
-  for process in processes.values():
+  processes = [_start(tree, args) for tree in trees]  # by position: the trees may be one
+  for process in processes:
     if process.stdout.readline() != 'ready\n':
       raise RuntimeError('worker failed; run it alone to see its error')
-  ms = {tree: [] for tree in trees}
+  ms = [[] for _ in trees]
   for _ in range(args.rounds):
-    for tree, process in processes.items():
+    for figures, process in zip(ms, processes):
       process.stdin.write(f'{args.steps}\n')
       process.stdin.flush()
-      ms[tree].append(_read(process))
-  for process in processes.values():
+      figures.append(_read(process))
+  for process in processes:
     process.stdin.close()
     process.wait()
   return ms
@@ -108,10 +108,9 @@ def main():
   print(f'{args.model}, batch {args.batch}, {args.size}x{args.size}, scan={args.scan}, '
         f'{args.rounds} alternating rounds')
   print(f'| tree | {unit} (median) | each round |\n|---|---:|---|')
-  for tree in trees:
-    print(f'| {tree} | {statistics.median(figures[tree]):.2f} | '
-          f'{", ".join(f"{x:.2f}" for x in figures[tree])} |')
-  ratio = statistics.median(figures[args.new]) / statistics.median(figures[args.old])
+  for tree, each in zip(trees, figures):
+    print(f'| {tree} | {statistics.median(each):.2f} | {", ".join(f"{x:.2f}" for x in each)} |')
+  ratio = statistics.median(figures[1]) / statistics.median(figures[0])
   print(f'new / old: {ratio:.3f}')
 
 
