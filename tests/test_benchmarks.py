@@ -157,6 +157,7 @@ def test_gpu_check_runs_at_toy_sizes_without_tensorflow(tmp_path):
   assert 'PASS' in output and 'TensorFlow imported: by no worker' in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('options', [[], ['--compile-only']])
 def test_side_by_side_alternates_two_trees(options):
   output = run_benchmark('side_by_side.py', str(REPO), str(REPO), '--model', 'cifar_resnet20',

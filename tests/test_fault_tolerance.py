@@ -327,7 +327,7 @@ def test_non_finite_steps_can_be_skipped(tmp_path, monkeypatch):
 @pytest.mark.parametrize('overrides, message', [
     (dict(model='resnet_51'), 'Unknown model .*Valid names: .*resnet50'),
     (dict(dataset='no_such_dataset'), 'Unknown dataset .*digits'),
-    (dict(image_size=2), 'image_size=2 is too small .*image_size >= 4'),
+    (dict(image_size=2), 'Images of 2x2 .* are too small .*use image_size >= 4'),
     (dict(num_train_steps=0), 'num_train_steps=0'),
     (dict(num_train_steps=-5), 'num_train_steps=-5'),
     (dict(batch_size=0), 'batch_size=0 must be positive'),

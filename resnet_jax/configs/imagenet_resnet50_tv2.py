@@ -1,8 +1,7 @@
 """ResNet-50 on ImageNet with torchvision's V2 recipe (the IMAGENET1K_V2 weights)."""
 
-import ml_collections
-
 from resnet_jax.configs import imagenet_resnet50
+from resnet_jax.train.config_schema import model_overrides
 
 
 def get_config():
@@ -26,7 +25,7 @@ def get_config():
       --config.data_dir=/path/to/tensorflow_datasets
   """
   config = imagenet_resnet50.get_config()  # ImageNet, bfloat16, the 'imagenet' transforms
-  config.model_overrides = ml_collections.ConfigDict()  # torchvision: no zero-init BN
+  config.model_overrides = model_overrides()  # torchvision: no zero-init BN
   # Data: inception crop 176 + flip + TA-wide + random erasing; eval 224 of 232.
   config.train_image_size = 176
   config.eval_image_size = 224
