@@ -144,7 +144,9 @@ def folder_pipeline(root, batch, size, input_pipeline='tf.data', auto_augment=''
   `auto_augment` and `random_erase` as the config keys) over the image folder `root`, made
   by `input_pipeline` ('tf.data' or 'dali')."""
   from resnet_jax.data import create_pipeline  # TensorFlow: only once torch is imported
-  return create_pipeline(ml_collections.ConfigDict(dict(
+  config = default_config()  # every key the pipeline reads, at its default
+  config.update(dict(
       dataset=f'folder:{root}', data_dir='', train_split='train', preprocess='imagenet',
       image_size=size, batch_size=batch, seed=0, shuffle_buffer=1024,
-      input_pipeline=input_pipeline, auto_augment=auto_augment, random_erase=random_erase)))
+      input_pipeline=input_pipeline, auto_augment=auto_augment, random_erase=random_erase))
+  return create_pipeline(config)
