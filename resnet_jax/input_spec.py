@@ -24,12 +24,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from resnet_jax.data.normalization import RECIPE_STATISTICS, STATISTICS, checked_recipe
-from resnet_jax.data.sizes import image_sizes
+from resnet_jax.data.sizes import EVAL_CROP_FRACTION, image_sizes
 from resnet_jax.errors import UserError
 
 CLASS_NAME_FILES = {'imagenet-1k': Path(__file__).with_name('imagenet_classes.txt')}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic')
-IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # torchvision's ImageNet evaluation
+IMAGENET_CROP = 224  # torchvision's ImageNet evaluation: a 224 crop of 256 (data.sizes)
 # The config keys that make a workdir's train-time recipe (recorded under 'train').
 TRAIN_RECIPE_KEYS = ('dataset', 'train_split', 'preprocess', 'image_size', 'train_image_size',
                      'auto_augment', 'random_erase', 'repeated_augmentation',
@@ -149,12 +149,12 @@ def apply(spec: InputSpec, mode: str, image) -> np.ndarray:
 def of_recipe(recipe: str, image_size: int, class_names: Optional[str] = None,
               resize_size: int = 0) -> InputSpec:
   """The eval transform of a training recipe (config.preprocess), as the eval pipeline does
-  it: 'imagenet' resizes the shorter side to resize_size (0: image_size * 256/224) and
+  it: 'imagenet' resizes the shorter side to resize_size (0: data.sizes' rule, 256 for 224) and
   center-crops, the others resize to the square."""
   mean, std = STATISTICS[RECIPE_STATISTICS[checked_recipe(recipe)]]
   resize = None
   if recipe == 'imagenet':
-    resize = resize_size or round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
+    resize = resize_size or round(image_size / EVAL_CROP_FRACTION)
   return InputSpec(crop_size=int(image_size), resize_size=resize, mean=mean, std=std,
                    class_names=class_names)
 
