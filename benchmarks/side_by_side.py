@@ -27,14 +27,15 @@ def worker(args):
   """In a tree's process: compile, then time `steps` steps per line read on stdin."""
   import jax
   sys.path.insert(0, os.path.join(os.environ['PYTHONPATH'], 'benchmarks'))
-  from common import abstract_train_state, jax_runner, lowered_train_step
   jax.config.update('jax_enable_compilation_cache', False)
-  if args.compile_only:
+  if args.compile_only:  # only what the oldest trees' benchmarks/common.py already has
+    from common import abstract_train_state, lowered_train_step
     _, state = abstract_train_state(args.model, args.batch, args.size, scan_blocks=args.scan)
     start = time.perf_counter()
     lowered_train_step(args.model, args.batch, args.size, state).compile()
     print(f'compile {time.perf_counter() - start:.3f}', flush=True)
     return
+  from common import jax_runner
   run = jax_runner(args.model, args.batch, args.size, scan_blocks=args.scan)
   run(2)  # compile and warm up
   print('ready', flush=True)
