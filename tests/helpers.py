@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_MODEL = {'stage_sizes': (1, 1, 1), 'stage_widths': (4, 8, 16)}
@@ -33,6 +34,20 @@ TIMING_KEYS = ('train/images_per_sec',)
 # Seconds after which a subprocess is taken to hang: a bound for a hang, never a speed test
 # (a two-process train.py run took over 240 s on the 2-core CI machine at load 20).
 HANG_S = 900
+
+
+# --- the quick tier -------------------------------------------------------------------------
+
+def quick_sample(cases, quick, ids=None):
+  """pytest parameters over `cases` where only the cases whose id is in `quick` run in the
+  quick tier (`pytest -m "not slow"`); the others are marked slow, so the full suite (CI)
+  still checks every case. An id is `ids(case)`, or the case itself."""
+  ids = ids or (lambda case: case)
+  unknown = set(quick) - {ids(case) for case in cases}
+  assert not unknown, f'quick cases {unknown} are not among the cases'
+  return [pytest.param(*(case if isinstance(case, tuple) else (case,)), id=str(ids(case)),
+                       marks=() if ids(case) in quick else pytest.mark.slow)
+          for case in cases]
 
 
 # --- configs --------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ def test_random_erasing_matches_torchvision_on_the_same_box(photos):
     assert (theirs == 0).sum() >= box[2] * box[3] * 3
 
 
+@pytest.mark.slow  # thousands of draws: 15-20 s on a loaded 2-core machine
 def test_erase_boxes_are_distributed_as_torchvision_draws_them():
   height, width, draws = 40, 24, 400  # narrow: a tenth of the tries fail to fit
   eraser = v2.RandomErasing(p=1.0)
@@ -160,6 +161,7 @@ def test_timm_magnitude_noise_is_clipped():
   assert max(values) == 10.0 and min(values) < 8.0
 
 
+@pytest.mark.slow  # builds and resumes a tf.data pipeline: 20 s loaded
 def test_pipeline_augments_and_resumes_exactly():
   """The stream with TA-wide and random erasing on: a resumed stream sees the same pixels."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel

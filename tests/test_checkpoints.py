@@ -71,6 +71,7 @@ def test_checkpoint_whose_score_cannot_be_read_is_kept(tmp_path):
 
 # --- a config change is a refusal, not corruption ----------------------------------------
 
+@pytest.mark.slow  # trains in-process: 15-60 s on a loaded 2-core machine
 def test_structure_mismatch_is_refused_and_nothing_moves(trained_workdir, tmp_path):
   workdir = _copy(trained_workdir[0], tmp_path)
   config_json = open(os.path.join(workdir, 'config.json')).read()
@@ -84,6 +85,7 @@ def test_structure_mismatch_is_refused_and_nothing_moves(trained_workdir, tmp_pa
   assert checkpoint_steps(workdir) == [4, 6]
 
 
+@pytest.mark.slow  # trains in-process: 15-60 s on a loaded 2-core machine
 def test_all_checkpoints_unreadable_is_refused_not_restarted(trained_workdir, tmp_path):
   workdir = _copy(trained_workdir[0], tmp_path)
   for step in (2, 4):
@@ -109,6 +111,7 @@ def _rewrite_data_items(workdir, edit):
       json.dump(edit(data), f)
 
 
+@pytest.mark.slow  # trains in-process: 15-60 s on a loaded 2-core machine
 @pytest.mark.parametrize('damage', ['deleted', 'empty', 'not JSON'])
 def test_lost_config_json_is_checked_against_what_the_checkpoints_record(
     trained_workdir, tmp_path, damage):
@@ -132,6 +135,7 @@ def test_lost_config_json_is_checked_against_what_the_checkpoints_record(
   assert json.load(open(config_json))['seed'] == 0
 
 
+@pytest.mark.slow  # trains in-process: 15-60 s on a loaded 2-core machine
 def test_checkpoints_that_record_only_the_batch_size_still_resume(trained_workdir, tmp_path):
   """Checkpoints of older versions record batch_size alone: that is checked, the rest
   is not there to check."""
@@ -145,6 +149,7 @@ def test_checkpoints_that_record_only_the_batch_size_still_resume(trained_workdi
   assert checkpoint_steps(workdir) == [4, 6]
 
 
+@pytest.mark.slow  # trains in-process: 15-60 s on a loaded 2-core machine
 def test_damaged_manifest_falls_back_with_one_warning(trained_workdir, tmp_path, capfd):
   """Garbage in step 4's OCDBT manifest: one warning naming it, no traceback (reported
   elsewhere as 138 lines of asyncio's 'Event loop is closed')."""

@@ -159,14 +159,21 @@ def test_readme_shows_config_overrides():
   assert len([o for _, overrides in README_COMMANDS for o in overrides]) >= 10
 
 
-@pytest.mark.parametrize('config_file, overrides', README_COMMANDS,
-                         ids=[' '.join(o) for _, o in README_COMMANDS])
+def _runs(config_file, overrides):
+  keys = {o.split('=')[0][len('--config.'):] for o in overrides}
+  return config_file == 'configs/default.py' and keys <= QUICK
+
+
+@pytest.mark.parametrize('config_file, overrides', [
+    pytest.param(file, overrides, id=' '.join(overrides),
+                 marks=pytest.mark.slow if _runs(file, overrides) else ())  # trains: seconds
+    for file, overrides in README_COMMANDS])
 def test_readme_config_overrides_parse_validate_and_quick_ones_run(tmp_path, config_file,
                                                                    overrides):
   config = _parse(config_file, overrides)
   check_config(config, num_devices=1)
-  keys = {o.split('=')[0][len('--config.'):] for o in overrides}
-  if config_file == 'configs/default.py' and keys <= QUICK:
+  if _runs(config_file, overrides):
+    keys = {o.split('=')[0][len('--config.'):] for o in overrides}
     quick = tiny_digits_config(**{k: config[k] for k in keys})
     quick.num_train_steps = min(config.num_train_steps, 4)
     results = train_and_evaluate(quick, str(tmp_path))

@@ -59,6 +59,7 @@ def _without_missing_augment_keys(config):
   return config
 
 
+@pytest.mark.slow  # a ResNet-50 train step per recipe: 15-90 s each
 @pytest.mark.parametrize('name', RECIPES)
 def test_recipe_readme_command_runs_a_few_steps_on_synthetic_data(tmp_path, name):
   file, _, setting = name.partition(':')
