@@ -27,7 +27,7 @@ import importlib.util  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
 
 from resnet_jax.errors import UserError  # noqa: E402
 
@@ -86,6 +86,7 @@ class StepPlan(NamedTuple):
   cycles: Optional[int] = None  # libtpu's estimate of the step's cycles (`program_cycles`)
   cycles_note: str = ''  # what that estimate leaves out, if anything
   ops: Sequence['OpCycles'] = ()  # the ops that estimate sums
+  compiled: Optional[object] = None  # the jax Compiled program, to run it without compiling again
 
   @property
   def total_bytes(self) -> Optional[int]:
@@ -112,6 +113,7 @@ class RunPlan(NamedTuple):
   capacity: int  # HBM per device
   classes_from: str
   steps: List[StepPlan]
+  memory_saving: str = ''  # what memory_saving='auto' chose and why, when the config asked
 
   @property
   def usable(self) -> float:
@@ -170,7 +172,7 @@ def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -
                   compiled.memory_analysis(), cost.get('flops'), input_bytes,
                   bytes_accessed=cost.get('bytes accessed'),
                   cycles=sum(op.cycles * op.count for op in ops) if ops else None,
-                  cycles_note=note, ops=ops)
+                  cycles_note=note, ops=ops, compiled=compiled)
 
 
 # --- libtpu's estimate of a program's time --------------------------------------------------
@@ -339,28 +341,148 @@ def estimated_seconds(cycles: Optional[int], device_kind: str) -> Optional[float
 def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eval')
              ) -> RunPlan:
   """Builds the run of `config` over all `devices` as train.py would and compiles its
-  steps; raises UserError for a config train.py would refuse."""
-  import jax  # pylint: disable=g-import-not-at-top
+  steps; raises UserError for a config train.py would refuse. memory_saving='auto' is
+  chosen as train.py would choose it on these devices (`choose_memory_saving`)."""
   from resnet_jax.train import config_schema, parallel  # pylint: disable=g-import-not-at-top
-  from resnet_jax.train.build import abstract_batch, build_run  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
   config_schema.check_config(config, len(devices))
   mesh = parallel.create_mesh(devices)
   num_classes, channels, classes_from = classes_and_channels(config)
+  said = []
+  config, chosen = choose_memory_saving(
+      config, lambda trial: plan_run(trial, devices, topology, ('train',)).steps[0],
+      plan_capacity(devices), said.append)
   # The schedule's length does not change the program's buffers.
   parts = build_run(config, mesh, num_classes, channels, steps_per_epoch=1000)
-  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
-  plans = []
-  for name in steps:
-    batch_size = config.batch_size if name == 'train' else config.eval_batch_size
-    batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
-    per_device = batch_size // len(devices)
-    input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
-                                   for x in batch.values())
-    fn = parts.train_fn if name == 'train' else parts.eval_fn
-    plans.append(compile_step(name, fn, (state, batch), per_device, input_bytes))
+  plans = [chosen if name == 'train' and chosen else
+           compile_run_step(name, config, parts, mesh, channels) for name in steps]
   return RunPlan(topology, devices[0].device_kind, len(devices), _chips(devices),
                  len({d.process_index for d in devices}), plan_capacity(devices),
-                 classes_from, plans)
+                 classes_from, plans, ' '.join(said))
+
+
+def compile_run_step(name: str, config, parts, mesh, channels: int) -> StepPlan:
+  """The 'train' or 'eval' step of a run's `parts` (`build_run`), compiled for its state
+  and the batches of `config` over `mesh`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.build import abstract_batch  # pylint: disable=g-import-not-at-top
+  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
+  batch_size = config.batch_size if name == 'train' else config.eval_batch_size
+  batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
+  per_device = batch_size // mesh.devices.size
+  input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
+                                 for x in batch.values())
+  fn = parts.train_fn if name == 'train' else parts.eval_fn
+  return compile_step(name, fn, (state, batch), per_device, input_bytes)
+
+
+# --- memory saving: the fastest setting that fits -----------------------------------------
+
+def memory_saving_of(config) -> Optional[str]:
+  """config.model_overrides.memory_saving, None when the config leaves it unset."""
+  return dict(config.model_overrides or {}).get('memory_saving')
+
+
+def with_overrides(config, **values):
+  """A copy of `config` with these config.model_overrides set (None: not overridden)."""
+  trial = config.copy_and_resolve_references()
+  with trial.unlocked():
+    for key, value in values.items():
+      trial.model_overrides[key] = value
+  return trial
+
+
+def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
+                         capacity: Optional[float], log=print
+                         ) -> Tuple[object, Optional[StepPlan]]:
+  """(config with memory_saving='auto' replaced by the setting chosen, the chosen train
+  step as `compile_train(that config)` compiled it, or None when nothing was compiled).
+
+  The choice is the first of `MEMORY_SAVING` (fastest first: 'none', 'elementwise',
+  'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; 'full'
+  when none does. Without a capacity (CPU devices report none) it is the fastest,
+  compiled by no one. Logs one line saying which and why. A config that does not ask for
+  'auto' comes back as it is."""
+  from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO  # pylint: disable=g-import-not-at-top
+  if memory_saving_of(config) != MEMORY_SAVING_AUTO:
+    return config, None
+  names = list(MEMORY_SAVING)
+  if not capacity:
+    log(f"memory_saving='auto' chose {names[0]!r}, the fastest: these devices report no "
+        f"memory limit.")
+    return with_overrides(config, memory_saving=names[0]), None
+  usable, too_big = capacity * (1 - SAFETY_MARGIN), []
+  for name in names:
+    chosen = with_overrides(config, memory_saving=name)
+    step = compile_train(chosen)
+    needs = _size(step.total_bytes) if step.memory else 'more than the compiler could fit'
+    if step.fits(usable):
+      why = f'the fastest that fits: its train step needs {needs} per device'
+      break
+    too_big.append(f'{name!r} needs {needs}')
+    why = 'the smallest, though none fits'
+  log(f"memory_saving='auto' chose {name!r}, {why}, of {_size(usable)} usable "
+      f"({1 - SAFETY_MARGIN:.0%} of {_size(capacity)})" + ''.join(f'; {t}' for t in too_big)
+      + '.')
+  return chosen, step
+
+
+def device_capacity(devices) -> Optional[int]:
+  """The bytes a program may use on each of this process's `devices` (the least of them),
+  as their runtime says (`memory_stats()['bytes_limit']`); None where none says (CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  limits = []
+  for device in devices:
+    if device.process_index != jax.process_index():
+      continue  # only this process's devices report their memory
+    try:
+      stats = device.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except
+      stats = {}  # platforms without memory statistics
+    if stats.get('bytes_limit'):
+      limits.append(int(stats['bytes_limit']))
+  return min(limits) if limits else None
+
+
+def build_run_that_fits(config, mesh, num_classes: int, channels: int,
+                        steps_per_epoch: int, log=print):
+  """`build_run` of `config` over `mesh`, with memory_saving='auto' chosen for the
+  devices' memory (`choose_memory_saving`, `device_capacity`). The chosen train step's
+  program, compiled to choose it, is the one the run's `train_fn` runs first
+  (`compiled_first`): the choice costs the compiles of the faster settings that did not
+  fit, and none more."""
+  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
+  built = {}
+
+  def compile_train(trial) -> StepPlan:
+    built[memory_saving_of(trial)] = build_run(trial, mesh, num_classes, channels,
+                                               steps_per_epoch)
+    return compile_run_step('train', trial, built[memory_saving_of(trial)], mesh, channels)
+
+  config, step = choose_memory_saving(config, compile_train,
+                                      device_capacity(list(mesh.devices.flat)), log)
+  if step is None or step.compiled is None:
+    return build_run(config, mesh, num_classes, channels, steps_per_epoch)
+  parts = built[memory_saving_of(config)]
+  return parts._replace(train_fn=compiled_first(step.compiled, parts.train_fn, log))
+
+
+def compiled_first(compiled, jitted, log=print) -> Callable:
+  """A train step that runs `compiled` (jitted's program, compiled ahead of time), and
+  `jitted` from the first call whose arguments that program does not take (another
+  layout of the state), which then compiles it again (said in the log)."""
+  failed = []
+
+  def step(state, batch):
+    if not failed:
+      try:
+        return compiled(state, batch)
+      except (TypeError, ValueError) as e:  # checked before it runs: nothing donated
+        failed.append(e)
+        log('The train step compiled at start-up does not take this state '
+            f'({str(e).splitlines()[0]}); compiling it again.')
+    return jitted(state, batch)
+  return step
 
 
 def _chips(devices) -> int:
@@ -441,6 +563,8 @@ def format_report(plan: RunPlan) -> str:
            + f'), {plan.hosts} host(s); classes and channels from {plan.classes_from}.',
            f'HBM per device: {_gib(plan.capacity)} GiB, planned to use at most '
            f'{_gib(plan.usable)} GiB ({SAFETY_MARGIN:.0%} kept free).']
+  if plan.memory_saving:
+    lines.append(plan.memory_saving)
   for s in plan.steps:
     lines.append(f'{s.name} step, batch {s.batch_per_device} per device: trace '
                  f'{s.trace_s:.1f} s, compile {s.compile_s:.1f} s')
@@ -491,15 +615,19 @@ def advice(config, plan: RunPlan) -> str:
   running workdir resumes with them: they are execution settings)."""
   del plan
   overrides = {k: v for k, v in dict(config.model_overrides).items() if v is not None}
-  flag = '--config.model_overrides.{}=True'.format
+  saving = memory_saving_of(config) or (
+      'full' if overrides.get('remat') else
+      'elementwise' if overrides.get('elementwise_remat') else 'none')
+  flag = '--config.model_overrides.memory_saving={}'.format
   tips = []
-  if not overrides.get('elementwise_remat') and not overrides.get('remat'):
+  if saving == 'none':
     tips.append(f'keep only convolution outputs for the backward pass: '
-                f'{flag("elementwise_remat")} (recomputes BatchNorm and ReLU outputs: ~0.8x '
+                f'{flag("elementwise")} (recomputes BatchNorm and ReLU outputs: ~0.8x '
                 f'the HBM for a few % more time, benchmarks/RESULTS.md)')
-  if not overrides.get('remat'):
-    tips.append(f'rematerialize blocks: {flag("remat")} (about 2x less activation memory '
-                f'for ~30% more compute)')
+  if saving in ('none', 'elementwise'):
+    tips.append(f'rematerialize blocks: {flag("full")} (about 2x less activation memory '
+                f'for ~30% more compute); {flag("auto")} lets the run pick the fastest '
+                f'that fits, --compare shows each')
   if config.dtype == 'float32':
     tips.append('compute in bfloat16: --config.dtype=bfloat16 (params stay float32)')
   tips.append('a smaller batch: --config.batch_size=N (--max-batch finds the largest '
@@ -517,6 +645,48 @@ def verdict(config, plan: RunPlan) -> str:
   return 'Does not fit.\n' + advice(config, plan)
 
 
+def compare(config, devices: Sequence, topology: str = '', log=print
+            ) -> List[Tuple[str, bool, RunPlan]]:
+  """(memory_saving, scan_blocks, its plan of the train step) of each variant of
+  `config`'s run, fastest memory saving first: one compile each."""
+  from resnet_jax.models.resnet import MEMORY_SAVING  # pylint: disable=g-import-not-at-top
+  rows = []
+  for scan in (False, True):
+    for name in MEMORY_SAVING:
+      trial = with_overrides(config, memory_saving=name, scan_blocks=scan, remat=None,
+                             elementwise_remat=None)
+      rows.append((name, scan, plan_run(trial, devices, topology, ('train',))))
+      log(f'  compiled memory_saving={name!r}, scan_blocks={scan} in '
+          f'{rows[-1][2].steps[0].compile_s:.0f} s')
+  return rows
+
+
+def format_comparison(rows: Sequence[Tuple[str, bool, RunPlan]]) -> str:
+  """The variants' train steps side by side: HBM per chip, whether it fits, and libtpu's
+  estimate of the time (an estimate, not a measurement); the fastest that fits marked."""
+  first = rows[0][2]
+  per_chip = first.devices // first.chips
+  fitting = [(images_per_second(p.steps[0], p) or (0,))[0] for _, _, p in rows if p.fits]
+  lines = [f'Train step variants on {first.topology} ({first.device_kind}), batch '
+           f'{first.steps[0].batch_per_device} per device; HBM per chip of '
+           f'{_gib(first.capacity * per_chip)} GiB, fits = within '
+           f'{_gib(first.usable * per_chip)} GiB ({SAFETY_MARGIN:.0%} kept free); est. = '
+           "libtpu's cost-model estimate, not a measurement.",
+           f'{"memory_saving":<14}{"scan_blocks":<13}{"HBM/chip":>11}{"fits":>6}'
+           f'{"est. ms/step":>14}{"est. img/s/chip":>17}']
+  for name, scan, p in rows:
+    step = p.steps[0]
+    seconds = estimated_seconds(step.cycles, p.device_kind)
+    rate = images_per_second(step, p)
+    memory = _size(step.total_bytes * per_chip) if step.memory else 'out of HBM'
+    mark = ('  <- fastest that fits' if p.fits and rate and fitting
+            and rate[0] == max(fitting) else '')
+    lines.append(f'{name:<14}{str(scan):<13}{memory:>11}{"yes" if p.fits else "no":>6}'
+                 + (f'{seconds * 1e3:>14,.2f}{rate[0]:>17,.0f}' if seconds else
+                    f'{"n/a":>14}{"n/a":>17}') + mark)
+  return '\n'.join(lines)
+
+
 # --- The command line ---------------------------------------------------------------------
 
 from absl import app, flags  # noqa: E402
@@ -531,6 +701,9 @@ def _define_flags():
   flags.DEFINE_string('topology', None, f'TPU topology: {TOPOLOGY_FORMS}.')
   flags.DEFINE_bool('max-batch', False, 'Also find the largest per-device train batch '
                     'that fits (compiles several times).')
+  flags.DEFINE_bool('compare', False, 'Instead of the plan, compile the train step of '
+                    'each memory_saving setting (none, elementwise, full) with scan_blocks off '
+                    'and on, and print their HBM and estimated time side by side.')
 
 
 def main(argv):
@@ -541,6 +714,12 @@ def main(argv):
     if not FLAGS.topology:
       raise UserError(f'Pass --topology: {TOPOLOGY_FORMS}.')
     devices = topology_devices(FLAGS.topology)
+    if FLAGS.compare:
+      print('Compiling the train step of each variant:', flush=True)
+      rows = compare(FLAGS.config, devices, FLAGS.topology,
+                     log=lambda s: print(s, flush=True))
+      print(format_comparison(rows))
+      sys.exit(0 if any(p.fits for _, _, p in rows) else 2)
     plan = plan_run(FLAGS.config, devices, FLAGS.topology)
     print(format_report(plan))
     print(verdict(FLAGS.config, plan), flush=True)

@@ -132,7 +132,7 @@ def test_too_big_does_not_fit():
                      '--config.image_size=512', '--config.batch_size=4096',
                      '--config.eval_batch_size=4096')
   assert result.returncode == 2, result.stderr
-  assert 'Does not fit' in result.stdout and 'remat=True' in result.stdout
+  assert 'Does not fit' in result.stdout and 'memory_saving=full' in result.stdout
   assert 'exceeds available HBM' in result.stdout
   assert result.stderr == ''
 
