@@ -399,8 +399,8 @@ def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
   step as `compile_train(that config)` compiled it, or None when nothing was compiled).
 
   The choice is the first of `MEMORY_SAVING` (fastest first: 'none', 'elementwise',
-  'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; 'full'
-  when none does. Without a capacity (CPU devices report none) it is the fastest,
+  'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; when
+  none does, the one that needs least. Without a capacity (CPU devices report none) it is the fastest,
   compiled by no one. Logs one line saying which and why. A config that does not ask for
   'auto' comes back as it is."""
   from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO  # pylint: disable=g-import-not-at-top
@@ -411,20 +411,22 @@ def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
     log(f"memory_saving='auto' chose {names[0]!r}, the fastest: these devices report no "
         f"memory limit.")
     return with_overrides(config, memory_saving=names[0]), None
-  usable, too_big = capacity * (1 - SAFETY_MARGIN), []
+  usable, tried = capacity * (1 - SAFETY_MARGIN), []
   for name in names:
-    chosen = with_overrides(config, memory_saving=name)
-    step = compile_train(chosen)
-    needs = _size(step.total_bytes) if step.memory else 'more than the compiler could fit'
-    if step.fits(usable):
-      why = f'the fastest that fits: its train step needs {needs} per device'
+    tried.append((name, compile_train(with_overrides(config, memory_saving=name))))
+    if tried[-1][1].fits(usable):
       break
-    too_big.append(f'{name!r} needs {needs}')
-    why = 'the smallest, though none fits'
+  needs = lambda step: (_size(step.total_bytes) if step.memory  # noqa: E731
+                        else 'more than the compiler could fit')
+  name, step = tried[-1]
+  why = f'the fastest that fits: its train step needs {needs(step)} per device'
+  if not step.fits(usable):  # none fits: the one that needs least
+    name, step = min(tried, key=lambda t: t[1].total_bytes or float('inf'))
+    why = f'which needs the least, though none fits: {needs(step)} per device'
   log(f"memory_saving='auto' chose {name!r}, {why}, of {_size(usable)} usable "
-      f"({1 - SAFETY_MARGIN:.0%} of {_size(capacity)})" + ''.join(f'; {t}' for t in too_big)
-      + '.')
-  return chosen, step
+      f"({1 - SAFETY_MARGIN:.0%} of {_size(capacity)})"
+      + ''.join(f'; {n!r} needs {needs(s)}' for n, s in tried if n != name) + '.')
+  return with_overrides(config, memory_saving=name), step
 
 
 def device_capacity(devices) -> Optional[int]:
@@ -648,14 +650,21 @@ def verdict(config, plan: RunPlan) -> str:
 def compare(config, devices: Sequence, topology: str = '', log=print
             ) -> List[Tuple[str, bool, RunPlan]]:
   """(memory_saving, scan_blocks, its plan of the train step) of each variant of
-  `config`'s run, fastest memory saving first: one compile each."""
+  `config`'s run, fastest memory saving first: one compile each. A model that cannot
+  scan its blocks (pruned widths) gets the unscanned rows, and the log says why."""
   from resnet_jax.models.resnet import MEMORY_SAVING  # pylint: disable=g-import-not-at-top
   rows = []
   for scan in (False, True):
     for name in MEMORY_SAVING:
       trial = with_overrides(config, memory_saving=name, scan_blocks=scan, remat=None,
                              elementwise_remat=None)
-      rows.append((name, scan, plan_run(trial, devices, topology, ('train',))))
+      try:
+        rows.append((name, scan, plan_run(trial, devices, topology, ('train',))))
+      except UserError as e:
+        if not scan:
+          raise
+        log(f'  no scan_blocks=True rows: {e}')
+        return rows
       log(f'  compiled memory_saving={name!r}, scan_blocks={scan} in '
           f'{rows[-1][2].steps[0].compile_s:.0f} s')
   return rows
@@ -666,7 +675,9 @@ def format_comparison(rows: Sequence[Tuple[str, bool, RunPlan]]) -> str:
   estimate of the time (an estimate, not a measurement); the fastest that fits marked."""
   first = rows[0][2]
   per_chip = first.devices // first.chips
-  fitting = [(images_per_second(p.steps[0], p) or (0,))[0] for _, _, p in rows if p.fits]
+  speeds = [(images_per_second(p.steps[0], p) or (0,))[0] if p.fits else -1
+            for _, _, p in rows]
+  best = speeds.index(max(speeds)) if max(speeds) > 0 else None
   lines = [f'Train step variants on {first.topology} ({first.device_kind}), batch '
            f'{first.steps[0].batch_per_device} per device; HBM per chip of '
            f'{_gib(first.capacity * per_chip)} GiB, fits = within '
@@ -674,13 +685,12 @@ def format_comparison(rows: Sequence[Tuple[str, bool, RunPlan]]) -> str:
            "libtpu's cost-model estimate, not a measurement.",
            f'{"memory_saving":<14}{"scan_blocks":<13}{"HBM/chip":>11}{"fits":>6}'
            f'{"est. ms/step":>14}{"est. img/s/chip":>17}']
-  for name, scan, p in rows:
+  for i, (name, scan, p) in enumerate(rows):
     step = p.steps[0]
     seconds = estimated_seconds(step.cycles, p.device_kind)
     rate = images_per_second(step, p)
     memory = _size(step.total_bytes * per_chip) if step.memory else 'out of HBM'
-    mark = ('  <- fastest that fits' if p.fits and rate and fitting
-            and rate[0] == max(fitting) else '')
+    mark = '  <- fastest that fits' if i == best else ''
     lines.append(f'{name:<14}{str(scan):<13}{memory:>11}{"yes" if p.fits else "no":>6}'
                  + (f'{seconds * 1e3:>14,.2f}{rate[0]:>17,.0f}' if seconds else
                     f'{"n/a":>14}{"n/a":>17}') + mark)

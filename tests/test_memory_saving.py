@@ -55,7 +55,8 @@ def test_memory_saving_names_the_remat_fields():
 
 def test_auto_picks_the_fastest_that_fits():
   """A limit below the fastest setting's step and above the next: the next; no limit,
-  or a large one: the fastest; a limit below all: 'full', saying none fits."""
+  or a large one: the fastest; a limit below all: the one that needs least, saying none
+  fits."""
   config = _auto()
   sizes = _sizes(config)
   smaller = min(sizes['elementwise'], sizes['full'])
@@ -83,8 +84,10 @@ def test_auto_picks_the_fastest_that_fits():
   name, step, compiled, said = choose(None)  # CPU: no limit, nothing compiled
   assert (name, step, compiled) == ('none', None, [])
   assert 'report no memory limit' in said
-  name, _, compiled, said = choose(min(sizes.values()) / 2)
-  assert (name, compiled) == ('full', list(MEMORY_SAVING)) and 'none fits' in said
+  name, step, compiled, said = choose(min(sizes.values()) / 2)
+  least = min(sizes, key=sizes.get)
+  assert (name, compiled) == (least, list(MEMORY_SAVING)) and 'none fits' in said
+  assert step.total_bytes == sizes[least]
 
 
 def _trace_counter(monkeypatch):
