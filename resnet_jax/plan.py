@@ -86,7 +86,6 @@ class StepPlan(NamedTuple):
   cycles: Optional[int] = None  # libtpu's estimate of the step's cycles (`program_cycles`)
   cycles_note: str = ''  # what that estimate leaves out, if anything
   ops: Sequence['OpCycles'] = ()  # the ops that estimate sums
-  compiled: Optional[object] = None  # the jax Compiled program, to run it without compiling again
 
   @property
   def total_bytes(self) -> Optional[int]:
@@ -172,7 +171,7 @@ def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -
                   compiled.memory_analysis(), cost.get('flops'), input_bytes,
                   bytes_accessed=cost.get('bytes accessed'),
                   cycles=sum(op.cycles * op.count for op in ops) if ops else None,
-                  cycles_note=note, ops=ops, compiled=compiled)
+                  cycles_note=note, ops=ops)
 
 
 # --- libtpu's estimate of a program's time --------------------------------------------------
@@ -449,10 +448,10 @@ def device_capacity(devices) -> Optional[int]:
 def build_run_that_fits(config, mesh, num_classes: int, channels: int,
                         steps_per_epoch: int, log=print):
   """`build_run` of `config` over `mesh`, with memory_saving='auto' chosen for the
-  devices' memory (`choose_memory_saving`, `device_capacity`). The chosen train step's
-  program, compiled to choose it, is the one the run's `train_fn` runs first
-  (`compiled_first`): the choice costs the compiles of the faster settings that did not
-  fit, and none more."""
+  devices' memory (`choose_memory_saving`, `device_capacity`). The run keeps the parts
+  whose train step was compiled to choose: jit reuses that program for the loop's steps
+  (the same jitted function, shapes and shardings), so the choice costs the compiles of
+  the faster settings that did not fit, and none more."""
   from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
   built = {}
 
@@ -463,28 +462,9 @@ def build_run_that_fits(config, mesh, num_classes: int, channels: int,
 
   config, step = choose_memory_saving(config, compile_train,
                                       device_capacity(list(mesh.devices.flat)), log)
-  if step is None or step.compiled is None:
+  if step is None:  # nothing compiled: not 'auto', or devices without a memory limit
     return build_run(config, mesh, num_classes, channels, steps_per_epoch)
-  parts = built[memory_saving_of(config)]
-  return parts._replace(train_fn=compiled_first(step.compiled, parts.train_fn, log))
-
-
-def compiled_first(compiled, jitted, log=print) -> Callable:
-  """A train step that runs `compiled` (jitted's program, compiled ahead of time), and
-  `jitted` from the first call whose arguments that program does not take (another
-  layout of the state), which then compiles it again (said in the log)."""
-  failed = []
-
-  def step(state, batch):
-    if not failed:
-      try:
-        return compiled(state, batch)
-      except (TypeError, ValueError) as e:  # checked before it runs: nothing donated
-        failed.append(e)
-        log('The train step compiled at start-up does not take this state '
-            f'({str(e).splitlines()[0]}); compiling it again.')
-    return jitted(state, batch)
-  return step
+  return built[memory_saving_of(config)]
 
 
 def _chips(devices) -> int:

@@ -5,6 +5,7 @@ The devices' memory limit is injected (CPU devices report none); the sizes the c
 checked against are compiled here independently, setting by setting.
 """
 
+import contextlib
 import json
 
 import jax
@@ -90,23 +91,30 @@ def test_auto_picks_the_fastest_that_fits():
   assert step.total_bytes == sizes[least]
 
 
-def _trace_counter(monkeypatch):
-  """How many times the train step is traced (once per compile of it)."""
-  traced = []
-  original = parallel.train_step
+@contextlib.contextmanager
+def _train_step_compiles():
+  """The list of compiles of the train step (XLA's, or reads of the persistent cache)
+  while in the block, from jax's monitoring events."""
+  from jax._src import monitoring  # pylint: disable=g-import-not-at-top
+  compiles = []
 
-  def counting(*args, **kwargs):
-    traced.append(1)
-    return original(*args, **kwargs)
-  monkeypatch.setattr(parallel, 'train_step', counting)
-  return traced
+  def listen(event, seconds, **kwargs):
+    del seconds
+    if (event == '/jax/core/compile/backend_compile_duration'
+        and 'train_step' in str(kwargs.get('fun_name'))):
+      compiles.append(kwargs['fun_name'])
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield compiles
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
 
 
 def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
     tmp_path, monkeypatch, capsys):
   """The trainer with a limit that only a memory-saving setting fits: it trains with that
-  setting (model.json), traced only for the settings it compiled to choose (none, then
-  the one used: not again for the loop); resumed where the devices report no limit, the
+  setting (model.json), compiling the train step only for the settings it tried (none,
+  then the one used: not again for the loop); resumed where the devices report no limit, the
   same workdir continues with the fastest setting."""
   config = _auto(num_train_steps=2, eval_every_steps=0)
   sizes = _sizes(config)
@@ -114,13 +122,12 @@ def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
   expected = 'elementwise' if sizes['elementwise'] < sizes['none'] else 'full'
   monkeypatch.setattr(plan, 'device_capacity',
                       lambda devices: _capacity_between(smaller, sizes['none']))
-  traced = _trace_counter(monkeypatch)
   workdir = str(tmp_path / 'run')
-  train_and_evaluate(config, workdir)
+  with _train_step_compiles() as compiles:
+    train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
   assert f"memory_saving='auto' chose {expected!r}" in out
-  assert 'compiling it again' not in out
-  assert len(traced) == list(MEMORY_SAVING).index(expected) + 1
+  assert len(compiles) == list(MEMORY_SAVING).index(expected) + 1, compiles
   spec = json.loads((tmp_path / 'run' / 'model.json').read_text())
   assert {k: spec[k] for k in ('remat', 'elementwise_remat')} == MEMORY_SAVING[expected]
   monkeypatch.setattr(plan, 'device_capacity', lambda devices: None)
@@ -130,12 +137,3 @@ def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
   assert 'Resuming with a changed execution setting' in out
   spec = json.loads((tmp_path / 'run' / 'model.json').read_text())
   assert not spec['remat'] and not spec['elementwise_remat']
-
-
-def test_compiled_first_falls_back_to_jit_on_another_state():
-  f = jax.jit(lambda x, y: (x + y, y))
-  compiled = f.lower(jax.numpy.ones(2), 1.0).compile()
-  said = []
-  step = plan.compiled_first(compiled, f, said.append)
-  assert step(jax.numpy.ones(2), 1.0)[0].tolist() == [2.0, 2.0] and not said
-  assert step(jax.numpy.ones(3), 1.0)[0].tolist() == [2.0] * 3 and 'compiling it again' in said[0]
