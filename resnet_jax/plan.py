@@ -399,9 +399,9 @@ def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
 
   The choice is the first of `MEMORY_SAVING` (fastest first: 'none', 'elementwise',
   'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; when
-  none does, the one that needs least. Without a capacity (CPU devices report none) it is the fastest,
-  compiled by no one. Logs one line saying which and why. A config that does not ask for
-  'auto' comes back as it is."""
+  none does, the one that needs least. Without a capacity (CPU devices report none) it
+  is the fastest, compiled by no one. Logs one line saying which and why. A config that
+  does not ask for 'auto' comes back as it is."""
   from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO  # pylint: disable=g-import-not-at-top
   if memory_saving_of(config) != MEMORY_SAVING_AUTO:
     return config, None

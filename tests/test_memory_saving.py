@@ -8,7 +8,6 @@ checked against are compiled here independently, setting by setting.
 import contextlib
 import json
 
-import jax
 import pytest
 
 from helpers import tiny_digits_config
@@ -79,7 +78,7 @@ def test_auto_picks_the_fastest_that_fits():
   name, step, compiled, said = choose(_capacity_between(smaller, sizes['none']))
   assert name == expected and compiled == list(MEMORY_SAVING)[:compiled.index(name) + 1]
   assert step.total_bytes == sizes[name]
-  assert f"chose {name!r}, the fastest that fits" in said and f"'none' needs" in said
+  assert f"chose {name!r}, the fastest that fits" in said and "'none' needs" in said
   name, step, compiled, said = choose(10 * sizes['none'])
   assert (name, compiled) == ('none', ['none']) and step.total_bytes == sizes['none']
   name, step, compiled, said = choose(None)  # CPU: no limit, nothing compiled
