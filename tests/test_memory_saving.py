@@ -109,6 +109,7 @@ def _train_step_compiles():
     monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.mark.slow  # two short training runs
 def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
     tmp_path, monkeypatch, capsys):
   """The trainer with a limit that only a memory-saving setting fits: it trains with that

@@ -231,6 +231,7 @@ def test_installed_wheel_plans_with_its_packaged_config(tmp_path):
 
 # --- memory_saving='auto' and --compare --------------------------------------------------
 
+@pytest.mark.slow  # five TPU compiles
 def test_plan_with_auto_reports_its_choice_and_compiles_it_once(monkeypatch):
   """memory_saving='auto' on a v5e chip: the fastest ('none') fits, and its train step is
   compiled once; on a chip too small for any setting, the plan takes the one that needs
