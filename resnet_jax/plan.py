@@ -27,7 +27,7 @@ import importlib.util  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
 
 from resnet_jax.errors import UserError  # noqa: E402
 
@@ -112,6 +112,7 @@ class RunPlan(NamedTuple):
   capacity: int  # HBM per device
   classes_from: str
   steps: List[StepPlan]
+  memory_saving: str = ''  # what memory_saving='auto' chose and why, when the config asked
 
   @property
   def usable(self) -> float:
@@ -339,28 +340,131 @@ def estimated_seconds(cycles: Optional[int], device_kind: str) -> Optional[float
 def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eval')
              ) -> RunPlan:
   """Builds the run of `config` over all `devices` as train.py would and compiles its
-  steps; raises UserError for a config train.py would refuse."""
-  import jax  # pylint: disable=g-import-not-at-top
+  steps; raises UserError for a config train.py would refuse. memory_saving='auto' is
+  chosen as train.py would choose it on these devices (`choose_memory_saving`)."""
   from resnet_jax.train import config_schema, parallel  # pylint: disable=g-import-not-at-top
-  from resnet_jax.train.build import abstract_batch, build_run  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
   config_schema.check_config(config, len(devices))
   mesh = parallel.create_mesh(devices)
   num_classes, channels, classes_from = classes_and_channels(config)
+  said = []
+  config, chosen = choose_memory_saving(
+      config, lambda trial: plan_run(trial, devices, topology, ('train',)).steps[0],
+      plan_capacity(devices), said.append)
   # The schedule's length does not change the program's buffers.
   parts = build_run(config, mesh, num_classes, channels, steps_per_epoch=1000)
-  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
-  plans = []
-  for name in steps:
-    batch_size = config.batch_size if name == 'train' else config.eval_batch_size
-    batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
-    per_device = batch_size // len(devices)
-    input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
-                                   for x in batch.values())
-    fn = parts.train_fn if name == 'train' else parts.eval_fn
-    plans.append(compile_step(name, fn, (state, batch), per_device, input_bytes))
+  plans = [chosen if name == 'train' and chosen else
+           compile_run_step(name, config, parts, mesh, channels) for name in steps]
   return RunPlan(topology, devices[0].device_kind, len(devices), _chips(devices),
                  len({d.process_index for d in devices}), plan_capacity(devices),
-                 classes_from, plans)
+                 classes_from, plans, ' '.join(said))
+
+
+def compile_run_step(name: str, config, parts, mesh, channels: int) -> StepPlan:
+  """The 'train' or 'eval' step of a run's `parts` (`build_run`), compiled for its state
+  and the batches of `config` over `mesh`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.build import abstract_batch  # pylint: disable=g-import-not-at-top
+  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
+  batch_size = config.batch_size if name == 'train' else config.eval_batch_size
+  batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
+  per_device = batch_size // mesh.devices.size
+  input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
+                                 for x in batch.values())
+  fn = parts.train_fn if name == 'train' else parts.eval_fn
+  return compile_step(name, fn, (state, batch), per_device, input_bytes)
+
+
+# --- memory saving: the fastest setting that fits -----------------------------------------
+
+def memory_saving_of(config) -> Optional[str]:
+  """config.model_overrides.memory_saving, None when the config leaves it unset."""
+  return dict(config.model_overrides or {}).get('memory_saving')
+
+
+def with_overrides(config, **values):
+  """A copy of `config` with these config.model_overrides set (None: not overridden)."""
+  trial = config.copy_and_resolve_references()
+  with trial.unlocked():
+    for key, value in values.items():
+      trial.model_overrides[key] = value
+  return trial
+
+
+def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
+                         capacity: Optional[float], log=print
+                         ) -> Tuple[object, Optional[StepPlan]]:
+  """(config with memory_saving='auto' replaced by the setting chosen, the chosen train
+  step as `compile_train(that config)` compiled it, or None when nothing was compiled).
+
+  The choice is the first of `MEMORY_SAVING` (fastest first: 'none', 'elementwise',
+  'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; when
+  none does, the one that needs least. Without a capacity (CPU devices report none) it
+  is the fastest, compiled by no one. Logs one line saying which and why. A config that
+  does not ask for 'auto' comes back as it is."""
+  from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO  # pylint: disable=g-import-not-at-top
+  if memory_saving_of(config) != MEMORY_SAVING_AUTO:
+    return config, None
+  names = list(MEMORY_SAVING)
+  if not capacity:
+    log(f"memory_saving='auto' chose {names[0]!r}, the fastest: these devices report no "
+        f"memory limit.")
+    return with_overrides(config, memory_saving=names[0]), None
+  usable, tried = capacity * (1 - SAFETY_MARGIN), []
+  for name in names:
+    tried.append((name, compile_train(with_overrides(config, memory_saving=name))))
+    if tried[-1][1].fits(usable):
+      break
+  needs = lambda step: (_size(step.total_bytes) if step.memory  # noqa: E731
+                        else 'more than the compiler could fit')
+  name, step = tried[-1]
+  why = f'the fastest that fits: its train step needs {needs(step)} per device'
+  if not step.fits(usable):  # none fits: the one that needs least
+    name, step = min(tried, key=lambda t: t[1].total_bytes or float('inf'))
+    why = f'which needs the least, though none fits: {needs(step)} per device'
+  log(f"memory_saving='auto' chose {name!r}, {why}, of {_size(usable)} usable "
+      f"({1 - SAFETY_MARGIN:.0%} of {_size(capacity)})"
+      + ''.join(f'; {n!r} needs {needs(s)}' for n, s in tried if n != name) + '.')
+  return with_overrides(config, memory_saving=name), step
+
+
+def device_capacity(devices) -> Optional[int]:
+  """The bytes a program may use on each of this process's `devices` (the least of them),
+  as their runtime says (`memory_stats()['bytes_limit']`); None where none says (CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  limits = []
+  for device in devices:
+    if device.process_index != jax.process_index():
+      continue  # only this process's devices report their memory
+    try:
+      stats = device.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except
+      stats = {}  # platforms without memory statistics
+    if stats.get('bytes_limit'):
+      limits.append(int(stats['bytes_limit']))
+  return min(limits) if limits else None
+
+
+def build_run_that_fits(config, mesh, num_classes: int, channels: int,
+                        steps_per_epoch: int, log=print):
+  """`build_run` of `config` over `mesh`, with memory_saving='auto' chosen for the
+  devices' memory (`choose_memory_saving`, `device_capacity`). The run keeps the parts
+  whose train step was compiled to choose: jit reuses that program for the loop's steps
+  (the same jitted function, shapes and shardings), so the choice costs the compiles of
+  the faster settings that did not fit, and none more."""
+  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
+  built = {}
+
+  def compile_train(trial) -> StepPlan:
+    built[memory_saving_of(trial)] = build_run(trial, mesh, num_classes, channels,
+                                               steps_per_epoch)
+    return compile_run_step('train', trial, built[memory_saving_of(trial)], mesh, channels)
+
+  config, step = choose_memory_saving(config, compile_train,
+                                      device_capacity(list(mesh.devices.flat)), log)
+  if step is None:  # nothing compiled: not 'auto', or devices without a memory limit
+    return build_run(config, mesh, num_classes, channels, steps_per_epoch)
+  return built[memory_saving_of(config)]
 
 
 def _chips(devices) -> int:
@@ -441,6 +545,8 @@ def format_report(plan: RunPlan) -> str:
            + f'), {plan.hosts} host(s); classes and channels from {plan.classes_from}.',
            f'HBM per device: {_gib(plan.capacity)} GiB, planned to use at most '
            f'{_gib(plan.usable)} GiB ({SAFETY_MARGIN:.0%} kept free).']
+  if plan.memory_saving:
+    lines.append(plan.memory_saving)
   for s in plan.steps:
     lines.append(f'{s.name} step, batch {s.batch_per_device} per device: trace '
                  f'{s.trace_s:.1f} s, compile {s.compile_s:.1f} s')
@@ -491,15 +597,19 @@ def advice(config, plan: RunPlan) -> str:
   running workdir resumes with them: they are execution settings)."""
   del plan
   overrides = {k: v for k, v in dict(config.model_overrides).items() if v is not None}
-  flag = '--config.model_overrides.{}=True'.format
+  saving = memory_saving_of(config) or (
+      'full' if overrides.get('remat') else
+      'elementwise' if overrides.get('elementwise_remat') else 'none')
+  flag = '--config.model_overrides.memory_saving={}'.format
   tips = []
-  if not overrides.get('elementwise_remat') and not overrides.get('remat'):
+  if saving == 'none':
     tips.append(f'keep only convolution outputs for the backward pass: '
-                f'{flag("elementwise_remat")} (recomputes BatchNorm and ReLU outputs: ~0.8x '
+                f'{flag("elementwise")} (recomputes BatchNorm and ReLU outputs: ~0.8x '
                 f'the HBM for a few % more time, benchmarks/RESULTS.md)')
-  if not overrides.get('remat'):
-    tips.append(f'rematerialize blocks: {flag("remat")} (about 2x less activation memory '
-                f'for ~30% more compute)')
+  if saving in ('none', 'elementwise'):
+    tips.append(f'rematerialize blocks: {flag("full")} (about 2x less activation memory '
+                f'for ~30% more compute); {flag("auto")} lets the run pick the fastest '
+                f'that fits, --compare shows each')
   if config.dtype == 'float32':
     tips.append('compute in bfloat16: --config.dtype=bfloat16 (params stay float32)')
   tips.append('a smaller batch: --config.batch_size=N (--max-batch finds the largest '
@@ -517,6 +627,56 @@ def verdict(config, plan: RunPlan) -> str:
   return 'Does not fit.\n' + advice(config, plan)
 
 
+def compare(config, devices: Sequence, topology: str = '', log=print
+            ) -> List[Tuple[str, bool, RunPlan]]:
+  """(memory_saving, scan_blocks, its plan of the train step) of each variant of
+  `config`'s run, fastest memory saving first: one compile each. A model that cannot
+  scan its blocks (pruned widths) gets the unscanned rows, and the log says why."""
+  from resnet_jax.models.resnet import MEMORY_SAVING  # pylint: disable=g-import-not-at-top
+  rows = []
+  for scan in (False, True):
+    for name in MEMORY_SAVING:
+      trial = with_overrides(config, memory_saving=name, scan_blocks=scan, remat=None,
+                             elementwise_remat=None)
+      try:
+        rows.append((name, scan, plan_run(trial, devices, topology, ('train',))))
+      except UserError as e:
+        if not scan:
+          raise
+        log(f'  no scan_blocks=True rows: {e}')
+        return rows
+      log(f'  compiled memory_saving={name!r}, scan_blocks={scan} in '
+          f'{rows[-1][2].steps[0].compile_s:.0f} s')
+  return rows
+
+
+def format_comparison(rows: Sequence[Tuple[str, bool, RunPlan]]) -> str:
+  """The variants' train steps side by side: HBM per chip, whether it fits, and libtpu's
+  estimate of the time (an estimate, not a measurement); the fastest that fits marked."""
+  first = rows[0][2]
+  per_chip = first.devices // first.chips
+  speeds = [(images_per_second(p.steps[0], p) or (0,))[0] if p.fits else -1
+            for _, _, p in rows]
+  best = speeds.index(max(speeds)) if max(speeds) > 0 else None
+  lines = [f'Train step variants on {first.topology} ({first.device_kind}), batch '
+           f'{first.steps[0].batch_per_device} per device; HBM per chip of '
+           f'{_gib(first.capacity * per_chip)} GiB, fits = within '
+           f'{_gib(first.usable * per_chip)} GiB ({SAFETY_MARGIN:.0%} kept free); est. = '
+           "libtpu's cost-model estimate, not a measurement.",
+           f'{"memory_saving":<14}{"scan_blocks":<13}{"HBM/chip":>11}{"fits":>6}'
+           f'{"est. ms/step":>14}{"est. img/s/chip":>17}']
+  for i, (name, scan, p) in enumerate(rows):
+    step = p.steps[0]
+    seconds = estimated_seconds(step.cycles, p.device_kind)
+    rate = images_per_second(step, p)
+    memory = _size(step.total_bytes * per_chip) if step.memory else 'out of HBM'
+    mark = '  <- fastest that fits' if i == best else ''
+    lines.append(f'{name:<14}{str(scan):<13}{memory:>11}{"yes" if p.fits else "no":>6}'
+                 + (f'{seconds * 1e3:>14,.2f}{rate[0]:>17,.0f}' if seconds else
+                    f'{"n/a":>14}{"n/a":>17}') + mark)
+  return '\n'.join(lines)
+
+
 # --- The command line ---------------------------------------------------------------------
 
 from absl import app, flags  # noqa: E402
@@ -531,6 +691,9 @@ def _define_flags():
   flags.DEFINE_string('topology', None, f'TPU topology: {TOPOLOGY_FORMS}.')
   flags.DEFINE_bool('max-batch', False, 'Also find the largest per-device train batch '
                     'that fits (compiles several times).')
+  flags.DEFINE_bool('compare', False, 'Instead of the plan, compile the train step of '
+                    'each memory_saving setting (none, elementwise, full) with scan_blocks off '
+                    'and on, and print their HBM and estimated time side by side.')
 
 
 def main(argv):
@@ -541,6 +704,12 @@ def main(argv):
     if not FLAGS.topology:
       raise UserError(f'Pass --topology: {TOPOLOGY_FORMS}.')
     devices = topology_devices(FLAGS.topology)
+    if FLAGS.compare:
+      print('Compiling the train step of each variant:', flush=True)
+      rows = compare(FLAGS.config, devices, FLAGS.topology,
+                     log=lambda s: print(s, flush=True))
+      print(format_comparison(rows))
+      sys.exit(0 if any(p.fits for _, _, p in rows) else 2)
     plan = plan_run(FLAGS.config, devices, FLAGS.topology)
     print(format_report(plan))
     print(verdict(FLAGS.config, plan), flush=True)

@@ -185,7 +185,7 @@ def test_readme_config_overrides_parse_validate_and_quick_ones_run(tmp_path, con
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_every_create_model_option_is_a_model_override_that_is_off_until_set(name):
   config = load_config(name)
-  assert set(config.model_overrides.keys()) == set(MODEL_OPTIONS)
+  assert set(config.model_overrides.keys()) == {*MODEL_OPTIONS, 'memory_saving'}
   set_ = {k: v for k, v in config.model_overrides.items() if v is not None}
   spec = run_dir.model_config_of_run(config, 10, 3)
   assert {k: spec[k] for k in set_} == set_ and None not in spec.values(), spec

@@ -5,6 +5,8 @@ state's bytes plus one device's share of the batch are the step's arguments.
 """
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -13,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_digits_config
+from helpers import REPO, load_config, tiny_digits_config
 from resnet_jax import plan
+from resnet_jax.models.resnet import MEMORY_SAVING
 from resnet_jax.errors import UserError
 from resnet_jax.train import parallel
 from resnet_jax.train.build import build_run
@@ -118,8 +121,8 @@ def test_no_estimate_off_the_tpu():
   assert plan.estimated_seconds(None, 'TPU v5 lite') is None
 
 
-def _run_plan(*args):
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+def _run_plan(*args, **env_vars):
+  env = dict(os.environ, PYTHONPATH=str(REPO), **env_vars)
   return subprocess.run([sys.executable, '-m', 'resnet_jax.plan', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -132,7 +135,7 @@ def test_too_big_does_not_fit():
                      '--config.image_size=512', '--config.batch_size=4096',
                      '--config.eval_batch_size=4096')
   assert result.returncode == 2, result.stderr
-  assert 'Does not fit' in result.stdout and 'remat=True' in result.stdout
+  assert 'Does not fit' in result.stdout and 'memory_saving=full' in result.stdout
   assert 'exceeds available HBM' in result.stdout
   assert result.stderr == ''
 
@@ -224,3 +227,69 @@ def test_installed_wheel_plans_with_its_packaged_config(tmp_path):
        'v5e:2x2'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0 and 'Fits:' in result.stdout, result.stdout + result.stderr
   assert str(REPO) not in result.stdout + result.stderr
+
+
+# --- memory_saving='auto' and --compare --------------------------------------------------
+
+@pytest.mark.slow  # five TPU compiles
+def test_plan_with_auto_reports_its_choice_and_compiles_it_once(monkeypatch):
+  """memory_saving='auto' on a v5e chip: the fastest ('none') fits, and its train step is
+  compiled once; on a chip too small for any setting, the plan takes the one that needs
+  least, says none fits, and does not fit."""
+  devices = plan.topology_devices('v5e:2x2')
+  config = plan.with_overrides(tiny_digits_config(batch_size=32, eval_batch_size=16),
+                               memory_saving='auto')
+  compiled, compile_step = [], plan.compile_step
+  monkeypatch.setattr(plan, 'compile_step',
+                      lambda name, *args: compiled.append(name) or compile_step(name, *args))
+  result = plan.plan_run(config, devices, 'v5e:2x2')
+  train = result.steps[0]
+  assert compiled == ['train', 'eval'] and result.fits
+  assert (f"memory_saving='auto' chose 'none', the fastest that fits: its train step needs "
+          f"{plan._size(train.total_bytes)} per device") in plan.format_report(result)
+  compiled.clear()
+  monkeypatch.setattr(plan, 'plan_capacity', lambda devices: train.total_bytes // 2)
+  small = plan.plan_run(config, devices, 'v5e:2x2')
+  assert compiled == ['train'] * len(MEMORY_SAVING) + ['eval'] and not small.fits
+  assert 'though none fits' in small.memory_saving
+  chosen = re.search(r"chose '(\w+)'", small.memory_saving).group(1)
+  for name in MEMORY_SAVING:  # the others' sizes are named, and none is smaller
+    if name != chosen:
+      needs = re.search(f"'{name}' needs ([\\d.]+) MiB", small.memory_saving).group(1)
+      assert float(needs) >= small.steps[0].total_bytes / 2**20 - 0.01
+
+
+def _readme_compare_command():
+  text = (REPO / 'README.md').read_text()
+  blocks = re.findall(r'```bash\n(.*?)```', text, re.S)
+  line = next(line for block in blocks for line in block.splitlines() if '--compare' in line)
+  return shlex.split(line)
+
+
+@pytest.mark.cli
+def test_readme_compare_prints_each_variant_as_compiled_alone():
+  """The README's --compare command: one row per memory_saving setting, scan_blocks off
+  and on; a row holds what the train step compiled alone here, with the remat fields set
+  directly, needs and takes by libtpu's estimate; the fastest row that fits is marked."""
+  args = _readme_compare_command()
+  assert args[:3] == ['python', '-m', 'resnet_jax.plan']
+  # The same XLA passes as this process (conftest), so both compile the same program.
+  result = _run_plan(*args[3:], JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "libtpu's cost-model estimate, not a measurement" in result.stdout
+  rows = [line.split() for line in result.stdout.splitlines()
+          if line.split()[:1] and line.split()[0] in MEMORY_SAVING]
+  assert [row[:2] for row in rows] == [[name, str(scan)] for scan in (False, True)
+                                       for name in MEMORY_SAVING]
+  speeds = [float(row[6].replace(',', '')) for row in rows]
+  assert [row[7:] for row in rows].count(['<-', 'fastest', 'that', 'fits']) == 1
+  assert rows[speeds.index(max(speeds))][7:] == ['<-', 'fastest', 'that', 'fits']
+  config = load_config('default')
+  stage_sizes = next(a for a in args if 'stage_sizes' in a).split('=')[1]
+  config.model_overrides.stage_sizes = eval(stage_sizes)  # pylint: disable=eval-used
+  config.model_overrides.elementwise_remat = config.model_overrides.scan_blocks = True
+  devices = plan.topology_devices('v5e:2x2')
+  alone = plan.plan_run(config, devices, 'v5e:2x2', ('train',))
+  step = alone.steps[0]
+  seconds = plan.estimated_seconds(step.cycles, alone.device_kind)
+  assert rows[4][2:6] == [*plan._size(step.total_bytes).split(), 'yes', f'{seconds * 1e3:.2f}']

@@ -268,6 +268,16 @@ class ResNet(nn.Module):
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet)
                          if f.metadata.get('execution'))
 
+# What `config.model_overrides.memory_saving` names: the ResNet fields that trade compute
+# for activation memory, by one name each, fastest (most memory) first. The fields stay the
+# one record of how a model runs (model.json holds them, not the name); the name only sets
+# them, and 'auto' (`MEMORY_SAVING_AUTO`) picks at start-up the first of these whose train
+# step fits the devices' memory (`resnet_jax.plan.choose_memory_saving`).
+MEMORY_SAVING = {'none': dict(remat=False, elementwise_remat=False),
+                 'elementwise': dict(remat=False, elementwise_remat=True),
+                 'full': dict(remat=True, elementwise_remat=False)}
+MEMORY_SAVING_AUTO = 'auto'
+
 
 def architecture_of(model_config: Mapping[str, Any]) -> Dict[str, Any]:
   """A model.json or create_model arguments without the execution settings: what decides

@@ -20,7 +20,7 @@ from resnet_jax.data import augment_policy
 from resnet_jax.data.normalization import RECIPES
 from resnet_jax.data.sizes import EVAL_CROP_FRACTION, image_sizes
 from resnet_jax.errors import UserError
-from resnet_jax.models.resnet import ResNet
+from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO, ResNet
 from resnet_jax.models.zoo import MODEL_OPTIONS
 from resnet_jax.train.losses import LOSSES
 from resnet_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -111,9 +111,11 @@ def _override_type(annotation) -> type:
   return annotation
 
 
-# The type of each create_model option, as config.model_overrides takes it.
-OVERRIDE_TYPES = {f.name: _override_type(f.type) for f in dataclasses.fields(ResNet)
-                  if f.name in MODEL_OPTIONS}
+# The type of each create_model option, as config.model_overrides takes it, and
+# memory_saving, one name for the remat fields (`models.resnet.MEMORY_SAVING`).
+OVERRIDE_TYPES = {**{f.name: _override_type(f.type) for f in dataclasses.fields(ResNet)
+                     if f.name in MODEL_OPTIONS}, 'memory_saving': str}
+MEMORY_SAVING_CHOICES = (*MEMORY_SAVING, MEMORY_SAVING_AUTO)
 
 
 def model_overrides(**values: Any) -> ml_collections.ConfigDict:
@@ -141,6 +143,36 @@ def check_model_overrides(overrides) -> None:
     if value is not None and not _is_of_type(value, OVERRIDE_TYPES[name]):
       raise UserError(f'config.model_overrides.{name}={value!r} must be a '
                       f'{OVERRIDE_TYPES[name].__name__}.')
+  _check_memory_saving(dict(overrides))
+
+
+def _check_memory_saving(overrides: dict) -> None:
+  """memory_saving is a known name, and the only one of the settings it stands for."""
+  name = overrides.get('memory_saving')
+  if name is None:
+    return
+  if name not in MEMORY_SAVING_CHOICES:
+    raise UserError(f'config.model_overrides.memory_saving={name!r} must be one of '
+                    f'{", ".join(map(repr, MEMORY_SAVING_CHOICES))}.')
+  both = [k for k in MEMORY_SAVING['none'] if overrides.get(k) is not None]
+  if both:
+    raise UserError(f'config.model_overrides.memory_saving={name!r} sets {" and ".join(both)}'
+                    f' itself: set memory_saving or {" / ".join(both)}, not both.')
+
+
+def model_overrides_of(config) -> dict:
+  """The create_model options config.model_overrides sets (None: not overridden), with
+  memory_saving made the fields it names; 'auto' must be resolved first
+  (`resnet_jax.plan.choose_memory_saving`, which train.py and the planner call)."""
+  overrides = config.model_overrides
+  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  name = overrides.pop('memory_saving', None)
+  if name == MEMORY_SAVING_AUTO:
+    raise UserError("config.model_overrides.memory_saving='auto' is chosen at start-up by "
+                    "train.py and resnet_jax.plan; here name one of "
+                    f"{', '.join(map(repr, MEMORY_SAVING))}.")
+  return {**overrides, **(MEMORY_SAVING[name] if name else {})}
 
 
 def _is_of_type(value, kind: type) -> bool:

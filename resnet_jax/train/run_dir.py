@@ -32,6 +32,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.scan import is_scanned, scan_tree, unscan_tree
+from resnet_jax.train import config_schema
 
 PathLike = Union[str, Path]
 MODEL_JSON = 'model.json'
@@ -218,9 +219,7 @@ def model_config_of_run(config, num_classes: int, in_channels: int) -> Dict[str,
     spec['bn_group_size'] = config.bn_group_size
   if config.drop_path_rate:
     spec['drop_path_rate'] = config.drop_path_rate
-  overrides = config.model_overrides
-  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
-  spec.update({k: v for k, v in overrides.items() if v is not None})
+  spec.update(config_schema.model_overrides_of(config))
   return spec
 
 
