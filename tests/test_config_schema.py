@@ -219,8 +219,12 @@ def test_planner_advice_is_flags_that_parse():
   config = load_config('default')
   text = plan.advice(config, None)
   flags_given = re.findall(r'--config\.[a-z_.]+=[^\s`]+', text)
-  assert '--config.model_overrides.remat=True' in flags_given, text
-  assert '--config.model_overrides.elementwise_remat=True' in flags_given, text
-  parsed = _parse('configs/default.py', [f for f in flags_given if '=N' not in f])
-  assert parsed.model_overrides.remat and parsed.dtype == 'bfloat16'
-  assert 'remat=True' not in plan.advice(parsed, None)  # what is set is not advised again
+  for saving in ('elementwise', 'full', 'auto'):
+    assert f'--config.model_overrides.memory_saving={saving}' in flags_given, text
+  for flag in flags_given:
+    if '=N' not in flag:
+      check_config(_parse('configs/default.py', [flag]), num_devices=1)
+  parsed = _parse('configs/default.py', ['--config.model_overrides.memory_saving=full',
+                                         '--config.dtype=bfloat16'])
+  assert 'memory_saving' not in plan.advice(parsed, None)  # what is set is not advised again
+  assert 'dtype' not in plan.advice(parsed, None)
