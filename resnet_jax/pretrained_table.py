@@ -4,7 +4,7 @@ results table (a file of its repository, not of its package):
 
   git -C pytorch-image-models show aa4b5850:results/results-imagenet.csv > results.csv
   python -m resnet_jax.pretrained_table --timm-results results.csv --timm-commit aa4b5850
-  python -m resnet_jax.pretrained_table --readme   # prints the README's table
+  python -m resnet_jax.pretrained_table --readme   # prints the README's tables
 
 Rows: every torchvision ResNet-family weight (TORCHVISION_ARCHS, V1 and V2) as
 `<arch>.tv_in1k` / `<arch>.tv2_in1k`, and every timm weight of its `resnet.py` module but
@@ -170,18 +170,116 @@ def readme_table(table: Dict[str, Dict[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+# --- the README's zoo tables ------------------------------------------------------------
+
+README_SECTIONS = ('zoo', 'timm', 'pretrained')
+README_SIZE = 224  # the image size the README's figures are at, unless they say  # <!-- NAME table begin/end --> in README.md
+
+
+def model_figures(names) -> Dict[str, Tuple[int, float]]:
+  """name -> (parameters, GFLOPs per image) of zoo models with their default head, at
+  224x224 (32x32 for the CIFAR nets), by `resnet_jax.summary` (shape evaluation only; the
+  deepest take tens of seconds each)."""
+  from resnet_jax import summary
+  return {name: summary.summarize(name, 32 if name.startswith('cifar') else 224)[1:]
+          for name in names}
+
+
+def _weights_of(arch: str, table: Mapping[str, Mapping[str, Any]]) -> str:
+  """The pretrained names of `arch` with their top-1 at their input size (given where it is
+  not 224), as '`.tv_in1k` 76.13; timm/: `.a1_in1k` 80.38, `.a3_in1k` 75.99 (160)' ('–'
+  where there are none)."""
+  groups = {'': [], 'timm/': []}
+  for name, row in table.items():
+    if row['arch'] == arch:
+      prefix = 'timm/' if name.startswith('timm/') else ''
+      top1 = '–' if row['top1'] is None else f'{row["top1"]:.2f}' + (
+          f' ({row["top1_at"]})' if row['top1_at'] != README_SIZE else '')
+      groups[prefix].append(f'`{name[len(prefix) + len(arch):]}` {top1}')
+  parts = [f'{prefix}: ' * bool(prefix) + ', '.join(names)
+           for prefix, names in groups.items() if names]
+  return '; '.join(parts) or '–'
+
+
+def _stem(spec: Mapping[str, Any]) -> str:
+  stem = spec.get('stem', 'imagenet')
+  return f'{stem} {spec["stem_width"]}' if 'stem_width' in spec else stem
+
+
+def _attention(spec: Mapping[str, Any]) -> str:
+  if not spec.get('attention'):
+    return '–'
+  ratio = spec.get('se_ratio')
+  return spec['attention'] + (f' 1/{round(1 / ratio)}' if ratio else '')
+
+
+def _other(spec: Mapping[str, Any]) -> str:
+  """The zoo fields that neither the stem, avg-down nor attention columns show."""
+  other = []
+  if 'block_widths' in spec:
+    other.append('pruned widths')
+  other += {'avg': ['anti-alias avg'], 'blur': ['blur pool']}.get(spec.get('anti_alias'), [])
+  if spec.get('norm_layer') == 'group':
+    other.append('GroupNorm')
+  if spec.get('stem_pool') == 'conv':
+    other.append('conv stem pool')
+  if spec.get('reduce_first', 1) != 1:
+    other.append('conv1 at half width')
+  if spec.get('down_kernel_size', 1) != 1:
+    other.append(f'{spec["down_kernel_size"]}x{spec["down_kernel_size"]} projections')
+  return ', '.join(other) or '–'
+
+
+def zoo_tables(table: Mapping[str, Mapping[str, Any]],
+               figures: Mapping[str, Tuple[int, float]]) -> Dict[str, str]:
+  """The README's 'zoo' table (the zoo's models but timm's variants) and 'timm' table
+  (timm's variants with their stem, shortcut, attention and other fields), each row with
+  the model's parameters and GFLOPs (`figures`) and its pretrained names with top-1."""
+  from resnet_jax.models import zoo
+  zoo_rows = ['| model | parameters | GFLOPs | pretrained (`load_pretrained`), top-1 % |',
+              '|---|---:|---:|---|']
+  timm_rows_ = ['| model | parameters | GFLOPs | stem | avg-down | attention | other | '
+                'pretrained, top-1 % |', '|---|---:|---:|---|---|---|---|---|']
+  for name, spec in zoo.MODELS.items():
+    params, gflops = figures[name]
+    cells = [f'`{name}`', f'{params:,}', f'{gflops:.3f}']
+    if name in zoo.TIMM_MODELS:
+      cells += [_stem(spec), 'yes' if spec.get('avg_down') else 'no', _attention(spec),
+                _other(spec), _weights_of(name, table)]
+      timm_rows_.append('| ' + ' | '.join(cells) + ' |')
+    else:
+      zoo_rows.append('| ' + ' | '.join(cells + [_weights_of(name, table)]) + ' |')
+  return {'zoo': '\n'.join(zoo_rows) + '\n', 'timm': '\n'.join(timm_rows_) + '\n'}
+
+
+def readme_tables(table: Mapping[str, Mapping[str, Any]],
+                  figures: Mapping[str, Tuple[int, float]]) -> Dict[str, str]:
+  """README_SECTIONS -> the markdown between that section's markers."""
+  return {**zoo_tables(table, figures), 'pretrained': readme_table(table)}
+
+
+def readme_sections(readme: str) -> Dict[str, str]:
+  """README_SECTIONS -> the text between `<!-- NAME table begin -->` and its end marker."""
+  return {name: readme.split(f'<!-- {name} table begin -->\n')[1].split(
+      f'<!-- {name} table end')[0] for name in README_SECTIONS}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m resnet_jax.pretrained_table',
                                    description=__doc__.splitlines()[0])
   parser.add_argument('--readme', action='store_true',
-                      help="print the README's table of the committed data file instead")
+                      help="print the README's tables (the zoo's, timm's variants', the "
+                           "committed data file's) instead; a few minutes")
   parser.add_argument('--timm-results', type=Path,
                       help=f'timm\'s {TIMM_RESULTS_FILE} (from its git repository)')
   parser.add_argument('--timm-commit', help='the commit of pytorch-image-models that file '
                       'is from (recorded with each figure)')
   args = parser.parse_args(argv)
   if args.readme:
-    sys.stdout.write(readme_table(pretrained.table()))
+    from resnet_jax.models import zoo
+    tables = readme_tables(pretrained.table(), model_figures(zoo.MODELS))
+    for name in README_SECTIONS:
+      sys.stdout.write(f'<!-- {name} table begin -->\n{tables[name]}<!-- {name} table end -->\n\n')
     return 0
   if not (args.timm_results and args.timm_commit):
     parser.error(f'regenerating the table needs --timm-results (timm\'s {TIMM_RESULTS_FILE}, '

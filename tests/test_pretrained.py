@@ -703,9 +703,50 @@ def test_export_of_a_pretrained_name_embeds_its_normalization(fresh, tmp_path):
   assert np.abs(got - np.asarray(imagenet)).max() > 1e-2  # the normalization matters
 
 
-def test_the_readmes_table_is_the_data_files():
+def _readme_tables():
   from resnet_jax import pretrained_table
   readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
-  shown = readme.split('<!-- pretrained table begin -->\n')[1].split('<!-- pretrained table end')[0]
-  assert shown == pretrained_table.readme_table(pretrained.table()), (
-      'update it: python -m resnet_jax.pretrained_table --readme')
+  return pretrained_table.readme_sections(readme)
+
+
+def _figures_shown(section):
+  """model -> (parameters, GFLOPs) as a README zoo table shows them."""
+  figures = {}
+  for line in section.splitlines()[2:]:
+    cells = [cell.strip() for cell in line.strip('|').split('|')]
+    figures[cells[0].strip('`')] = (int(cells[1].replace(',', '')), float(cells[2]))
+  return figures
+
+
+def test_the_readmes_tables_are_the_zoo_and_the_data_files():
+  """Every zoo model in its table, with its fields, pretrained names and top-1 from the
+  data file; the pretrained table from the data file (figures: the next tests)."""
+  from resnet_jax import pretrained_table
+  shown = _readme_tables()
+  figures = {**_figures_shown(shown['zoo']), **_figures_shown(shown['timm'])}
+  assert shown == pretrained_table.readme_tables(pretrained.table(), figures), (
+      'update them: python -m resnet_jax.pretrained_table --readme')
+
+
+# One of each kind (basic, bottleneck, CIFAR, tiered stem, SE-ResNeXt, pruned ECA, GroupNorm,
+# ResNet-RS), each a few seconds of shape evaluation; the slow test takes all (~7 min).
+FIGURES_SAMPLE = ('resnet18', 'resnet50', 'cifar_resnet20', 'resnet10t', 'seresnext26t_32x4d',
+                  'ecaresnet50d_pruned', 'resnet50_gn', 'resnetrs50')
+
+
+def _check_figures(names):
+  from resnet_jax import pretrained_table
+  shown = _readme_tables()
+  shown = {**_figures_shown(shown['zoo']), **_figures_shown(shown['timm'])}
+  for name, (params, gflops) in pretrained_table.model_figures(names).items():
+    assert shown[name] == (params, round(gflops, 3)), name
+
+
+def test_the_readmes_parameters_and_gflops_are_the_models_sample():
+  _check_figures(FIGURES_SAMPLE)
+
+
+@pytest.mark.slow
+def test_the_readmes_parameters_and_gflops_are_the_models():
+  from resnet_jax.models import zoo
+  _check_figures(zoo.MODELS)
