@@ -477,7 +477,8 @@ def test_cli_overwrite_replaces_a_converted_directory_and_a_weights_file(
                            '--output', tmp_path / 'ckpt', '--overwrite'], capsys)
   assert code == 0, err
   assert read_model_config(tmp_path / 'ckpt')['num_classes'] == 1000
-  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['model.json', 'variables']
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == [
+      'input_spec.json', 'model.json', 'variables']
   (tmp_path / 'old.safetensors').write_bytes(b'old weights')
   code, _, err = run_main(['--input', tmp_path / 'ckpt', '--output',
                            tmp_path / 'old.safetensors', '--overwrite'], capsys)
