@@ -106,12 +106,15 @@ def test_a_converted_checkpoint_is_evaluated_with_its_own_spec(converted_with_ti
   assert results['top1'] == pytest.approx(top1)
 
 
-def test_image_size_scales_the_specs_resize_as_timm(converted_with_timm_spec):
-  from resnet_jax import input_spec
-  spec = input_spec.InputSpec.from_json(TIMM_SPEC)
-  assert spec.at_crop_size(224).resize_size == 235  # timm: floor(224 / 0.95)
-  tv2 = input_spec.InputSpec(crop_size=224, resize_size=232)
-  assert tv2.at_crop_size(160).resize_size == round(160 * 232 / 224)
+def test_pretrained_names_are_evaluated_with_their_own_spec():
+  """--pretrained NAME evaluates with NAME's table spec (at --image_size when given);
+  --preprocess picks a recipe instead."""
+  name = 'timm/resnet50d.ra4_e3600_r224_in1k'
+  spec = evaluate._applied_spec(None, name, {})
+  assert (spec.crop_size, spec.resize_size, spec.interpolation, spec.mean, spec.std) == (
+      224, 235, 'bicubic', (0.5,) * 3, (0.5,) * 3)
+  assert evaluate._applied_spec(None, name, {'image_size': 288}).resize_size == 303
+  assert evaluate._applied_spec(None, name, {'preprocess': 'imagenet'}) is None
 
 
 def test_a_recipe_that_is_not_the_checkpoints_transform_is_warned_of(converted_with_timm_spec,
