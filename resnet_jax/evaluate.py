@@ -2,14 +2,17 @@
 
     python -m resnet_jax.evaluate --workdir DIR [--step N] [--split test]
     python -m resnet_jax.evaluate --checkpoint CONVERTED_DIR --dataset imagenet2012 \\
-        --split validation --preprocess imagenet --image_size 224
+        --split validation
+    python -m resnet_jax.evaluate --pretrained resnet50d.ra4_e3600_r224_in1k \\
+        --dataset imagenet2012 --split validation
 
-A training workdir brings its own dataset settings (config.json) and model (model.json);
-a converted checkpoint needs the dataset flags, and its input spec (input_spec.json, the
-weights' own preprocessing for pretrained names) gives the default --image_size. The
-pipeline applies its recipe's eval transform (--preprocess); where the checkpoint's spec
-asks for another (timm's crop_pct or bicubic resize, other mean and std), a warning says
-what differs, since the accuracy then differs from the published one.
+A training workdir brings its own dataset settings (config.json) and model (model.json)
+and is evaluated with its recipe's eval transform, as in training. A converted checkpoint
+or pretrained weights are evaluated with their own input spec (input_spec.json, the
+weights' own preprocessing for pretrained names: resize or crop_pct, interpolation, crop,
+mean and std), applied as `predict` applies it (`data.spec_eval`); --image_size then
+changes the crop and scales the resize with it. Passing --preprocess evaluates with that
+recipe instead, and a warning says what differs from the checkpoint's own spec.
 """
 
 import argparse
@@ -79,28 +82,61 @@ def _spec_image_size(checkpoint: Optional[str], overrides: dict) -> dict:
   return {**overrides, 'image_size': _checkpoint_spec(checkpoint).crop_size}
 
 
+def _applied_spec(checkpoint: Optional[str], pretrained: Optional[str],
+                  overrides: dict) -> Optional[input_spec.InputSpec]:
+  """The input spec the evaluation applies: that of pretrained weights or of a converted
+  checkpoint (at --image_size when given); None for a training run (its recipe) or when
+  --preprocess chose a recipe."""
+  if overrides.get('preprocess') is not None:
+    return None
+  if pretrained is not None:
+    from resnet_jax.pretrained import input_spec as pretrained_input_spec
+    spec = pretrained_input_spec(pretrained)
+  elif checkpoint is not None and not run_dir.is_training_workdir(checkpoint):
+    spec = _checkpoint_spec(checkpoint)
+  else:
+    return None
+  size = overrides.get('image_size')
+  return spec if size is None else spec.at_crop_size(size)
+
+
+def _load(workdir, checkpoint, pretrained, step, raw_weights, replicated):
+  """(model, variables on the devices) of whichever source was given."""
+  if workdir:
+    return checkpoint_format.restore_run(workdir, step, replicated, raw_weights)
+  if pretrained:
+    from resnet_jax.pretrained import load_pretrained
+    model, variables = load_pretrained(pretrained)
+  else:
+    model, variables = checkpoint_format.load_model(checkpoint)
+  return model, jax.device_put(variables, replicated)
+
+
 def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
-             step: Optional[int] = None, split: Optional[str] = None,
-             batch_size: Optional[int] = None, raw_weights: bool = False,
-             **dataset_overrides) -> dict:
+             pretrained: Optional[str] = None, step: Optional[int] = None,
+             split: Optional[str] = None, batch_size: Optional[int] = None,
+             raw_weights: bool = False, **dataset_overrides) -> dict:
   """{'loss', 'top1', 'top5', 'count'} of a workdir's checkpoint (default: the newest that
   reads, also while train.py writes the workdir; nothing is moved; its weight EMA when the
-  run kept one, unless `raw_weights`) or of a converted checkpoint directory, on `split`
-  (default: the run's eval split)."""
-  if (workdir is None) == (checkpoint is None):
-    raise UserError('Pass exactly one of --workdir (a training run) or --checkpoint '
-                     '(a converted checkpoint directory).')
+  run kept one, unless `raw_weights`), of a converted checkpoint directory or of
+  pretrained weights by name (those two with their own input spec unless a `preprocess`
+  recipe is given), on `split` (default: the run's eval split)."""
+  if sum(x is not None for x in (workdir, checkpoint, pretrained)) != 1:
+    raise UserError('Pass exactly one of --workdir (a training run), --checkpoint (a '
+                    'converted checkpoint directory) or --pretrained (weights by name).')
+  spec = _applied_spec(checkpoint, pretrained, dataset_overrides)
+  if spec is not None:
+    dataset_overrides = {**dataset_overrides, 'image_size': spec.crop_size}
   config = _dataset_config(workdir, _spec_image_size(checkpoint, dataset_overrides))
-  if checkpoint:
+  if checkpoint and spec is None:
     _checked_against_spec(checkpoint, config)
   mesh = create_mesh()
   replicated = NamedSharding(mesh, P())
+  model, variables = _load(workdir, checkpoint, pretrained, step, raw_weights, replicated)
   pipeline = create_pipeline(config)
-  if workdir:
-    model, variables = checkpoint_format.restore_run(workdir, step, replicated, raw_weights)
-  else:
-    model, variables = checkpoint_format.load_model(checkpoint)
-    variables = jax.device_put(variables, replicated)
+  if spec is not None:
+    from resnet_jax.data.spec_eval import SpecEvalPipeline
+    pipeline = SpecEvalPipeline(pipeline, spec, model.in_channels)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())
   batch_size = batch_size or config.eval_batch_size
@@ -118,14 +154,18 @@ def main(argv=None):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a train.py workdir')
   source.add_argument('--checkpoint', help='a converted checkpoint directory')
+  source.add_argument('--pretrained', help='pretrained weights by name, e.g. '
+                      'resnet50.tv2_in1k (resnet_jax.list_pretrained())')
   parser.add_argument('--step', type=int, help='checkpoint step (default: the newest that '
                       'reads)')
   parser.add_argument('--split', help='dataset split (default: the run\'s eval split)')
   parser.add_argument('--batch_size', type=int, help='eval batch size')
   parser.add_argument('--dataset', help='TFDS name or folder:/path (default: the run\'s)')
   parser.add_argument('--data_dir', help='TFDS data_dir')
-  parser.add_argument('--preprocess', help='digits, cifar, imagenet or none')
-  parser.add_argument('--image_size', type=int)
+  parser.add_argument('--preprocess', help='digits, cifar, imagenet or none (default: the '
+                      'run\'s; for --checkpoint/--pretrained, their own input spec)')
+  parser.add_argument('--image_size', type=int, help='eval crop size (default: the run\'s '
+                      'or the input spec\'s)')
   parser.add_argument('--raw_weights', action='store_true',
                       help='the run\'s trained weights, not its weight EMA (used by default '
                            'when the run kept one)')
@@ -135,7 +175,7 @@ def main(argv=None):
     results = evaluate(**vars(args))
   except UserError as e:  # the message says what to fix; a bug shows its traceback
     sys.exit(f'Error: {e}')
-  where = args.workdir or args.checkpoint
+  where = args.workdir or args.checkpoint or args.pretrained
   print(f'{where}: top-1 {results["top1"]:.4f} | top-5 {results["top5"]:.4f} | '
         f'loss {results["loss"]:.4f} ({int(results["count"])} images)')
   return results

@@ -12,7 +12,7 @@ Where a checkpoint's spec comes from (`of_checkpoint`):
     config (`of_run`, with the train-time recipe under 'train');
   - else a workdir's config.json (`preprocess`, `image_size`: `of_recipe`);
   - else, for a converted checkpoint, torchvision's ImageNet transform at 224 (resize 256).
-predict and export apply it; evaluate's pipeline takes its size and normalization.
+predict, export and evaluate (data.spec_eval) apply it.
 """
 
 import dataclasses
@@ -105,6 +105,17 @@ class InputSpec:
     if len(self.mean) not in (1, channels):
       raise UserError(f'The checkpoint normalizes {len(self.mean)}-channel images, but its '
                       f'model takes {channels}.')
+
+  def at_crop_size(self, crop_size: int) -> 'InputSpec':
+    """This transform for crops of `crop_size`: the resize keeps its ratio to the crop
+    (timm's rule, floor(crop / crop_pct), where the spec has a crop_pct)."""
+    if crop_size == self.crop_size or self.resize_size is None:
+      return dataclasses.replace(self, crop_size=crop_size)
+    if self.crop_pct:
+      resize = int(crop_size / self.crop_pct)
+    else:
+      resize = round(crop_size * self.resize_size / self.crop_size)
+    return dataclasses.replace(self, crop_size=crop_size, resize_size=resize)
 
   def transform(self, channels: int) -> Callable:
     """A function PIL image -> normalized float32 (crop_size, crop_size, channels)."""

@@ -23,7 +23,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.models.torch_names import torch_layout
 from resnet_jax.models.zoo import PYTORCH_REFERENCE
 from resnet_jax.train.checkpoint_format import load_variables, save_converted
-from resnet_jax.train.run_dir import read_model_config
+from resnet_jax.train.run_dir import read_input_spec, read_model_config
 
 TOL = 1e-4
 
@@ -348,6 +348,11 @@ def test_cli_converts_verifies_and_exports(resnet18_weights, tmp_path, capsys, s
   assert code == 0, err
   assert 'max abs logit difference' in out and 'ok' in out
   assert read_model_config(ckpt) == {'name': 'resnet18', 'num_classes': 1000}
+  # Without --pretrained-name: torchvision's ImageNet eval transform, ImageNet's classes.
+  assert read_input_spec(ckpt) == {
+      'crop_size': 224, 'resize_size': 256, 'interpolation': 'bilinear', 'antialias': True,
+      'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225],
+      'class_names': 'imagenet-1k'}
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']  # no temporaries left
   variables = load_variables(ckpt)
   assert_same_weights(state_dict, convert.flax_to_torch(variables, 'resnet18'))
@@ -391,6 +396,37 @@ def test_cli_converts_verifies_and_exports_a_timm_net(arch, tmp_path, capsys):
   tensors = torch.load(tmp_path / 'back.pth', weights_only=True)
   convert.torch_reference_model(arch, 10).load_state_dict(tensors, strict=True)
   assert_same_weights(state_dict, {k: v.numpy() for k, v in tensors.items()})
+
+
+def test_cli_writes_the_pretrained_names_input_spec(tmp_path, capsys):
+  """--pretrained-name NAME writes NAME's preprocessing (timm's pretrained_cfg: bicubic,
+  a 176 crop of 201 for resnet10t.c3_in1k), which predict and evaluate then apply; a name
+  of another architecture or class count is one message and nothing is written."""
+  import timm
+  from resnet_jax import input_spec
+  from safetensors.torch import save_file
+  save_file(random_reference('resnet10t').state_dict(), str(tmp_path / 'w.safetensors'))
+  name = 'timm/resnet10t.c3_in1k'
+  code, _, err = run_main(['--arch', 'resnet10t', '--input', tmp_path / 'w.safetensors',
+                           '--output', tmp_path / 'out', '--pretrained-name', name], capsys)
+  assert code == 0, err
+  cfg = timm.models.get_pretrained_cfg('resnet10t.c3_in1k')
+  spec = input_spec.of_checkpoint(tmp_path / 'out')
+  assert (spec.crop_size, spec.resize_size) == (cfg.input_size[1],
+                                                int(cfg.input_size[1] / cfg.crop_pct))
+  assert (spec.interpolation, spec.mean, spec.std) == (cfg.interpolation, cfg.mean, cfg.std)
+  assert spec.class_names == 'imagenet-1k'
+
+  code, _, err = run_main(['--arch', 'resnet18', '--input', tmp_path / 'w.safetensors',
+                           '--output', tmp_path / 'other', '--pretrained-name', name], capsys)
+  assert code == 2 and 'is weights of resnet10t, not of --arch resnet18' in err
+  save_file(random_reference('resnet10t', num_classes=10).state_dict(),
+            str(tmp_path / 'ten.safetensors'))
+  code, _, err = run_main(['--arch', 'resnet10t', '--input', tmp_path / 'ten.safetensors',
+                           '--output', tmp_path / 'other', '--pretrained-name', name], capsys)
+  assert code == 2 and 'a 10-class fc, but timm/resnet10t.c3_in1k classifies 1000' in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'ten.safetensors',
+                                                         'w.safetensors']
 
 
 def test_cli_failed_verification_writes_nothing(resnet18_weights, tmp_path, capsys):
@@ -445,7 +481,8 @@ def test_cli_overwrite_replaces_a_converted_directory_and_a_weights_file(
                            '--output', tmp_path / 'ckpt', '--overwrite'], capsys)
   assert code == 0, err
   assert read_model_config(tmp_path / 'ckpt')['num_classes'] == 1000
-  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['model.json', 'variables']
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == [
+      'input_spec.json', 'model.json', 'variables']
   (tmp_path / 'old.safetensors').write_bytes(b'old weights')
   code, _, err = run_main(['--input', tmp_path / 'ckpt', '--output',
                            tmp_path / 'old.safetensors', '--overwrite'], capsys)

@@ -106,3 +106,15 @@ def test_a_workdirs_spec_evaluates_at_its_eval_sizes(tmp_path, saved, expected):
   spec = input_spec.of_checkpoint(tmp_path)
   assert (spec.crop_size, spec.resize_size) == expected
   assert spec.mean == input_spec.CONVERTED_DEFAULT.mean
+
+
+def test_a_spec_at_another_crop_size_scales_its_resize():
+  """timm's rule where the spec has a crop_pct (floor(crop / crop_pct)), else the same
+  ratio of resize to crop (torchvision V2's 232/224)."""
+  timm = input_spec.InputSpec(crop_size=224, resize_size=235, crop_pct=0.95,
+                              interpolation='bicubic')
+  assert timm.at_crop_size(288).resize_size == 303  # timm: int(288 / 0.95)
+  tv2 = input_spec.InputSpec(crop_size=224, resize_size=232)
+  assert tv2.at_crop_size(160).resize_size == round(160 * 232 / 224)
+  square = input_spec.InputSpec(crop_size=8, resize_size=None)
+  assert square.at_crop_size(16) == input_spec.InputSpec(crop_size=16, resize_size=None)

@@ -454,11 +454,75 @@ def test_damaged_hub_file_online_is_downloaded_again(fresh, monkeypatch, capsys)
 # ------------------------------------------------------------ the table and its filters
 
 
+def _recorded_timm_results(table):
+  """(timm name, size) -> top-1, as the data file records timm's results table."""
+  results = {}
+  for name, row in table.items():
+    for prefix in ('', 'test_'):
+      if name.startswith('timm/') and row.get(f'{prefix}top1') is not None:
+        results[(name[len('timm/'):], row[f'{prefix}top1_at'])] = row[f'{prefix}top1']
+  return results
+
+
+def _timm_commit(table):
+  """The pytorch-image-models commit the table's timm figures are from."""
+  sources = {row['top1_source'] for name, row in table.items()
+             if name.startswith('timm/') and row['top1'] is not None}
+  assert len(sources) == 1, sources
+  return sources.pop().split('@')[1].split(':')[0]
+
+
 def test_the_data_file_is_what_the_generator_makes_of_the_installed_libraries():
+  """The libraries' metadata, and the rule placing timm's figures (at the input size and
+  the test input size; a note where there is none), give the committed file."""
   from resnet_jax import pretrained_table
-  generated = {**pretrained_table.torchvision_rows(), **pretrained_table.timm_rows()}
-  assert generated == pretrained.table(), (
-      'regenerate it: python -m resnet_jax.pretrained_table')
+  table = pretrained.table()
+  generated = {**pretrained_table.torchvision_rows(),
+               **pretrained_table.timm_rows(_recorded_timm_results(table), _timm_commit(table))}
+  assert generated == table, 'regenerate it: python -m resnet_jax.pretrained_table'
+
+
+def test_timm_figures_are_its_results_table():
+  """With timm's results-imagenet.csv at hand ($TIMM_RESULTS_CSV, from git -C
+  pytorch-image-models show <commit>:results/results-imagenet.csv), the generator makes
+  the committed file exactly."""
+  from resnet_jax import pretrained_table
+  path = os.environ.get('TIMM_RESULTS_CSV')
+  if not path:
+    pytest.skip('set TIMM_RESULTS_CSV to timm\'s results/results-imagenet.csv')
+  table = pretrained.table()
+  results = pretrained_table.read_timm_results(pathlib.Path(path))
+  assert pretrained_table.timm_rows(results, _timm_commit(table)) == {
+      name: row for name, row in table.items() if name.startswith('timm/')}
+
+
+def test_every_weight_has_a_top1_or_says_why():
+  table = pretrained.table()
+  for name, row in table.items():
+    if row['num_classes'] == 1000:
+      assert row['top1'] is not None and row['top1_at'] == row['input']['crop_size'], name
+      assert 50 < row['top1'] < 90, name
+    else:
+      assert row['top1'] is None and 'not an ImageNet-1k classifier' in row['top1_note'], name
+  assert sum(row['top1'] is None for row in table.values()) == 6  # the in12k and bamboo ones
+
+
+def test_timms_figures_of_torchvisions_weights_are_torchvisions():
+  """timm's results table evaluated torchvision's weights too: where it used torchvision's
+  transform (same resize and crop), its top-1 is torchvision's published one within
+  0.05 (decoding and resampling differ between the two evaluations)."""
+  table = pretrained.table()
+  compared = 0
+  for name, row in table.items():
+    ours = table.get(name[len('timm/'):])
+    if not name.startswith('timm/') or ours is None:
+      continue
+    for prefix, spec in (('', row['input']), ('test_', row.get('test_input'))):
+      same = spec and all(spec[k] == ours['input'][k] for k in ('crop_size', 'resize_size'))
+      if same and row.get(f'{prefix}top1') is not None:
+        assert abs(row[f'{prefix}top1'] - ours['top1']) < 0.05, (name, row, ours['top1'])
+        compared += 1
+  assert compared == 16  # all torchvision weights timm rehosts but resnext101_64x4d
 
 
 def test_list_pretrained_counts_every_weight_and_filters():
@@ -639,9 +703,50 @@ def test_export_of_a_pretrained_name_embeds_its_normalization(fresh, tmp_path):
   assert np.abs(got - np.asarray(imagenet)).max() > 1e-2  # the normalization matters
 
 
-def test_the_readmes_table_is_the_data_files():
+def _readme_tables():
   from resnet_jax import pretrained_table
   readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
-  shown = readme.split('<!-- pretrained table begin -->\n')[1].split('<!-- pretrained table end')[0]
-  assert shown == pretrained_table.readme_table(pretrained.table()), (
-      'update it: python -m resnet_jax.pretrained_table --readme')
+  return pretrained_table.readme_sections(readme)
+
+
+def _figures_shown(section):
+  """model -> (parameters, GFLOPs) as a README zoo table shows them."""
+  figures = {}
+  for line in section.splitlines()[2:]:
+    cells = [cell.strip() for cell in line.strip('|').split('|')]
+    figures[cells[0].strip('`')] = (int(cells[1].replace(',', '')), float(cells[2]))
+  return figures
+
+
+def test_the_readmes_tables_are_the_zoo_and_the_data_files():
+  """Every zoo model in its table, with its fields, pretrained names and top-1 from the
+  data file; the pretrained table from the data file (figures: the next tests)."""
+  from resnet_jax import pretrained_table
+  shown = _readme_tables()
+  figures = {**_figures_shown(shown['zoo']), **_figures_shown(shown['timm'])}
+  assert shown == pretrained_table.readme_tables(pretrained.table(), figures), (
+      'update them: python -m resnet_jax.pretrained_table --readme')
+
+
+# Small ones of several kinds (basic, CIFAR, tiered stem, SE-ResNeXt, pruned ECA), a few
+# seconds of shape evaluation each; the slow test takes all (~7 min on 2 busy cores).
+FIGURES_SAMPLE = ('resnet18', 'cifar_resnet20', 'resnet10t', 'seresnext26t_32x4d',
+                  'ecaresnet50d_pruned')
+
+
+def _check_figures(names):
+  from resnet_jax import pretrained_table
+  shown = _readme_tables()
+  shown = {**_figures_shown(shown['zoo']), **_figures_shown(shown['timm'])}
+  for name, (params, gflops) in pretrained_table.model_figures(names).items():
+    assert shown[name] == (params, round(gflops, 3)), name
+
+
+def test_the_readmes_parameters_and_gflops_are_the_models_sample():
+  _check_figures(FIGURES_SAMPLE)
+
+
+@pytest.mark.slow
+def test_the_readmes_parameters_and_gflops_are_the_models():
+  from resnet_jax.models import zoo
+  _check_figures(zoo.MODELS)

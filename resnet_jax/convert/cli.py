@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
                       help='PyTorch weights file, or a checkpoint directory')
   parser.add_argument('--output', required=True, type=Path,
                       help='checkpoint directory, or a .pth/.pt/.bin/.safetensors file')
+  parser.add_argument('--pretrained-name', metavar='NAME',
+                      help='PyTorch input: the pretrained name these weights are (e.g. '
+                           'timm/resnet50d.ra4_e3600_r224_in1k, resnet_jax.list_pretrained()); '
+                           'its preprocessing is written as the input spec. Without it: '
+                           'torchvision\'s ImageNet transform (resize 256, crop 224)')
   parser.add_argument('--verify', action='store_true',
                       help='compare logits with the PyTorch reference model on a random batch')
   parser.add_argument('--tolerance', type=float, default=1e-4,
@@ -57,6 +62,9 @@ def _check_paths(parser, args) -> bool:
                  f'a checkpoint directory.')
   if to_flax and not args.arch:
     parser.error('--arch is required to convert PyTorch weights, e.g. --arch resnet50.')
+  if args.pretrained_name and not to_flax:
+    parser.error('--pretrained-name goes with PyTorch input (a checkpoint directory keeps '
+                 'its own input_spec.json).')
   if args.arch:
     from resnet_jax.models import create_model
     try:
@@ -73,18 +81,54 @@ def _check_paths(parser, args) -> bool:
   return to_flax
 
 
+def _named_input_spec(args) -> Optional[dict]:
+  """The input_spec.json of --pretrained-name (whose architecture must be --arch), or None
+  without it; checked before any weights are read."""
+  from resnet_jax import pretrained
+  if not args.pretrained_name:
+    return None
+  spec = pretrained.input_spec(args.pretrained_name)  # a UserError for unknown names
+  arch = pretrained.table()[args.pretrained_name]['arch']
+  if arch != args.arch:
+    raise UserError(f'--pretrained-name {args.pretrained_name} is weights of {arch}, not of '
+                    f'--arch {args.arch}; pass --arch {arch}.')
+  return spec.to_json()
+
+
+def _check_named_classes(name: Optional[str], num_classes: int) -> None:
+  """A UserError when the weights' classifier is not that of the pretrained name."""
+  from resnet_jax import pretrained
+  expected = name and pretrained.table()[name]['num_classes']
+  if expected and expected != num_classes:
+    raise UserError(f'--input has a {num_classes}-class fc, but {name} classifies '
+                    f'{expected} classes: these are not its weights.')
+
+
+def _default_input_spec(num_classes: int) -> dict:
+  """What a converted checkpoint is read with without a name: torchvision's ImageNet
+  transform, with ImageNet-1k's class names for 1000 classes (as input_spec.of_checkpoint
+  assumes for checkpoints without an input_spec.json)."""
+  import dataclasses
+  from resnet_jax import input_spec
+  names = 'imagenet-1k' if num_classes == 1000 else None
+  return dataclasses.replace(input_spec.CONVERTED_DEFAULT, class_names=names).to_json()
+
+
 def _read_and_convert(args, to_flax: bool, progress):
   """(arch, create_model overrides, torch state_dict, Flax variables, a function writing
   the output to a path)."""
   progress.set_description('reading')
   if to_flax:
+    spec = _named_input_spec(args)
     arch, state_dict = args.arch, read_torch_weights(args.input)
     progress.update()
     progress.set_description('converting')
     variables = torch_to_flax(state_dict, arch, args.allow_nonfinite)
     config = {'name': arch, 'num_classes': num_classes_of(
         {k: tuple(v.shape) for k, v in state_dict.items()})}
-    write = lambda path: checkpoint_format.save_converted(variables, config, path)
+    _check_named_classes(args.pretrained_name, config['num_classes'])
+    spec = spec or _default_input_spec(config['num_classes'])
+    write = lambda path: checkpoint_format.save_converted(variables, config, path, spec)
     return arch, {}, state_dict, variables, write
   model_config = run_dir.read_model_config(args.input)
   arch, overrides = args.arch or model_config['name'], layout_overrides(model_config)
