@@ -82,6 +82,32 @@ def test_resume_with_another_architecture_names_the_setting(tmp_path):
         **MODEL, 'stage_widths': (4, 8, 32)}), workdir)
 
 
+def test_a_step_saved_before_scan_blocks_switched_evaluates_as_before(tmp_path):
+  """evaluate --step (checkpoint_format.restore_run) reads a step saved in the other
+  scan_blocks layout: same metrics and logits as before the switch."""
+  from resnet_jax.evaluate import evaluate  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train.checkpoint_format import restore_run  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+
+  def logits(step):
+    model, variables = restore_run(workdir, step)
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, model.in_channels))
+    return model.scan_blocks, model.apply(variables, images, train=False)
+
+  train_and_evaluate(_config(4), workdir)  # steps 2 and 4, unrolled
+  metrics, (scanned, expected) = evaluate(workdir, step=4), logits(4)
+  assert not scanned
+  train_and_evaluate(_config(6, scan_blocks=True), workdir)  # step 6, scanned
+  assert is_scanned(read_state(workdir, 6)['params'])
+  assert not is_scanned(read_state(workdir, 4)['params'])
+  again, (scanned, actual) = evaluate(workdir, step=4), logits(4)
+  assert scanned
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+  assert again.keys() == metrics.keys()
+  for key in metrics:
+    np.testing.assert_allclose(again[key], metrics[key], rtol=1e-5, err_msg=key)
+
+
 @pytest.mark.cli
 def test_train_py_resumes_with_remat_and_bfloat16_from_the_command_line(tmp_path):
   """The README's command: the second run turns on remat and bfloat16 by flags alone."""

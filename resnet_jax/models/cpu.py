@@ -20,6 +20,12 @@ trace for several platforms. Programs lowered for TPU or GPU hold only the porta
 formulation (XLA's convolution and its own gradients, reduce_window): these
 formulations would make them larger there (the views are padded copies of the
 activations; benchmarks/RESULTS.md).
+
+The convolution's choice sits inside one custom VJP (`conv`): one choice in the forward
+pass, one in the backward, never under autodiff. Differentiating through the choice
+would trace, linearize and transpose both formulations, and its residuals (every
+kernel, restacked per block under scan) would pass through the switch: a longer
+compile (benchmarks/RESULTS.md, 2026-12-07).
 """
 
 import functools
@@ -46,6 +52,45 @@ def xla_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), padding, dimension_numbers=DIMENSION_NUMBERS,
       feature_group_count=groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,
+         groups: int = 1) -> jax.Array:
+  """`xla_conv` with XLA's own gradients in programs lowered for TPU and GPU, `conv2d`
+  and its gradients in programs lowered for CPU (`on_cpu`, in the forward and in the
+  backward pass)."""
+  return on_cpu(_formulation(conv2d, strides, padding, groups),
+                _formulation(xla_conv, strides, padding, groups), x, kernel)
+
+
+def _formulation(convolution, strides, padding, groups):
+  return lambda x, kernel: convolution(x, kernel, strides, padding, groups)
+
+
+def _conv_forward(x, kernel, strides, padding, groups):
+  """With symbolic zeros: an input that takes no gradient (the stem's image) gets no
+  input gradient, as autodiff would skip it; the residuals' structure says which."""
+  y = conv(x.value, kernel.value, strides, padding, groups)
+  return y, (x.value, kernel.value) + ((None,) if x.perturbed else ())
+
+
+def _conv_backward(strides, padding, groups, residuals, dy):
+  x, kernel, *input_gradient = residuals
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None
+
+  def gradients(convolution):
+    formulation = _formulation(convolution, strides, padding, groups)
+    if input_gradient:
+      return lambda x, kernel, dy: jax.vjp(formulation, x, kernel)[1](dy)
+    return lambda x, kernel, dy: (
+        jax.vjp(lambda kernel: formulation(x, kernel), kernel)[1](dy)[0],)
+  grads = on_cpu(gradients(conv2d), gradients(xla_conv), x, kernel, dy)
+  return tuple(grads) if input_gradient else (None, grads[0])
+
+
+conv.defvjp(_conv_forward, _conv_backward, symbolic_zeros=True)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: Padding,

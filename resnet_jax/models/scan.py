@@ -71,6 +71,19 @@ def _map_stage_holders(tree: Any, fn) -> Any:
   return jax.tree.map(visit, tree, is_leaf=_has_stages)
 
 
+def holds_scanned(tree: Any) -> bool:
+  """Whether any variable-shaped subtree of `tree`, wherever it sits (a train state, a
+  checkpoint's metadata tree, {'ema': variables}), is in the scanned layout."""
+  found = []
+
+  def visit(node):
+    if _has_stages(node):
+      found.append(is_scanned(node))
+    return node
+  jax.tree.map(visit, tree, is_leaf=_has_stages)
+  return any(found)
+
+
 def scan_tree(tree: Any) -> Any:
   """`scan_variables` for any tree of variable-shaped subtrees (a whole train state)."""
   return _map_stage_holders(tree, _stack_stage)

@@ -80,24 +80,30 @@ def read_state(directory: str, step: int, target_tree: Any = None, partial: bool
   (CheckpointManager.restore has one), so a process that fails to read does not leave the
   others waiting.
 
-  `target_tree` (arrays or ShapeDtypeStructs with shardings) says the layout; `partial`
-  reads only the keys it has (orbax's standard restore insists on the whole saved tree).
-  Without a target: the whole saved tree as numpy arrays on the host.
+  `target_tree` (arrays or ShapeDtypeStructs with shardings) says the layout, the
+  `scan_blocks` one included: a step saved in the other layout (before a resumed run
+  switched scan_blocks) is read as saved, then stacked or unstacked
+  (`run_dir.in_saved_layout`). `partial` reads only the keys it has (orbax's standard
+  restore insists on the whole saved tree). Without a target: the whole saved tree as
+  numpy arrays on the host.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = _item(directory, step, STATE_ITEM)
   try:
+    saved = saved_state_tree(directory, step)
     if target_tree is None:
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                  saved_state_tree(directory, step))
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
       return ocp.PyTreeCheckpointHandler().restore(
           path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    target_tree, to_target_layout = run_dir.in_saved_layout(saved, target_tree)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
     if partial:
-      return ocp.PyTreeCheckpointHandler().restore(path, args=ocp.args.PyTreeRestore(
-          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True))
-    return ocp.StandardCheckpointHandler().restore(path, args=ocp.args.StandardRestore(abstract))
+      return to_target_layout(ocp.PyTreeCheckpointHandler().restore(
+          path, args=ocp.args.PyTreeRestore(
+              abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True)))
+    return to_target_layout(ocp.StandardCheckpointHandler().restore(
+        path, args=ocp.args.StandardRestore(abstract)))
   except Exception:
     drop_closed_loop_reports()
     raise
@@ -348,7 +354,7 @@ def _read_variables(directory: str, step: int, target: Any, raw_weights: bool,
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           saved)
   else:
-    differences = tree_differences(saved, target)
+    differences = tree_differences(saved, run_dir.in_saved_layout(saved, target)[0])
     if differences:
       raise UserError(f'Checkpoint {step} in {directory} does not fit the model of '
                       f'model.json: {"; ".join(differences)}.')

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.resnet import EXECUTION_FIELDS
-from resnet_jax.models.scan import is_scanned, scan_tree, unscan_tree
+from resnet_jax.models.scan import holds_scanned, scan_tree, unscan_tree
 from resnet_jax.train import config_schema
 
 PathLike = Union[str, Path]
@@ -252,12 +252,13 @@ def check_workdir_matches(workdir: str, config, spec: dict) -> List[str]:
 
 def in_saved_layout(saved_tree: Any, target_tree: Any) -> Tuple[Any, Callable[[Any], Any]]:
   """(a target of `target_tree`'s shapes in the layout of a checkpoint's `saved_tree`, the
-  map of what that restores back to `target_tree`'s layout): a run resumed with
-  `scan_blocks` switched reads the checkpoint as saved, then stacks or unstacks it.
-  The train state is replicated (`train.parallel`), so one sharding serves every leaf."""
-  if is_scanned(saved_tree.get('params', {})) == is_scanned(target_tree['params']):
+  map of what that restores back to `target_tree`'s layout): a step saved before
+  `scan_blocks` was switched is read as saved, then stacked or unstacked. Any tree that
+  holds variables works (a train state, {'params', 'batch_stats'}, {'ema': ...}). The
+  target is replicated or on one device, so one sharding serves every leaf."""
+  if target_tree is None or holds_scanned(saved_tree) == holds_scanned(target_tree):
     return target_tree, lambda tree: tree
-  to_saved, to_target = ((unscan_tree, scan_tree) if is_scanned(target_tree['params'])
+  to_saved, to_target = ((unscan_tree, scan_tree) if holds_scanned(target_tree)
                          else (scan_tree, unscan_tree))
   sharding = getattr(jax.tree.leaves(target_tree)[0], 'sharding', None)
   shardings = jax.tree.map(lambda leaf: getattr(leaf, 'sharding', None), target_tree)
