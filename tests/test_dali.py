@@ -105,6 +105,7 @@ def test_inception_crop_windows_are_torchvisions():
   assert inception_crop(10, 1000, rng) == (493, 0, 13, 10)
 
 
+@pytest.mark.slow  # trains and resumes in-process: 30-40 s loaded
 @requires_dali
 def test_trains_an_imagenet_style_run_and_resumes_it_exactly(jpeg_folder, tmp_path):
   """train.py's loop on the DALI pipeline (CPU decoding): 4 steps in one go equal 2 + 2."""

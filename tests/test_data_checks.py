@@ -100,6 +100,7 @@ def test_the_20000_pixel_square_png_is_refused_at_the_default_limit(tmp_path):
     FolderSource(str(tmp_path)).check_files(('train', 'test'))
 
 
+@pytest.mark.slow  # trains in-process: ~30 s loaded
 def test_eval_failure_after_training_keeps_that_steps_checkpoint(tmp_path):
   """A truncated JPEG passes the header check and fails only when the evaluation decodes
   it; the step evaluated is saved first, so a rerun does not train it again."""

@@ -92,7 +92,7 @@ def _timm_train_logits(reference, x):
   return reference.train()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
 
 
-@pytest.mark.parametrize('scan_blocks', [False, True])
+@pytest.mark.parametrize('scan_blocks', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_linen_resnet_trains_like_timms_with_the_same_masks(shared_masks, timm_resnet18,
                                                             scan_blocks):
   reference, variables = timm_resnet18
@@ -155,6 +155,7 @@ def test_drop_path_rate_is_neutral_for_converted_checkpoints(timm_resnet18):
   assert set(state_dict) == set(timm_resnet18[0].state_dict())
 
 
+@pytest.mark.slow  # compiles two train steps: ~1 min on a loaded 2-core machine
 def test_train_step_masks_are_a_function_of_seed_and_step():
   import functools  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top

@@ -83,6 +83,7 @@ def test_decay_adjustment_is_torchvisions():
   assert ema.adjusted_decay(0.9, 1024, 32, 1) == 0.0  # alpha capped at 1
 
 
+@pytest.mark.slow  # trains in-process: ~30 s loaded
 def test_a_run_reports_and_keeps_the_ema(tmp_path):
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
