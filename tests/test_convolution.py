@@ -150,3 +150,45 @@ def test_conv_init_is_kaiming_fan_out():
                                                        jnp.zeros((1, 4, 4, 64)))
   std = float(jnp.std(variables['params']['kernel']))
   assert abs(std - (2.0 / (256 * 9)) ** 0.5) < 0.002
+
+
+@pytest.mark.parametrize('kernel_size, padding, size', [
+    (7, 3, (16, 16)), (7, 3, (17, 15)), (7, 3, (9, 10)),  # the stem, even and odd sizes
+    (7, 0, (13, 12)), (5, 1, (11, 14)), (5, 2, (7, 8))])  # other paddings, kernels
+def test_space_to_depth_conv_matches_torch(kernel_size, padding, size):
+  """The TPU stem's formulation: the same convolution, values and both gradients."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, *size, 3)).astype(np.float32)
+  kernel = rng.normal(size=(kernel_size, kernel_size, 3, 8)).astype(np.float32)
+  pad = ((padding,) * 2,) * 2
+  y, vjp = jax.vjp(lambda x, kernel: convolution.space_to_depth_conv(x, kernel, pad),
+                   x, kernel)
+  cotangent = rng.normal(size=y.shape).astype(np.float32)
+  dx, dkernel = vjp(cotangent)
+
+  x_t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  k_t = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+  y_t = torch.nn.functional.conv2d(x_t, k_t, stride=2, padding=padding)
+  y_t.backward(torch.tensor(cotangent.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(y, y_t.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, x_t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dkernel, k_t.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _stem_kernels(platform):
+  """The stem's convolution kernel (64 outputs; 3 input channels plain, 12 in the
+  space-to-depth form) in a small ResNet's forward lowered for `platform`, as 'HxWxI'."""
+  model = ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), num_classes=3)
+  x = jnp.zeros((2, 33, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))
+  program = jax.jit(model.apply).trace(variables, x).lower(
+      lowering_platforms=(platform,)).as_text()
+  kernels = re.findall(r"stablehlo\.convolution.*\(tensor<[^>]*>, tensor<(\d+x\d+x\d+)x64x",
+                       program)
+  return [k for k in kernels if k.endswith(('x3', 'x12'))]
+
+
+def test_tpu_programs_run_the_stem_as_space_to_depth():
+  assert _stem_kernels('tpu') == ['4x4x12']
+  assert _stem_kernels('cuda') == ['7x7x3'] and _stem_kernels('cpu') == ['7x7x3']
