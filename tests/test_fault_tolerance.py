@@ -147,6 +147,7 @@ def test_sigterm_saves_the_step_it_arrived_at_and_exits(tmp_path, config_file, l
   assert_metrics_match(str(workdir), long_reference)
 
 
+@pytest.mark.slow  # trains and resumes in-process: ~30 s loaded
 def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkeypatch,
                                                                   six_step_reference):
   """Ctrl-C at step 3 (logs every 2) saves step 3; the resumed run logs step 4's average
@@ -166,6 +167,7 @@ def test_ctrl_c_between_log_steps_resumes_with_the_same_metrics(tmp_path, monkey
 
 # --- bad checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.slow  # resumes in-process from a damaged step: ~25 s loaded
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, six_step_reference,
                                                           capsys):
   workdir = str(tmp_path)
