@@ -273,7 +273,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(model.apply(variables, x), reference, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize('name', ['cifar_resnet20', 'resnet18', 'resnet50d'])
+@pytest.mark.parametrize('name', quick_sample(['cifar_resnet20', 'resnet18', 'resnet50d'], {'resnet18'}))
 def test_scan_matches_unrolled(name):
   model, variables, x = _init(name, 32 if name.startswith('cifar') else 64, batch=4)
   scanned_model = resnet_jax.create_model(name, scan_blocks=True)
@@ -292,7 +292,8 @@ def test_scan_matches_unrolled(name):
 
 
 @pytest.mark.parametrize('overrides', [dict(remat=True),
-                                       dict(remat=True, bn_fused_gradient=True)])
+                                       pytest.param(dict(remat=True, bn_fused_gradient=True),
+                                                    marks=pytest.mark.slow)])
 def test_remat_gives_the_same_gradients(overrides):
   model, variables, x = _init('cifar_resnet20', 16, batch=4)
 
@@ -311,9 +312,9 @@ def test_remat_gives_the_same_gradients(overrides):
 @pytest.mark.parametrize('name, overrides', [
     ('resnet18', dict(stage_sizes=(1, 1))),
     ('resnet50', dict(stage_sizes=(2, 1), dtype=jnp.bfloat16)),
-    ('resnet50', dict(stage_sizes=(1, 3), scan_blocks=True)),
-    ('resnet50d', dict(stage_sizes=(1, 1), remat=True)),
-    ('seresnext26t_32x4d', dict(stage_sizes=(1, 1))),
+    pytest.param('resnet50', dict(stage_sizes=(1, 3), scan_blocks=True), marks=pytest.mark.slow),
+    pytest.param('resnet50d', dict(stage_sizes=(1, 1), remat=True), marks=pytest.mark.slow),
+    pytest.param('seresnext26t_32x4d', dict(stage_sizes=(1, 1)), marks=pytest.mark.slow),
     ('ecaresnet26t', dict(stage_sizes=(1, 2), scan_blocks=True))])
 def test_elementwise_remat_gives_the_same_gradients_and_statistics(name, overrides):
   model, variables, x = _init(name, 32, batch=4, num_classes=5, **overrides)
@@ -447,7 +448,8 @@ JIT_NAMES = [name for name in PARAM_COUNTS if name not in resnet_jax.models.zoo.
              or name in ('resnet10t', 'resnet50d', 'seresnext26t_32x4d')]
 
 
-@pytest.mark.parametrize('name', sorted(JIT_NAMES))
+@pytest.mark.parametrize('name', quick_sample(sorted(JIT_NAMES), {
+    'resnet18', 'resnet50d', 'seresnext26t_32x4d', 'cifar_resnet20', 'cifar_plain20'}))
 def test_every_model_jits(name):
   """init and the train-mode forward trace, lower and compile (executed in other tests)."""
   # Scanning keeps compile time small; test_scan_matches_unrolled covers the unrolled path.

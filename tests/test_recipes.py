@@ -21,6 +21,7 @@ AUGMENTATIONS = {'auto_augment': 'ta_wide', 'random_erase': 0.5}
 EVERYTHING.update({k: v for k, v in AUGMENTATIONS.items() if k in KEYS})
 
 
+@pytest.mark.slow  # trains and resumes with every recipe feature: ~35 s
 def test_interrupted_run_with_every_recipe_feature_resumes_bit_identically(tmp_path,
                                                                            monkeypatch):
   reference = str(tmp_path / 'reference')

@@ -57,7 +57,8 @@ def _assert_continues(workdir, reference):
 
 
 @pytest.mark.parametrize('before, after', [({}, {'scan_blocks': True, 'remat': True}),
-                                           ({'scan_blocks': True}, {})])
+                                           pytest.param({'scan_blocks': True}, {},
+                                                        marks=pytest.mark.slow)])
 def test_resume_with_execution_settings_changed_continues_the_run(uninterrupted, tmp_path,
                                                                   capsys, before, after):
   workdir = str(tmp_path)
