@@ -71,6 +71,24 @@ def test_readme_test_command_is_what_ci_runs():
     assert line in ci, f'README test command line not run by .ci/run: {line}'
 
 
+def _collected(*flags):
+  """(selected, collected) by `pytest --collect-only FLAGS tests` run as a user would."""
+  output = subprocess.run(
+      [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider',
+       *flags, 'tests'], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  counts = re.search(r'^(\d+)(?:/(\d+))? tests collected', output, re.MULTILINE)
+  return int(counts[1]), int(counts[2] or counts[1])
+
+
+@pytest.mark.slow
+def test_readme_quick_tier_command_leaves_out_the_slow_tests():
+  """The README's quick-tier command, collected: the tests not marked slow, fewer than
+  the full suite's, which are all the tests there are."""
+  assert '`python -m pytest -m "not slow" -q -n 2`' in (ROOT / 'README.md').read_text()
+  quick, everything = _collected('-m', 'not slow')
+  assert 0 < quick < everything == _collected()[0]
+
+
 def _export_for_the_serving_example(directory):
   """What the README's export command leaves for its serving example: resnet50.jaxexport
   (of a small model at the same 224x224 input, to keep the test fast)."""
