@@ -132,14 +132,14 @@ class Pipeline:
     """Endless stream of training batches, starting after `start_step` batches."""
     split = self.config.train_split
     if self.in_memory:
-      yield from self._readable(split, lambda: self._in_memory_stream(start_step))
+      yield from self.readable(split, lambda: self._in_memory_stream(start_step))
       return
     window, skip = divmod(start_step, self.copies * self.steps_per_epoch)
     while True:
-      yield from self._readable(split, lambda: self._streamed_epochs(window, skip))
+      yield from self.readable(split, lambda: self._streamed_epochs(window, skip))
       window, skip = window + self.epochs_per_dataset, 0
 
-  def _readable(self, split: str, make_dataset):
+  def readable(self, split: str, make_dataset):
     """The dataset's numpy batches; a file that fails to decode becomes a UserError naming
     the files to fix instead of a TensorFlow stack trace."""
     try:
@@ -257,4 +257,4 @@ class Pipeline:
         'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * batch)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return num_batches, lambda: self._readable(split, lambda: ds)
+    return num_batches, lambda: self.readable(split, lambda: ds)

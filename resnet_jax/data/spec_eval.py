@@ -61,4 +61,4 @@ class SpecEvalPipeline:
         'mask': tf.constant(0.0)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * batch)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return num_batches, lambda: self.pipeline._readable(split, lambda: ds)  # pylint: disable=protected-access
+    return num_batches, lambda: self.pipeline.readable(split, lambda: ds)
