@@ -74,14 +74,8 @@ def _map_stage_holders(tree: Any, fn) -> Any:
 def holds_scanned(tree: Any) -> bool:
   """Whether any variable-shaped subtree of `tree`, wherever it sits (a train state, a
   checkpoint's metadata tree, {'ema': variables}), is in the scanned layout."""
-  found = []
-
-  def visit(node):
-    if _has_stages(node):
-      found.append(is_scanned(node))
-    return node
-  jax.tree.map(visit, tree, is_leaf=_has_stages)
-  return any(found)
+  return any(is_scanned(node) for node in jax.tree.leaves(tree, is_leaf=_has_stages)
+             if _has_stages(node))
 
 
 def scan_tree(tree: Any) -> Any:

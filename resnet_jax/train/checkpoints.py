@@ -230,9 +230,10 @@ def _read_here(manager, step, target_tree, workdir, config):
   except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
     return None, e
   retired = retired_keys(saved, target_tree)
-  target_tree, to_run_layout = in_saved_layout(saved, target_tree)  # scan_blocks switched
+  # Compared in the saved layout: read_step stacks or unstacks a step saved before
+  # scan_blocks was switched.
   differences = tree_differences({k: v for k, v in saved.items() if k not in retired},
-                                 target_tree)
+                                 in_saved_layout(saved, target_tree)[0])
   if differences:
     raise _mismatch_error(workdir, step, differences, config)
   try:
@@ -241,7 +242,7 @@ def _read_here(manager, step, target_tree, workdir, config):
     return None, e
   if config is not None:
     _check_recorded_settings(workdir, step, data, config)
-  return (to_run_layout(state), data), None
+  return (state, data), None
 
 
 def _check_recorded_settings(workdir: str, step: int, data: dict, config):
