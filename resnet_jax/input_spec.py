@@ -42,6 +42,12 @@ def imagenet_class_names() -> List[str]:
   return CLASS_NAME_FILES['imagenet-1k'].read_text().splitlines()
 
 
+def assumed_class_names(num_classes: int) -> Optional[str]:
+  """The class names a model with no record of its classes is taken to have:
+  ImageNet-1k's for 1000 classes (as predict always assumed), none otherwise."""
+  return 'imagenet-1k' if num_classes == 1000 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
   """The evaluation transform of a checkpoint: resize, center crop, normalize."""
@@ -182,8 +188,7 @@ def of_config(config: Mapping[str, Any], class_names: Optional[str] = None) -> I
 
 def of_run(config: Mapping[str, Any], num_classes: int) -> InputSpec:
   """A training run's spec: its recipe's eval transform and its train-time recipe."""
-  names = 'imagenet-1k' if num_classes == 1000 else None  # as predict always assumed
-  spec = of_config(config, names)
+  spec = of_config(config, assumed_class_names(num_classes))
   train = {k: config[k] for k in TRAIN_RECIPE_KEYS if k in config}
   return dataclasses.replace(spec, train=_plain(train))
 
@@ -201,6 +206,11 @@ def _plain(value):
 
 # A converted checkpoint without a spec (torchvision/timm weights converted before specs).
 CONVERTED_DEFAULT = of_recipe('imagenet', IMAGENET_CROP, 'imagenet-1k')
+
+
+def converted_default(num_classes: int) -> InputSpec:
+  """The spec of converted weights with no name: torchvision's ImageNet transform."""
+  return dataclasses.replace(CONVERTED_DEFAULT, class_names=assumed_class_names(num_classes))
 
 
 def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 3) -> InputSpec:
@@ -222,11 +232,10 @@ def of_checkpoint(checkpoint: Path, num_classes: int = 1000, in_channels: int = 
       raise UserError(f'Cannot read the run settings of the workdir {checkpoint} (its '
                       f'{run_dir.CONFIG_JSON}); the input transform comes from its '
                       f'preprocess and image_size.')
-    return of_config(config, 'imagenet-1k' if num_classes == 1000 else None)
+    return of_config(config, assumed_class_names(num_classes))
   if in_channels != 3:
     raise UserError(f'{checkpoint} holds a {in_channels}-channel model but no record of how '
                     f'its images were preprocessed (a training workdir keeps one in its '
                     f'{run_dir.INPUT_SPEC_JSON}); the default ImageNet transform fits '
                     f'3-channel models only.')
-  return dataclasses.replace(CONVERTED_DEFAULT,
-                             class_names='imagenet-1k' if num_classes == 1000 else None)
+  return converted_default(num_classes)

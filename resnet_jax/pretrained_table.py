@@ -68,10 +68,10 @@ def _timm_top1(name: str, row: Dict[str, Any], results: TimmResults,
 
 def _class_names(categories, num_classes: int):
   """'imagenet-1k' when the weights' classes are ImageNet-1k's (the file we ship)."""
-  from resnet_jax.input_spec import imagenet_class_names
+  from resnet_jax.input_spec import assumed_class_names, imagenet_class_names
   if categories is not None:
     return 'imagenet-1k' if list(categories) == imagenet_class_names() else None
-  return 'imagenet-1k' if num_classes == 1000 else None
+  return assumed_class_names(num_classes)
 
 
 def torchvision_rows() -> Dict[str, Dict[str, Any]]:

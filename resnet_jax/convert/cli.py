@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from resnet_jax import input_spec
 from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.convert.conversion import flax_to_torch, torch_to_flax
@@ -104,16 +105,6 @@ def _check_named_classes(name: Optional[str], num_classes: int) -> None:
                     f'{expected} classes: these are not its weights.')
 
 
-def _default_input_spec(num_classes: int) -> dict:
-  """What a converted checkpoint is read with without a name: torchvision's ImageNet
-  transform, with ImageNet-1k's class names for 1000 classes (as input_spec.of_checkpoint
-  assumes for checkpoints without an input_spec.json)."""
-  import dataclasses
-  from resnet_jax import input_spec
-  names = 'imagenet-1k' if num_classes == 1000 else None
-  return dataclasses.replace(input_spec.CONVERTED_DEFAULT, class_names=names).to_json()
-
-
 def _read_and_convert(args, to_flax: bool, progress):
   """(arch, create_model overrides, torch state_dict, Flax variables, a function writing
   the output to a path)."""
@@ -127,7 +118,7 @@ def _read_and_convert(args, to_flax: bool, progress):
     config = {'name': arch, 'num_classes': num_classes_of(
         {k: tuple(v.shape) for k, v in state_dict.items()})}
     _check_named_classes(args.pretrained_name, config['num_classes'])
-    spec = spec or _default_input_spec(config['num_classes'])
+    spec = spec or input_spec.converted_default(config['num_classes']).to_json()
     write = lambda path: checkpoint_format.save_converted(variables, config, path, spec)
     return arch, {}, state_dict, variables, write
   model_config = run_dir.read_model_config(args.input)
