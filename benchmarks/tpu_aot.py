@@ -17,7 +17,7 @@ bfloat16 images as its input pipeline makes them. The example pmaps its step; he
 steps are jitted over the same mesh with the state replicated, the batch sharded and the
 state donated.
 
-The estimated time is libtpu's cost model (`plan.op_cycles`: the sum of the compiled
+The estimated time is libtpu's cost model (`step_cost.op_cycles`: the sum of the compiled
 program's "estimated_cycles" over the chip's clock), not a measurement; "time / Flax"
 divides it by the Flax step's. `--by-op` also prints where each step's cycles go, the
 ops grouped by the jax operation they come from.
@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from resnet_jax import plan  # noqa: E402  (sets libtpu's environment before jax loads)
+from resnet_jax.train import step_cost  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -125,7 +126,7 @@ def flax_schedule(base_lr=0.4, warmup_steps=5 * 1251, total_steps=90 * 1251):
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
-def plan_flax(stage_sizes, devices, per_device: int, image_size: int) -> 'plan.StepPlan':
+def plan_flax(stage_sizes, devices, per_device: int, image_size: int) -> 'step_cost.StepPlan':
   mesh = parallel.create_mesh(devices)
   model = FlaxResNet(stage_sizes)
   lr = flax_schedule()
@@ -145,12 +146,12 @@ def plan_flax(stage_sizes, devices, per_device: int, image_size: int) -> 'plan.S
   step = jax.jit(functools.partial(flax_train_step, learning_rate_fn=lr),
                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                  donate_argnums=0)
-  return plan.compile_step('train', step, (state, batch), per_device,
+  return step_cost.compile_step('train', step, (state, batch), per_device,
                            per_device * (np.prod(image) * 2 + 4))
 
 
 def plan_ours(name: str, stage_sizes, devices, per_device: int, image_size: int,
-              **overrides) -> 'plan.StepPlan':
+              **overrides) -> 'step_cost.StepPlan':
   config = imagenet_resnet50.get_config()
   config.model = name
   config.model_overrides = ml_collections.ConfigDict(
@@ -193,7 +194,7 @@ def largest_batch(points, capacity) -> str:
 
 def time_columns(step, devices, flax_cycles) -> str:
   """Estimated M cycles, ms per step, images/s per chip and time / Flax's, as columns."""
-  seconds = plan.estimated_seconds(step.cycles, devices[0].device_kind)
+  seconds = step_cost.estimated_seconds(step.cycles, devices[0].device_kind)
   if seconds is None:
     return '- | - | - | - |'
   per_chip = step.batch_per_device / seconds * len(devices) / plan._chips(devices)

@@ -27,11 +27,19 @@ import importlib.util  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
+from typing import List, NamedTuple, Optional, Sequence, Tuple  # noqa: E402
+
+import jax  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 
 from resnet_jax.errors import UserError  # noqa: E402
-
-GiB = 2**30
+from resnet_jax.models.resnet import MEMORY_SAVING  # noqa: E402
+from resnet_jax.train import config_schema, parallel  # noqa: E402
+from resnet_jax.train.build import build_run  # noqa: E402
+from resnet_jax.train.memory_saving import (SAFETY_MARGIN, choose_memory_saving,  # noqa: E402
+                                            memory_saving_of, with_overrides)
+from resnet_jax.train.step_cost import (BATCHES_AHEAD, CLOCK_HZ, GiB, StepPlan,  # noqa: E402
+                                        compile_run_step, estimated_seconds, size_text)
 
 # HBM per chip, from Google's Cloud TPU system architecture pages (checked 2026-12-03):
 # v4 32 GiB (cloud.google.com/tpu/docs/v4), v5e 16 GB (cloud.google.com/tpu/docs/v5e),
@@ -41,27 +49,6 @@ GiB = 2**30
 HBM_PER_CHIP = {'TPU v4': 32 * GiB, 'TPU v5 lite': 16 * 10**9, 'TPU v5': 95 * 10**9,
                 'TPU v6 lite': 32 * 10**9}
 
-# Clock of each generation, to turn libtpu's estimated cycles into seconds: peak bf16
-# FLOP/s per chip (the same pages as HBM_PER_CHIP) over the FLOPs its matrix units do per
-# clock (2 per cell of each MXU per cycle). v4: 275 TFLOP/s, 2 TensorCores of 4 MXUs of
-# 128x128 -> 275e12 / (8 * 128**2 * 2) = 1.05 GHz. v5e: 197 TFLOP/s, 4 MXUs of 128x128 ->
-# 1.50 GHz. v5p: 459 TFLOP/s, 2 TensorCores of 4 MXUs of 128x128 -> 1.75 GHz. v6e:
-# 918 TFLOP/s; its page names two 256x256 MXUs, which would need 3.5 GHz, but libtpu's
-# own model runs a 4096^3 bf16 matmul at 455k FLOPs per cycle (v5e: 127k of 131k), more
-# than two such MXUs could (262k): four, 524,288 FLOPs per cycle -> 1.75 GHz. Each
-# generation's figure was checked that way (2026-12-06: v4 117k of 131k per TensorCore,
-# the device jax sees there; v5p 252k of 262k); libtpu's cycles are a device's.
-CLOCK_HZ = {'TPU v4': 1.05e9, 'TPU v5 lite': 1.5e9, 'TPU v5': 1.75e9, 'TPU v6 lite': 1.75e9}
-
-# The share of HBM a plan leaves free: XLA's figures are exact for the program, but the
-# TPU runtime keeps part of HBM for itself (libtpu offers 15.75 GiB of a v5e's 16 GiB to
-# programs) and saving a checkpoint or evaluating next to a donated state may need more.
-SAFETY_MARGIN = 0.10
-
-# train.py copies this many batches to the devices ahead of the step that takes them
-# (parallel.device_batches); they sit next to the step's own buffers.
-BATCHES_AHEAD = 2
-
 TOPOLOGY_FORMS = ('v4:AxBxC (e.g. v4:2x2x2), v5e:AxB (e.g. v5e:2x2, v5e:4x4), v5p:AxBxC '
                   '(e.g. v5p:2x2x1), v6e:AxB (e.g. v6e:2x2)')
 
@@ -70,37 +57,6 @@ TOPOLOGY_FORMS = ('v4:AxBxC (e.g. v4:2x2x2), v5e:AxB (e.g. v5e:2x2, v5e:4x4), v5
 KNOWN_DATASETS = {'imagenet2012': (1000, 3), 'imagenette': (10, 3), 'cifar10': (10, 3),
                   'cifar100': (100, 3), 'digits': (10, 1), 'mnist': (10, 1),
                   'fashion_mnist': (10, 1)}
-
-
-class StepPlan(NamedTuple):
-  """One compiled step: its figures per device, or the compiler's out-of-memory message."""
-  name: str
-  batch_per_device: int
-  trace_s: float
-  compile_s: float
-  memory: Optional[object]  # jax's CompiledMemoryStats; None when it did not compile
-  flops: Optional[float]
-  input_bytes: int  # one batch's share of a device (images + labels)
-  error: str = ''
-  bytes_accessed: Optional[float] = None  # XLA's estimate of the step's memory traffic
-  cycles: Optional[int] = None  # libtpu's estimate of the step's cycles (`program_cycles`)
-  cycles_note: str = ''  # what that estimate leaves out, if anything
-  ops: Sequence['OpCycles'] = ()  # the ops that estimate sums
-
-  @property
-  def total_bytes(self) -> Optional[int]:
-    """HBM per device: arguments + outputs - donated (aliased) + temporaries + code +
-    the batches train.py holds ahead."""
-    m = self.memory
-    if m is None:
-      return None
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes + m.generated_code_size_in_bytes
-            + BATCHES_AHEAD * self.input_bytes)
-
-  def fits(self, usable: float) -> bool:
-    """Whether the step compiled and its `total_bytes` stay within `usable` bytes."""
-    return self.total_bytes is not None and self.total_bytes <= usable
 
 
 class RunPlan(NamedTuple):
@@ -131,8 +87,6 @@ def topology_devices(name: str) -> list:
                     "this jax).")
   for key, value in _LIBTPU_ENV.items():
     os.environ.setdefault(key, value)
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')  # never take a real TPU from a running job
   if not re.fullmatch(r'v(4|5e|5p|6e):\d+(x\d+){1,2}', name or ''):
     raise UserError(f'Unknown topology {name!r}: use one of {TOPOLOGY_FORMS}.')
@@ -151,199 +105,11 @@ def classes_and_channels(config):
   return config.num_classes, config.in_channels, 'config.num_classes, config.in_channels'
 
 
-def compile_step(name: str, fn, args, batch_per_device: int, input_bytes: int) -> StepPlan:
-  """Lowers and compiles `fn(*args)`; an out-of-HBM compile is a plan that does not fit."""
-  import jax  # pylint: disable=g-import-not-at-top
-  start = time.perf_counter()
-  lowered = fn.lower(*args)
-  traced = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
-    return StepPlan(name, batch_per_device, traced - start, time.perf_counter() - traced,
-                    None, None, input_bytes, str(e).split('\n')[0])
-  done = time.perf_counter()
-  cost = compiled.cost_analysis() or {}  # keys missing where XLA does not say
-  ops, note = op_cycles(compiled.as_text())
-  return StepPlan(name, batch_per_device, traced - start, done - traced,
-                  compiled.memory_analysis(), cost.get('flops'), input_bytes,
-                  bytes_accessed=cost.get('bytes accessed'),
-                  cycles=sum(op.cycles * op.count for op in ops) if ops else None,
-                  cycles_note=note, ops=ops)
-
-
-# --- libtpu's estimate of a program's time --------------------------------------------------
-
-class OpCycles(NamedTuple):
-  """One op of a compiled program with libtpu's estimate of its cycles."""
-  name: str  # the HLO instruction, e.g. 'convolution_add_fusion.3'
-  opcode: str  # 'fusion', 'copy', 'all-reduce', ...
-  op_name: str  # the jax op it came from (its metadata), e.g. 'jit(step)/.../reduce_sum'
-  cycles: int  # per execution
-  count: int  # executions per run of the program (loop trip counts multiplied)
-
-
-# Ops that do no work of their own (or, for async copies, overlap the ones that do) and
-# carry no estimate; any other op without one is named in `op_cycles`' note.
-_FREE_OPS = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all',
-             'partition-id', 'replica-id', 'opt-barrier', 'copy-start', 'copy-done', 'while',
-             'call', 'conditional', 'add-dependency'}
-_COMPUTATION = re.compile(r'^(ENTRY )?%?([^\s(]+) \(.*\{$')
-_INSTRUCTION = re.compile(r'^\s+(?:ROOT )?%?([^\s=]+) = (.*)$')
-
-
-def op_cycles(hlo_text: str) -> Tuple[List[OpCycles], str]:
-  """libtpu's cost-model estimate of each op a compiled TPU program runs, and a note.
-
-  `hlo_text` is `compiled.as_text()` of a program compiled for a TPU. libtpu writes its
-  estimate of each top-level op's time into the op's backend config
-  (`"estimated_cycles":"N"`); a fusion's estimate covers the ops fused into it, so fused
-  computations are not entered. From the entry computation, the bodies of `while` loops
-  count `known_trip_count` times (once, and said so in the note, when the loop carries
-  none), `call`s once and a `conditional` by its costliest branch. Returns ([] and a note)
-  for a program without estimates (not compiled for a TPU). The note also names the ops
-  that carry no estimate (counted as 0 cycles) beyond those that do no work
-  (`_FREE_OPS`, scalar ops).
-  """
-  computations, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      current = computations.setdefault(header.group(2), [])
-      entry = header.group(2) if header.group(1) else entry
-    elif line.startswith('}'):
-      current = None
-    elif current is not None and _INSTRUCTION.match(line):
-      current.append(_INSTRUCTION.match(line).groups())
-  if entry is None or '"estimated_cycles"' not in hlo_text:
-    return [], 'no estimated_cycles in the program (not compiled for a TPU)'
-  unestimated, unknown_loops = {}, []
-
-  def walk(computation: str, count: int, ops: list) -> int:
-    """Appends the ops of `computation`, run `count` times, to `ops`; returns cycles."""
-    total = 0
-    for name, rest in computations.get(computation, []):
-      opcode = _opcode(rest)
-      cycles = re.search(r'"estimated_cycles":"(\d+)"', rest)
-      if cycles:
-        ops.append(OpCycles(name, opcode, _attribute(rest, r'op_name="([^"]*)"'),
-                            int(cycles.group(1)), count))
-        total += int(cycles.group(1)) * count
-      elif opcode not in _FREE_OPS and not re.match(r'\w+\[\]', rest):  # scalars: no work
-        unestimated[opcode] = unestimated.get(opcode, 0) + count
-      if opcode == 'while':
-        trips = _trip_count(rest, computation, computations)
-        if trips is None:
-          unknown_loops.append(name)
-          trips = 1
-        total += walk(_attribute(rest, r'condition=%?([^\s,]+)'), count * (trips + 1), ops)
-        total += walk(_attribute(rest, r'body=%?([^\s,]+)'), count * trips, ops)
-      elif opcode == 'call':
-        total += walk(_attribute(rest, r'to_apply=%?([^\s,]+)'), count, ops)
-      elif opcode == 'conditional':  # the costliest branch
-        best, best_ops = 0, []
-        for branch in _branches(rest):
-          branch_ops = []
-          cycles = walk(branch, count, branch_ops)
-          if cycles >= best:
-            best, best_ops = cycles, branch_ops
-        ops += best_ops
-        total += best
-    return total
-
-  ops = []
-  walk(entry, 1, ops)
-  notes = []
-  if unknown_loops:
-    notes.append(f'loops of unknown trip count counted once: {", ".join(unknown_loops)}')
-  if unestimated:
-    notes.append('ops without an estimate, counted as 0: ' + ', '.join(
-        f'{opcode} x{n}' for opcode, n in sorted(unestimated.items())))
-  return ops, '; '.join(notes)
-
-
-def _trip_count(rest: str, computation: str, computations: dict) -> Optional[int]:
-  """A while loop's trip count: its `known_trip_count`, else N - C for the loops jax's
-  scans and fori_loops make, whose condition is `counter < constant(N)` and whose
-  counter starts at a constant C; None when neither is found."""
-  known = _attribute(rest, r'"known_trip_count":\{"n":"(\d+)"')
-  if known:
-    return int(known)
-  condition = dict(computations.get(_attribute(rest, r'condition=%?([^\s,]+)'), []))
-  compare = [r for r in condition.values() if _opcode(r) == 'compare' and 'direction=LT' in r]
-  if len(compare) != 1:
-    return None
-  counter, limit = _operands(compare[0])
-  index = _attribute(condition.get(counter, ''), r'index=(\d+)')
-  limit = _constant(condition.get(limit, ''))
-  around = dict(computations[computation])
-  init = _operands(around.get(_operands(rest)[0], ''))
-  if limit is None or not index or int(index) >= len(init):
-    return None
-  start = _constant(around.get(init[int(index)], ''), around)
-  return None if start is None else limit - start
-
-
-def _operands(rest: str) -> List[str]:
-  """The operand names of an instruction's right-hand side."""
-  call = _after_shape(rest)
-  return re.findall(r'%([^\s,()]+)', call[call.find('('):call.find(')')])
-
-
-def _constant(rest: str, instructions: Optional[dict] = None) -> Optional[int]:
-  """The integer a `constant` holds, looking through `copy`s within `instructions`."""
-  while instructions is not None and _opcode(rest) == 'copy':
-    rest = instructions.get(_operands(rest)[0], '')
-  value = _attribute(rest, r'\bconstant\((-?\d+)\)')
-  return int(value) if _opcode(rest) == 'constant' and value else None
-
-
-def _branches(rest: str) -> List[str]:
-  """The branch computations of a conditional instruction."""
-  listed = _attribute(rest, r'branch_computations=\{([^}]*)\}')
-  if listed:
-    return [name.strip().lstrip('%') for name in listed.split(',')]
-  return re.findall(r'(?:true|false)_computation=%?([^\s,]+)', rest)
-
-
-def _opcode(rest: str) -> str:
-  """The opcode of an instruction's right-hand side, `shape opcode(operands), ...`."""
-  return _after_shape(rest).split('(', 1)[0]
-
-
-def _after_shape(rest: str) -> str:
-  """An instruction's right-hand side from its opcode on: past its shape, which is one
-  word or, for a tuple, parentheses holding spaces and more parentheses."""
-  if not rest.startswith('('):
-    return rest.split(' ', 1)[-1]
-  depth = 0
-  for i, char in enumerate(rest):
-    depth += {'(': 1, ')': -1}.get(char, 0)
-    if depth == 0:
-      return rest[i + 1:].strip()
-  return ''
-
-
-def _attribute(rest: str, pattern: str) -> str:
-  found = re.search(pattern, rest)
-  return found.group(1) if found else ''
-
-
-def estimated_seconds(cycles: Optional[int], device_kind: str) -> Optional[float]:
-  """libtpu's estimated cycles of a step as seconds on `device_kind`'s clock."""
-  clock = CLOCK_HZ.get(device_kind)
-  return cycles / clock if cycles and clock else None
-
-
 def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eval')
              ) -> RunPlan:
   """Builds the run of `config` over all `devices` as train.py would and compiles its
   steps; raises UserError for a config train.py would refuse. memory_saving='auto' is
   chosen as train.py would choose it on these devices (`choose_memory_saving`)."""
-  from resnet_jax.train import config_schema, parallel  # pylint: disable=g-import-not-at-top
-  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
   config_schema.check_config(config, len(devices))
   mesh = parallel.create_mesh(devices)
   num_classes, channels, classes_from = classes_and_channels(config)
@@ -358,113 +124,6 @@ def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eva
   return RunPlan(topology, devices[0].device_kind, len(devices), _chips(devices),
                  len({d.process_index for d in devices}), plan_capacity(devices),
                  classes_from, plans, ' '.join(said))
-
-
-def compile_run_step(name: str, config, parts, mesh, channels: int) -> StepPlan:
-  """The 'train' or 'eval' step of a run's `parts` (`build_run`), compiled for its state
-  and the batches of `config` over `mesh`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from resnet_jax.train.build import abstract_batch  # pylint: disable=g-import-not-at-top
-  state = jax.eval_shape(parts.init_state, jax.random.PRNGKey(config.seed))
-  batch_size = config.batch_size if name == 'train' else config.eval_batch_size
-  batch = abstract_batch(config, mesh, channels, batch_size, eval_mask=name == 'eval')
-  per_device = batch_size // mesh.devices.size
-  input_bytes = per_device * sum(x.dtype.itemsize * int(x.size) // batch_size
-                                 for x in batch.values())
-  fn = parts.train_fn if name == 'train' else parts.eval_fn
-  return compile_step(name, fn, (state, batch), per_device, input_bytes)
-
-
-# --- memory saving: the fastest setting that fits -----------------------------------------
-
-def memory_saving_of(config) -> Optional[str]:
-  """config.model_overrides.memory_saving, None when the config leaves it unset."""
-  return dict(config.model_overrides or {}).get('memory_saving')
-
-
-def with_overrides(config, **values):
-  """A copy of `config` with these config.model_overrides set (None: not overridden)."""
-  trial = config.copy_and_resolve_references()
-  with trial.unlocked():
-    for key, value in values.items():
-      trial.model_overrides[key] = value
-  return trial
-
-
-def choose_memory_saving(config, compile_train: Callable[[object], StepPlan],
-                         capacity: Optional[float], log=print
-                         ) -> Tuple[object, Optional[StepPlan]]:
-  """(config with memory_saving='auto' replaced by the setting chosen, the chosen train
-  step as `compile_train(that config)` compiled it, or None when nothing was compiled).
-
-  The choice is the first of `MEMORY_SAVING` (fastest first: 'none', 'elementwise',
-  'full') whose train step fits `capacity` bytes per device less `SAFETY_MARGIN`; when
-  none does, the one that needs least. Without a capacity (CPU devices report none) it
-  is the fastest, compiled by no one. Logs one line saying which and why. A config that
-  does not ask for 'auto' comes back as it is."""
-  from resnet_jax.models.resnet import MEMORY_SAVING, MEMORY_SAVING_AUTO  # pylint: disable=g-import-not-at-top
-  if memory_saving_of(config) != MEMORY_SAVING_AUTO:
-    return config, None
-  names = list(MEMORY_SAVING)
-  if not capacity:
-    log(f"memory_saving='auto' chose {names[0]!r}, the fastest: these devices report no "
-        f"memory limit.")
-    return with_overrides(config, memory_saving=names[0]), None
-  usable, tried = capacity * (1 - SAFETY_MARGIN), []
-  for name in names:
-    tried.append((name, compile_train(with_overrides(config, memory_saving=name))))
-    if tried[-1][1].fits(usable):
-      break
-  needs = lambda step: (_size(step.total_bytes) if step.memory  # noqa: E731
-                        else 'more than the compiler could fit')
-  name, step = tried[-1]
-  why = f'the fastest that fits: its train step needs {needs(step)} per device'
-  if not step.fits(usable):  # none fits: the one that needs least
-    name, step = min(tried, key=lambda t: t[1].total_bytes or float('inf'))
-    why = f'which needs the least, though none fits: {needs(step)} per device'
-  log(f"memory_saving='auto' chose {name!r}, {why}, of {_size(usable)} usable "
-      f"({1 - SAFETY_MARGIN:.0%} of {_size(capacity)})"
-      + ''.join(f'; {n!r} needs {needs(s)}' for n, s in tried if n != name) + '.')
-  return with_overrides(config, memory_saving=name), step
-
-
-def device_capacity(devices) -> Optional[int]:
-  """The bytes a program may use on each of this process's `devices` (the least of them),
-  as their runtime says (`memory_stats()['bytes_limit']`); None where none says (CPU)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  limits = []
-  for device in devices:
-    if device.process_index != jax.process_index():
-      continue  # only this process's devices report their memory
-    try:
-      stats = device.memory_stats() or {}
-    except Exception:  # pylint: disable=broad-except
-      stats = {}  # platforms without memory statistics
-    if stats.get('bytes_limit'):
-      limits.append(int(stats['bytes_limit']))
-  return min(limits) if limits else None
-
-
-def build_run_that_fits(config, mesh, num_classes: int, channels: int,
-                        steps_per_epoch: int, log=print):
-  """`build_run` of `config` over `mesh`, with memory_saving='auto' chosen for the
-  devices' memory (`choose_memory_saving`, `device_capacity`). The run keeps the parts
-  whose train step was compiled to choose: jit reuses that program for the loop's steps
-  (the same jitted function, shapes and shardings), so the choice costs the compiles of
-  the faster settings that did not fit, and none more."""
-  from resnet_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
-  built = {}
-
-  def compile_train(trial) -> StepPlan:
-    built[memory_saving_of(trial)] = build_run(trial, mesh, num_classes, channels,
-                                               steps_per_epoch)
-    return compile_run_step('train', trial, built[memory_saving_of(trial)], mesh, channels)
-
-  config, step = choose_memory_saving(config, compile_train,
-                                      device_capacity(list(mesh.devices.flat)), log)
-  if step is None:  # nothing compiled: not 'auto', or devices without a memory limit
-    return build_run(config, mesh, num_classes, channels, steps_per_epoch)
-  return built[memory_saving_of(config)]
 
 
 def _chips(devices) -> int:
@@ -520,7 +179,7 @@ def max_batch(config, devices: Sequence, topology: str = '', log=print,
     speed = (f', est. {step.batch_per_device / seconds * len(devices) / _chips(devices):,.0f}'
              ' images/s per chip' if seconds else '')
     log(f'  per-device batch {per_device}: '
-        + (f'{_size(step.total_bytes)}{speed}' if step.memory else 'out of HBM')
+        + (f'{size_text(step.total_bytes)}{speed}' if step.memory else 'out of HBM')
         + f', {how} -> {"fits" if step.fits(usable) else "does not fit"}')
     return step.fits(usable)
 
@@ -530,11 +189,6 @@ def max_batch(config, devices: Sequence, topology: str = '', log=print,
 
 def _gib(n) -> str:
   return f'{n / GiB:.2f}'
-
-
-def _size(n) -> str:
-  """Bytes as GiB, or MiB below 1 GiB."""
-  return f'{n / GiB:.2f} GiB' if n >= GiB else f'{n / 2**20:.2f} MiB'
 
 
 def format_report(plan: RunPlan) -> str:
@@ -554,13 +208,13 @@ def format_report(plan: RunPlan) -> str:
       lines.append(f'  does not fit: {s.error}')
       continue
     m = s.memory
-    lines += [f'  arguments      {_size(m.argument_size_in_bytes):>11}',
-              f'  outputs        {_size(m.output_size_in_bytes):>11}'
-              f'  (of which {_size(m.alias_size_in_bytes)} reuse donated arguments)',
-              f'  temporaries    {_size(m.temp_size_in_bytes):>11}',
-              f'  program code   {_size(m.generated_code_size_in_bytes):>11}',
-              f'  batches ahead  {_size(BATCHES_AHEAD * s.input_bytes):>11}',
-              f'  total          {_size(s.total_bytes):>11} of {_gib(plan.capacity)} GiB '
+    lines += [f'  arguments      {size_text(m.argument_size_in_bytes):>11}',
+              f'  outputs        {size_text(m.output_size_in_bytes):>11}'
+              f'  (of which {size_text(m.alias_size_in_bytes)} reuse donated arguments)',
+              f'  temporaries    {size_text(m.temp_size_in_bytes):>11}',
+              f'  program code   {size_text(m.generated_code_size_in_bytes):>11}',
+              f'  batches ahead  {size_text(BATCHES_AHEAD * s.input_bytes):>11}',
+              f'  total          {size_text(s.total_bytes):>11} of {_gib(plan.capacity)} GiB '
               f'({s.total_bytes / plan.capacity:.0%})',
               '  FLOPs per step per device: '
               + (f'{s.flops / 1e9:,.1f} G' if s.flops is not None else 'not reported')]
@@ -623,7 +277,7 @@ def advice(config, plan: RunPlan) -> str:
 def verdict(config, plan: RunPlan) -> str:
   if plan.fits:
     worst = max(s.total_bytes for s in plan.steps)
-    return (f'Fits: {_size(worst)} of the {_gib(plan.usable)} GiB planned per device.')
+    return (f'Fits: {size_text(worst)} of the {_gib(plan.usable)} GiB planned per device.')
   return 'Does not fit.\n' + advice(config, plan)
 
 
@@ -632,7 +286,6 @@ def compare(config, devices: Sequence, topology: str = '', log=print
   """(memory_saving, scan_blocks, its plan of the train step) of each variant of
   `config`'s run, fastest memory saving first: one compile each. A model that cannot
   scan its blocks (pruned widths) gets the unscanned rows, and the log says why."""
-  from resnet_jax.models.resnet import MEMORY_SAVING  # pylint: disable=g-import-not-at-top
   rows = []
   for scan in (False, True):
     for name in MEMORY_SAVING:
@@ -669,7 +322,7 @@ def format_comparison(rows: Sequence[Tuple[str, bool, RunPlan]]) -> str:
     step = p.steps[0]
     seconds = estimated_seconds(step.cycles, p.device_kind)
     rate = images_per_second(step, p)
-    memory = _size(step.total_bytes * per_chip) if step.memory else 'out of HBM'
+    memory = size_text(step.total_bytes * per_chip) if step.memory else 'out of HBM'
     mark = '  <- fastest that fits' if i == best else ''
     lines.append(f'{name:<14}{str(scan):<13}{memory:>11}{"yes" if p.fits else "no":>6}'
                  + (f'{seconds * 1e3:>14,.2f}{rate[0]:>17,.0f}' if seconds else

@@ -11,16 +11,16 @@ import json
 import pytest
 
 from helpers import tiny_digits_config
-from resnet_jax import plan
 from resnet_jax.errors import UserError
 from resnet_jax.models.resnet import MEMORY_SAVING
-from resnet_jax.train import config_schema, parallel, run_dir
+from resnet_jax.train import config_schema, memory_saving, parallel, run_dir
+from resnet_jax.train import step_cost
 from resnet_jax.train.build import build_run
 from resnet_jax.train.loop import train_and_evaluate
 
 
 def _auto(**overrides):
-  return plan.with_overrides(tiny_digits_config(**overrides), memory_saving='auto')
+  return memory_saving.with_overrides(tiny_digits_config(**overrides), memory_saving='auto')
 
 
 def _sizes(config) -> dict:
@@ -28,21 +28,21 @@ def _sizes(config) -> dict:
   mesh = parallel.create_mesh()
   sizes = {}
   for name in MEMORY_SAVING:
-    trial = plan.with_overrides(config, memory_saving=name)
+    trial = memory_saving.with_overrides(config, memory_saving=name)
     parts = build_run(trial, mesh, 10, 1, steps_per_epoch=10)
-    sizes[name] = plan.compile_run_step('train', trial, parts, mesh, 1).total_bytes
+    sizes[name] = step_cost.compile_run_step('train', trial, parts, mesh, 1).total_bytes
   return sizes
 
 
 def _capacity_between(fits: float, does_not: float) -> float:
   """A capacity whose usable share (less the planner's margin) lies between two sizes."""
-  return (fits + does_not) / 2 / (1 - plan.SAFETY_MARGIN)
+  return (fits + does_not) / 2 / (1 - memory_saving.SAFETY_MARGIN)
 
 
 def test_memory_saving_names_the_remat_fields():
   for name, fields in MEMORY_SAVING.items():
     spec = run_dir.model_config_of_run(
-        plan.with_overrides(tiny_digits_config(), memory_saving=name), 10, 1)
+        memory_saving.with_overrides(tiny_digits_config(), memory_saving=name), 10, 1)
     assert {k: spec[k] for k in ('remat', 'elementwise_remat')} == fields
     assert 'memory_saving' not in spec  # model.json keeps the fields, the one record
   with pytest.raises(UserError, match="memory_saving='full' sets remat itself"):
@@ -68,12 +68,12 @@ def test_auto_picks_the_fastest_that_fits():
     said, compiled = [], []
 
     def compile_train(trial):
-      compiled.append(plan.memory_saving_of(trial))
+      compiled.append(memory_saving.memory_saving_of(trial))
       parts = build_run(trial, mesh, 10, 1, steps_per_epoch=10)
-      return plan.compile_run_step('train', trial, parts, mesh, 1)
-    chosen, step = plan.choose_memory_saving(config, compile_train, capacity, said.append)
+      return step_cost.compile_run_step('train', trial, parts, mesh, 1)
+    chosen, step = memory_saving.choose_memory_saving(config, compile_train, capacity, said.append)
     assert len(said) == 1
-    return plan.memory_saving_of(chosen), step, compiled, said[0]
+    return memory_saving.memory_saving_of(chosen), step, compiled, said[0]
 
   name, step, compiled, said = choose(_capacity_between(smaller, sizes['none']))
   assert name == expected and compiled == list(MEMORY_SAVING)[:compiled.index(name) + 1]
@@ -120,7 +120,7 @@ def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
   sizes = _sizes(config)
   smaller = min(sizes['elementwise'], sizes['full'])
   expected = 'elementwise' if sizes['elementwise'] < sizes['none'] else 'full'
-  monkeypatch.setattr(plan, 'device_capacity',
+  monkeypatch.setattr(memory_saving, 'device_capacity',
                       lambda devices: _capacity_between(smaller, sizes['none']))
   workdir = str(tmp_path / 'run')
   with _train_step_compiles() as compiles:
@@ -130,7 +130,7 @@ def test_train_with_auto_uses_the_step_it_compiled_and_resumes_with_another(
   assert len(compiles) == list(MEMORY_SAVING).index(expected) + 1, compiles
   spec = json.loads((tmp_path / 'run' / 'model.json').read_text())
   assert {k: spec[k] for k in ('remat', 'elementwise_remat')} == MEMORY_SAVING[expected]
-  monkeypatch.setattr(plan, 'device_capacity', lambda devices: None)
+  monkeypatch.setattr(memory_saving, 'device_capacity', lambda devices: None)
   train_and_evaluate(_auto(num_train_steps=4, eval_every_steps=0), workdir)
   out = capsys.readouterr().out
   assert "memory_saving='auto' chose 'none'" in out and 'Resumed from' in out

@@ -19,7 +19,7 @@ from helpers import REPO, load_config, tiny_digits_config
 from resnet_jax import plan
 from resnet_jax.models.resnet import MEMORY_SAVING
 from resnet_jax.errors import UserError
-from resnet_jax.train import parallel
+from resnet_jax.train import memory_saving, parallel, step_cost
 from resnet_jax.train.build import build_run
 
 pytestmark = pytest.mark.skipif(
@@ -58,11 +58,11 @@ def test_figures_are_the_compiled_steps():
       m = step.memory
       for figure in (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
                      m.alias_size_in_bytes):
-        assert plan._size(figure) in report
+        assert step_cost.size_text(figure) in report
       assert step.total_bytes == (m.argument_size_in_bytes + m.output_size_in_bytes
                                   - m.alias_size_in_bytes + m.temp_size_in_bytes
                                   + m.generated_code_size_in_bytes + 2 * step.input_bytes)
-      assert f'{plan._size(step.total_bytes)} of 14.90 GiB' in report
+      assert f'{step_cost.size_text(step.total_bytes)} of 14.90 GiB' in report
       per_chip = step.batch_per_device / (step.cycles / 1.5e9)  # v5e's clock
       assert (f'{step.cycles / 1.5e6:,.1f} ms per step, {per_chip:,.0f} images/s per chip, '
               f'{per_chip * chips:,.0f} per slice') in report
@@ -103,22 +103,22 @@ def test_estimated_cycles_are_the_programs_sum_with_loops_counted_by_trips():
   entry = text.split('ENTRY ')[1].split(' ')[0].lstrip('%')
   body, condition = (text.split(f'{key}=')[1].split(',')[0].lstrip('%')
                      for key in ('body', 'condition'))
-  ops, note = plan.op_cycles(text)
+  ops, note = step_cost.op_cycles(text)
   assert sums[body] > 0 and sums[entry] > 0
   assert sum(op.cycles * op.count for op in ops) == (
       sums[entry] + 3 * sums[body] + 4 * sums[condition])
   assert {op.count for op in ops} == {1, 3} and 'unknown trip count' not in note
   no_loop = _compile_for_v5e(lambda x, w: jnp.tanh(x @ w).sum(), (256, 512), (512, 512))
-  ops, _ = plan.op_cycles(no_loop)
+  ops, _ = step_cost.op_cycles(no_loop)
   no_loop_entry = no_loop.split('ENTRY ')[1].split(' ')[0].lstrip('%')
   assert sum(op.cycles for op in ops) == _cycles_by_computation(no_loop)[no_loop_entry] > 0
 
 
 def test_no_estimate_off_the_tpu():
   text = jax.jit(lambda x: x * 2).lower(np.ones(4, np.float32)).compile().as_text()
-  assert plan.op_cycles(text) == ([], 'no estimated_cycles in the program (not compiled for a '
+  assert step_cost.op_cycles(text) == ([], 'no estimated_cycles in the program (not compiled for a '
                                       'TPU)')
-  assert plan.estimated_seconds(None, 'TPU v5 lite') is None
+  assert step_cost.estimated_seconds(None, 'TPU v5 lite') is None
 
 
 def _run_plan(*args, **env_vars):
@@ -168,13 +168,13 @@ def test_largest_fitting(limit, start):
 def test_max_batch_searches_from_the_planned_step_without_compiling_it_again(monkeypatch):
   """The search's wiring, on steps whose memory grows by 1/4 GiB per example (no compile)."""
   devices = plan.topology_devices('v5e:2x2')
-  usable = 16 * 10**9 * (1 - plan.SAFETY_MARGIN)
+  usable = 16 * 10**9 * (1 - memory_saving.SAFETY_MARGIN)
 
   def step(per_device):
     memory = type('Memory', (), dict(argument_size_in_bytes=0, output_size_in_bytes=0,
                                       alias_size_in_bytes=0, generated_code_size_in_bytes=0,
-                                      temp_size_in_bytes=per_device * plan.GiB // 4))
-    return plan.StepPlan('train', per_device, 0.0, 1.0, memory, 1.0, 0)
+                                      temp_size_in_bytes=per_device * step_cost.GiB // 4))
+    return step_cost.StepPlan('train', per_device, 0.0, 1.0, memory, 1.0, 0)
 
   compiled = []
 
@@ -186,7 +186,7 @@ def test_max_batch_searches_from_the_planned_step_without_compiling_it_again(mon
   logged = []
   best, compiles, _ = plan.max_batch(tiny_digits_config(batch_size=4 * 4), devices, 'v5e:2x2',
                                      log=logged.append, known=step(4))
-  assert best == int(usable // (plan.GiB / 4)) // 8 * 8 == 48 and compiles == len(compiled)
+  assert best == int(usable // (step_cost.GiB / 4)) // 8 * 8 == 48 and compiles == len(compiled)
   assert 4 not in compiled and logged[0] == '  per-device batch 4: 1.00 GiB, planned above -> fits'
 
 
@@ -237,16 +237,16 @@ def test_plan_with_auto_reports_its_choice_and_compiles_it_once(monkeypatch):
   compiled once; on a chip too small for any setting, the plan takes the one that needs
   least, says none fits, and does not fit."""
   devices = plan.topology_devices('v5e:2x2')
-  config = plan.with_overrides(tiny_digits_config(batch_size=32, eval_batch_size=16),
+  config = memory_saving.with_overrides(tiny_digits_config(batch_size=32, eval_batch_size=16),
                                memory_saving='auto')
-  compiled, compile_step = [], plan.compile_step
-  monkeypatch.setattr(plan, 'compile_step',
+  compiled, compile_step = [], step_cost.compile_step
+  monkeypatch.setattr(step_cost, 'compile_step',
                       lambda name, *args: compiled.append(name) or compile_step(name, *args))
   result = plan.plan_run(config, devices, 'v5e:2x2')
   train = result.steps[0]
   assert compiled == ['train', 'eval'] and result.fits
   assert (f"memory_saving='auto' chose 'none', the fastest that fits: its train step needs "
-          f"{plan._size(train.total_bytes)} per device") in plan.format_report(result)
+          f"{step_cost.size_text(train.total_bytes)} per device") in plan.format_report(result)
   compiled.clear()
   monkeypatch.setattr(plan, 'plan_capacity', lambda devices: train.total_bytes // 2)
   small = plan.plan_run(config, devices, 'v5e:2x2')
@@ -291,5 +291,5 @@ def test_readme_compare_prints_each_variant_as_compiled_alone():
   devices = plan.topology_devices('v5e:2x2')
   alone = plan.plan_run(config, devices, 'v5e:2x2', ('train',))
   step = alone.steps[0]
-  seconds = plan.estimated_seconds(step.cycles, alone.device_kind)
-  assert rows[4][2:6] == [*plan._size(step.total_bytes).split(), 'yes', f'{seconds * 1e3:.2f}']
+  seconds = step_cost.estimated_seconds(step.cycles, alone.device_kind)
+  assert rows[4][2:6] == [*step_cost.size_text(step.total_bytes).split(), 'yes', f'{seconds * 1e3:.2f}']

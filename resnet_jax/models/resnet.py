@@ -272,7 +272,7 @@ EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet)
 # for activation memory, by one name each, fastest (most memory) first. The fields stay the
 # one record of how a model runs (model.json holds them, not the name); the name only sets
 # them, and 'auto' (`MEMORY_SAVING_AUTO`) picks at start-up the first of these whose train
-# step fits the devices' memory (`resnet_jax.plan.choose_memory_saving`).
+# step fits the devices' memory (`resnet_jax.train.memory_saving.choose_memory_saving`).
 MEMORY_SAVING = {'none': dict(remat=False, elementwise_remat=False),
                  'elementwise': dict(remat=False, elementwise_remat=True),
                  'full': dict(remat=True, elementwise_remat=False)}

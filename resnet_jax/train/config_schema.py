@@ -163,7 +163,7 @@ def _check_memory_saving(overrides: dict) -> None:
 def model_overrides_of(config) -> dict:
   """The create_model options config.model_overrides sets (None: not overridden), with
   memory_saving made the fields it names; 'auto' must be resolved first
-  (`resnet_jax.plan.choose_memory_saving`, which train.py and the planner call)."""
+  (`memory_saving.choose_memory_saving`, which train.py and the planner call)."""
   overrides = config.model_overrides
   overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
   overrides = {k: v for k, v in overrides.items() if v is not None}

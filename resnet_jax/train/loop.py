@@ -12,8 +12,8 @@ from resnet_jax.data import create_pipeline
 from resnet_jax.errors import Interrupted
 from resnet_jax.train import (checkpoints, config_schema, divergence, parallel, run_dir,
                               workdir_lock)
-from resnet_jax.plan import build_run_that_fits
 from resnet_jax.train.build import RunParts, initialize_from
+from resnet_jax.train.memory_saving import build_run_that_fits
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.metrics import (MetricWindow, MetricWriter, Progress, log, log_eval,
                                       log_train, progress_bar)
@@ -65,7 +65,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   pipeline.check_files((config.train_split, config.eval_split))  # before any step reads them
   if jax.process_index() == 0:  # every folder and file it will write
     run_dir.check_writable(workdir)
-  # memory_saving='auto' is chosen here, by compiling the train step (resnet_jax.plan).
+  # memory_saving='auto' is chosen here, by compiling the train step.
   parts = build_run_that_fits(config, mesh, pipeline.num_classes, pipeline.channels,
                               pipeline.steps_per_epoch, log)
   held.enter_context(workdir_lock.hold(workdir))  # before orbax lists or deletes a step
