@@ -1,6 +1,7 @@
 """What the benchmarks share: the project's jitted train step on an abstract state or run
 on a batch, and folders of real JPEG files."""
 
+import functools
 import io
 import itertools
 import os
@@ -28,8 +29,10 @@ def train_state_factory(name, batch, size, **overrides):
   config.update(dict(weight_decay=1e-4, momentum=0.9, nesterov=False,
                      weight_decay_exclude_bn_and_bias=False))
   tx = optim.create_optimizer(config, lambda step: 0.1)
-  return model, lambda: train_state.create_train_state(
-      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3))
+  # Jitted: one compile instead of one per initializer op (op by op, a toy model's init
+  # took longer than its train step's compile on a CPU). The state is not timed.
+  return model, jax.jit(lambda: train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3)))
 
 
 def abstract_train_state(name, batch, size, **overrides):
@@ -49,14 +52,23 @@ def lowered_train_step(name, batch, size, state=None, **overrides):
   return train_fn.lower(state, {'image': images, 'label': labels})
 
 
+@functools.lru_cache(maxsize=None)
+def _step_parts(name, batch, size, dtype, overrides):
+  """(model, state maker, mesh, jitted train step) of one setting, made once per process:
+  its runners (synthetic and fed batches) share one compile, each with its own state."""
+  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype),
+                                          **dict(overrides))
+  mesh = parallel.create_mesh()
+  train_fn, _ = parallel.compile_steps(mesh, normalization(name))
+  return model, make_state, mesh, train_fn
+
+
 def jax_runner(name, batch, size, dtype='float32', image_folder=None, **overrides):
   """A closure running `steps` of the project's jitted train step of `name` (with model
   `overrides`), on one synthetic batch or on the input pipeline's batches of `image_folder`."""
-  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype),
-                                          **overrides)
+  model, make_state, mesh, train_fn = _step_parts(name, batch, size, dtype,
+                                                  tuple(sorted(overrides.items())))
   state = make_state()
-  mesh = parallel.create_mesh()
-  train_fn, _ = parallel.compile_steps(mesh, normalization(name))
   sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
   if image_folder:
     batches = parallel.device_batches(

@@ -336,8 +336,8 @@ def largest_batch_line(args, deadline) -> str:
   ran = 'not run: time budget spent'
   if found['batch'] and deadline + 60 - time.monotonic() > 30:  # 3 steps, with autotuning
     confirm = in_process(args, 'throughput', deadline + 60 - time.monotonic(),
-                         variant='default', batch=found['batch'], steps=3,
-                         rounds=1)
+                         variant='default', batch=found['batch'],
+                         steps=1 if args.tiny else 3, rounds=1)
     ran = (f'ran at {rate_text(statistics.median(confirm["rates"]))} img/s, peak '
            f'{gib(confirm["peak_bytes"])} GiB' if 'error' not in confirm else
            f'did not run: {confirm["error"]}')

@@ -54,12 +54,13 @@ def summarize(name: str, image_size: int = 224,
               **overrides: Any) -> Tuple[List[LayerRow], int, float]:
   """Returns (rows for every module call, total parameters, GFLOPs per image).
 
-  The model is walked unrolled (scan_blocks=False) so every block is seen and counted.
+  The model is walked unrolled (scan_blocks=False) so every block is seen and counted. One
+  shape evaluation of `init` gives all three: init runs the forward pass it creates the
+  variables in, so the shapes and multiply-accumulates are recorded on the way (a second
+  evaluation of `apply` would double the cost, minutes over the zoo).
   """
   model = zoo.create_model(name, **{**overrides, 'scan_blocks': False})
   x = jax.ShapeDtypeStruct((1, image_size, image_size, model.in_channels), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
-  counts = _param_counts(variables['params'])
   rows: List[LayerRow] = []
   macs = [0]
 
@@ -67,19 +68,20 @@ def summarize(name: str, image_size: int = 224,
     module = context.module
     if context.method_name != '__call__' or not module.path:
       return next_fun(*args, **kwargs)
-    path = '.'.join(module.path)
-    row = LayerRow(path, type(module).__name__, (), counts.get(path, 0))
+    row = LayerRow('.'.join(module.path), type(module).__name__, (), 0)
     rows.append(row)  # before the call, so parents precede their children
     output = next_fun(*args, **kwargs)
     row.output_shape = tuple(output.shape[1:])
     macs[0] += _macs(module, args, output)
     return output
 
-  def forward(variables, x):
+  def init(x):
     with nn.intercept_methods(record):
-      return model.apply(variables, x)
+      return model.init(jax.random.PRNGKey(0), x)
 
-  jax.eval_shape(forward, variables, x)
+  counts = _param_counts(jax.eval_shape(init, x)['params'])
+  for row in rows:
+    row.params = counts.get(row.path, 0)
   return rows, sum(counts[k] for k in counts if '.' not in k), macs[0] / 1e9
 
 

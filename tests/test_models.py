@@ -1,5 +1,6 @@
 """The model zoo: parameter counts, shapes, BatchNorm state, precision, scan, remat, errors."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -110,10 +111,12 @@ def _count(tree):
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-def _init(name, size, batch=2, seed=0, **overrides):
+def _init(name, size, batch=2, seed=0, jit=False, **overrides):
+  """(model, variables, x); `jit` for the deep ones: eagerly, every op compiles alone."""
   model = resnet_jax.create_model(name, **overrides)
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, size, size, 3))
-  return model, model.init(jax.random.PRNGKey(seed), x), x
+  init = jax.jit(model.init) if jit else model.init
+  return model, init(jax.random.PRNGKey(seed), x), x
 
 
 def test_every_model_is_listed_with_a_count():
@@ -275,16 +278,19 @@ def test_bfloat16_compute_keeps_float32_params():
 
 @pytest.mark.parametrize('name', quick_sample(['cifar_resnet20', 'resnet18', 'resnet50d'], {'resnet18'}))
 def test_scan_matches_unrolled(name):
-  model, variables, x = _init(name, 32 if name.startswith('cifar') else 64, batch=4)
+  model, variables, x = _init(name, 32 if name.startswith('cifar') else 64, batch=4, jit=True)
   scanned_model = resnet_jax.create_model(name, scan_blocks=True)
   scanned = resnet_jax.scan_variables(variables)
   expected_structure = jax.tree.structure(_init_shapes(scanned_model, 32))
   assert jax.tree.structure(scanned) == expected_structure
-  np.testing.assert_allclose(scanned_model.apply(scanned, x), model.apply(variables, x),
+  # Jitted: eagerly, each op of the unrolled net compiles alone (a minute for resnet50d).
+  apply, scanned_apply = jax.jit(model.apply), jax.jit(scanned_model.apply)
+  np.testing.assert_allclose(scanned_apply(scanned, x), apply(variables, x),
                              atol=1e-4, rtol=1e-4)
-  logits, stats = model.apply(variables, x, train=True, mutable=['batch_stats'])
-  scanned_logits, scanned_stats = scanned_model.apply(scanned, x, train=True,
-                                                      mutable=['batch_stats'])
+  train = functools.partial(jax.jit, static_argnames=('train', 'mutable'))
+  logits, stats = train(model.apply)(variables, x, train=True, mutable=('batch_stats',))
+  scanned_logits, scanned_stats = train(scanned_model.apply)(scanned, x, train=True,
+                                                             mutable=('batch_stats',))
   np.testing.assert_allclose(scanned_logits, logits, atol=1e-3, rtol=1e-3)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                resnet_jax.unscan_variables(scanned_stats), stats)
@@ -317,7 +323,7 @@ def test_remat_gives_the_same_gradients(overrides):
     pytest.param('seresnext26t_32x4d', dict(stage_sizes=(1, 1)), marks=pytest.mark.slow),
     ('ecaresnet26t', dict(stage_sizes=(1, 2), scan_blocks=True))])
 def test_elementwise_remat_gives_the_same_gradients_and_statistics(name, overrides):
-  model, variables, x = _init(name, 32, batch=4, num_classes=5, **overrides)
+  model, variables, x = _init(name, 32, batch=4, jit=True, num_classes=5, **overrides)
 
   def step(m):
     def loss(params):
@@ -451,12 +457,14 @@ JIT_NAMES = [name for name in PARAM_COUNTS if name not in resnet_jax.models.zoo.
 @pytest.mark.parametrize('name', quick_sample(sorted(JIT_NAMES), {
     'resnet18', 'resnet50d', 'seresnext26t_32x4d', 'cifar_resnet20', 'cifar_plain20'}))
 def test_every_model_jits(name):
-  """init and the train-mode forward trace, lower and compile (executed in other tests)."""
+  """init traces and lowers, the train-mode forward traces, lowers and compiles (both are
+  executed in other tests). init's compile is left out: it took most of a case's time
+  (XLA:CPU on its random initializers) and its program is the forward's and those."""
   # Scanning keeps compile time small; test_scan_matches_unrolled covers the unrolled path.
   model = resnet_jax.create_model(name, scan_blocks=True)
   size = _image_size(name)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-  init = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x)).lower(x).compile()
+  init = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x)).lower(x)
   variables = _init_shapes(model, size)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
   logits, stats = forward.lower(variables, x).compile().out_info

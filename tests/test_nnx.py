@@ -44,21 +44,25 @@ CASES = {
 
 
 def _randomized(variables, seed=0):
-  """Every leaf different (BN variances positive), so a mis-mapped variable changes the logits."""
-  leaves, treedef = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  noise = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-  out = jax.tree.unflatten(treedef, noise)
+  """Every leaf different (BN variances positive), so a mis-mapped variable changes the logits.
+
+  The noise is NumPy's: drawn by JAX, each leaf's shape is a program to compile (eagerly one
+  each, jitted one large one), minutes for a net whose leaves all differ in shape
+  (ecaresnet50d_pruned's widths) on 2 busy cores."""
+  rng = np.random.default_rng(seed)
+  out = jax.tree.map(lambda leaf: np.asarray(leaf) + 0.1 * rng.standard_normal(
+      leaf.shape, dtype=leaf.dtype), variables)
   # GroupNorm nets have no running statistics; NNX's to_linen and torch_to_flax give an
   # empty collection for them, as here.
-  out['batch_stats'] = jax.tree.map(jnp.abs, out.get('batch_stats', {}))
-  return out
+  out['batch_stats'] = jax.tree.map(np.abs, out.get('batch_stats', {}))
+  return jax.device_put(out)
 
 
 def _linen(name, overrides, size, batch=4):
   spec = resnet_jax.create_model(name, **overrides)
   x = jax.random.normal(jax.random.key(1), (batch, size, size, spec.in_channels))
-  return spec, _randomized(spec.init(jax.random.key(0), x)), x
+  # Jitted: eagerly, each initializer compiles alone, and the pruned net's all differ.
+  return spec, _randomized(jax.jit(spec.init)(jax.random.key(0), x)), x
 
 
 def _assert_trees_close(actual, expected, tol=1e-6):

@@ -83,10 +83,10 @@ def _collected(*flags):
 @pytest.mark.slow
 def test_readme_quick_tier_command_leaves_out_the_slow_tests():
   """The README's quick-tier command, collected: the tests not marked slow, fewer than
-  the full suite's, which are all the tests there are."""
+  all the tests collected (one collection says both: "N/M tests collected")."""
   assert '`python -m pytest -m "not slow" -q -n 2`' in (ROOT / 'README.md').read_text()
   quick, everything = _collected('-m', 'not slow')
-  assert 0 < quick < everything == _collected()[0]
+  assert 0 < quick < everything
 
 
 def _export_for_the_serving_example(directory):
