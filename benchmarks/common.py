@@ -22,8 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
   return configs_default.get_config()
 
 
-def train_state_factory(name, batch, size, **overrides):
-  """(model, a function making the project's SGD train state) for `name`."""
+def train_state_factory(name, batch, size, mesh=None, **overrides):
+  """(model, a function making the project's SGD train state) for `name`; with `mesh`, the
+  state is replicated over it as the trainer makes it (build.py), so that the step's
+  output state has its input's type and the second step does not compile again."""
   model = resnet_jax.create_model(name, **overrides)
   config = default_config()  # every key the optimizer reads, at its default (SGD)
   config.update(dict(weight_decay=1e-4, momentum=0.9, nesterov=False,
@@ -32,7 +34,8 @@ def train_state_factory(name, batch, size, **overrides):
   # Jitted: one compile instead of one per initializer op (op by op, a toy model's init
   # took longer than its train step's compile on a CPU). The state is not timed.
   return model, jax.jit(lambda: train_state.create_train_state(
-      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3)))
+      model, tx, jax.random.PRNGKey(0), (batch, size, size, 3)),
+      out_shardings=parallel.replicated(mesh) if mesh else None)
 
 
 def abstract_train_state(name, batch, size, **overrides):
@@ -56,9 +59,9 @@ def lowered_train_step(name, batch, size, state=None, **overrides):
 def _step_parts(name, batch, size, dtype, overrides):
   """(model, state maker, mesh, jitted train step) of one setting, made once per process:
   its runners (synthetic and fed batches) share one compile, each with its own state."""
-  model, make_state = train_state_factory(name, batch, size, dtype=jnp.dtype(dtype),
-                                          **dict(overrides))
   mesh = parallel.create_mesh()
+  model, make_state = train_state_factory(name, batch, size, mesh, dtype=jnp.dtype(dtype),
+                                          **dict(overrides))
   train_fn, _ = parallel.compile_steps(mesh, normalization(name))
   return model, make_state, mesh, train_fn
 

@@ -19,6 +19,7 @@ from helpers import quick_sample
 
 from resnet_jax import convert, pretrained
 from resnet_jax.errors import UserError
+from resnet_jax.models import zoo
 
 HUB_COMMIT = 'a' * 40
 
@@ -549,7 +550,6 @@ def test_list_pretrained_counts_every_weight_and_filters():
 
 
 def test_a_name_whose_architecture_is_missing_says_so(fresh, monkeypatch):
-  from resnet_jax.models import zoo
   monkeypatch.delitem(zoo.PYTORCH_REFERENCE, 'seresnet50')
   with pytest.raises(UserError, match="architecture 'seresnet50', which this version of "
                                       "resnet_jax does not build yet"):
@@ -730,24 +730,16 @@ def test_the_readmes_tables_are_the_zoo_and_the_data_files():
 
 
 # Small ones of several kinds (basic, CIFAR, tiered stem, SE-ResNeXt, pruned ECA), a few
-# seconds of shape evaluation each; the slow test takes all (~7 min on 2 busy cores).
+# seconds of shape evaluation each, are the quick tier's; the full suite checks every model
+# (one test each, so that pytest-xdist spreads them over its workers).
 FIGURES_SAMPLE = ('resnet18', 'cifar_resnet20', 'resnet10t', 'seresnext26t_32x4d',
                   'ecaresnet50d_pruned')
 
 
-def _check_figures(names):
+@pytest.mark.parametrize('name', quick_sample(list(zoo.MODELS), FIGURES_SAMPLE))
+def test_the_readmes_parameters_and_gflops_are_the_models(name):
   from resnet_jax import pretrained_table
   shown = _readme_tables()
   shown = {**_figures_shown(shown['zoo']), **_figures_shown(shown['timm'])}
-  for name, (params, gflops) in pretrained_table.model_figures(names).items():
-    assert shown[name] == (params, round(gflops, 3)), name
-
-
-def test_the_readmes_parameters_and_gflops_are_the_models_sample():
-  _check_figures(FIGURES_SAMPLE)
-
-
-@pytest.mark.slow
-def test_the_readmes_parameters_and_gflops_are_the_models():
-  from resnet_jax.models import zoo
-  _check_figures(zoo.MODELS)
+  [(params, gflops)] = pretrained_table.model_figures([name]).values()
+  assert shown[name] == (params, round(gflops, 3))

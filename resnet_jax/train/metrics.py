@@ -28,8 +28,10 @@ class MetricWriter:
       self._file = open(run_dir.metrics_path(workdir), 'a')  # in the workdir the loop made
       if self._file.tell() and not _ends_with_newline(self._file.name):
         self._file.write('\n')  # close a line a killed run left half-written
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(workdir, flush_secs=30)
+      # Flax's writer, on the TensorFlow the input pipeline has loaded already (tensorboardX
+      # loads PyTorch whenever it is installed: seconds at every start).
+      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+      self._tensorboard = tensorboard.SummaryWriter(workdir, auto_flush=False)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
@@ -38,18 +40,19 @@ class MetricWriter:
     self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self._file.flush()
     for key, value in scalars.items():
-      self._tensorboard.add_scalar(key, value, step)
+      self._tensorboard.scalar(key, value, step)
 
   def close(self):
     """Closes the files; a failure to flush them (a full disk) is one warning line, so
     that it does not hide the error that ended the run."""
     if self.enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded by __init__)
       try:
         self._file.close()
         self._tensorboard.close()
-      except OSError as e:
+      except (OSError, tf.errors.OpError) as e:
         log(f'WARNING: the last metrics may not be written to {self._file.name} '
-            f'({type(e).__name__}: {e.strerror or e}).')
+            f'({type(e).__name__}: {getattr(e, "strerror", None) or e}).')
 
 
 def _ends_with_newline(path: str) -> bool:
