@@ -121,18 +121,27 @@ def plan_run(config, devices: Sequence, topology: str = '', steps=('train', 'eva
   parts = build_run(config, mesh, num_classes, channels, steps_per_epoch=1000)
   plans = [chosen if name == 'train' and chosen else
            compile_run_step(name, config, parts, mesh, channels) for name in steps]
-  return RunPlan(topology, devices[0].device_kind, len(devices), _chips(devices),
+  return RunPlan(topology, devices[0].device_kind, len(devices), chip_count(devices),
                  len({d.process_index for d in devices}), plan_capacity(devices),
                  classes_from, plans, ' '.join(said))
 
 
-def _chips(devices) -> int:
+def chip_count(devices) -> int:
+  """The chips that `devices` span (on some TPUs each TensorCore of a chip is a device)."""
   return len({tuple(d.coords) for d in devices}) if hasattr(devices[0], 'coords') else len(devices)
+
+
+def images_per_chip(step: StepPlan, devices) -> Optional[float]:
+  """Images/s per chip by libtpu's estimate of `step`'s time on `devices`, or None."""
+  seconds = estimated_seconds(step.cycles, devices[0].device_kind)
+  if seconds is None:
+    return None
+  return step.batch_per_device / seconds * len(devices) / chip_count(devices)
 
 
 def plan_capacity(devices) -> int:
   """HBM per device (a chip, or a TensorCore where each is its own device)."""
-  return HBM_PER_CHIP.get(devices[0].device_kind, 0) * _chips(devices) // len(devices)
+  return HBM_PER_CHIP.get(devices[0].device_kind, 0) * chip_count(devices) // len(devices)
 
 
 def largest_fitting(fits, start: int) -> int:
@@ -175,9 +184,8 @@ def max_batch(config, devices: Sequence, topology: str = '', log=print,
       trial.batch_size = per_device * len(devices)
       step = plan_run(trial, devices, topology, steps=('train',)).steps[0]
       how = f'compiled in {step.compile_s:.0f} s'
-    seconds = estimated_seconds(step.cycles, devices[0].device_kind)
-    speed = (f', est. {step.batch_per_device / seconds * len(devices) / _chips(devices):,.0f}'
-             ' images/s per chip' if seconds else '')
+    rate = images_per_chip(step, devices)
+    speed = f', est. {rate:,.0f} images/s per chip' if rate else ''
     log(f'  per-device batch {per_device}: '
         + (f'{size_text(step.total_bytes)}{speed}' if step.memory else 'out of HBM')
         + f', {how} -> {"fits" if step.fits(usable) else "does not fit"}')
