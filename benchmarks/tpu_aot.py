@@ -197,7 +197,8 @@ def time_columns(step, devices, flax_cycles) -> str:
   seconds = step_cost.estimated_seconds(step.cycles, devices[0].device_kind)
   if seconds is None:
     return '- | - | - | - |'
-  per_chip = plan.images_per_chip(step, devices)
+  per_chip = plan.images_per_chip(step, devices[0].device_kind,
+                                  len(devices) // plan.chip_count(devices))
   ratio = f'{step.cycles / flax_cycles:.2f}x' if flax_cycles else '-'
   return (f'{step.cycles / 1e6:.1f} | {seconds * 1e3:.1f} | {per_chip:,.0f} | {ratio} |')
 

@@ -131,12 +131,11 @@ def chip_count(devices) -> int:
   return len({tuple(d.coords) for d in devices}) if hasattr(devices[0], 'coords') else len(devices)
 
 
-def images_per_chip(step: StepPlan, devices) -> Optional[float]:
-  """Images/s per chip by libtpu's estimate of `step`'s time on `devices`, or None."""
-  seconds = estimated_seconds(step.cycles, devices[0].device_kind)
-  if seconds is None:
-    return None
-  return step.batch_per_device / seconds * len(devices) / chip_count(devices)
+def images_per_chip(step: StepPlan, device_kind: str, devices_per_chip: int) -> Optional[float]:
+  """Images/s per chip by libtpu's estimate of `step`'s time on a `device_kind` chip that
+  holds `devices_per_chip` devices, or None where there is no estimate."""
+  seconds = estimated_seconds(step.cycles, device_kind)
+  return None if seconds is None else step.batch_per_device / seconds * devices_per_chip
 
 
 def plan_capacity(devices) -> int:
@@ -184,7 +183,7 @@ def max_batch(config, devices: Sequence, topology: str = '', log=print,
       trial.batch_size = per_device * len(devices)
       step = plan_run(trial, devices, topology, steps=('train',)).steps[0]
       how = f'compiled in {step.compile_s:.0f} s'
-    rate = images_per_chip(step, devices)
+    rate = images_per_chip(step, devices[0].device_kind, len(devices) // chip_count(devices))
     speed = f', est. {rate:,.0f} images/s per chip' if rate else ''
     log(f'  per-device batch {per_device}: '
         + (f'{size_text(step.total_bytes)}{speed}' if step.memory else 'out of HBM')
@@ -232,11 +231,8 @@ def format_report(plan: RunPlan) -> str:
 
 def images_per_second(step: StepPlan, plan: RunPlan) -> Optional[Tuple[float, float]]:
   """(images/s per chip, per slice) by libtpu's estimate of `step`'s time, or None."""
-  seconds = estimated_seconds(step.cycles, plan.device_kind)
-  if seconds is None:
-    return None
-  per_device = step.batch_per_device / seconds
-  return per_device * plan.devices / plan.chips, per_device * plan.devices
+  per_chip = images_per_chip(step, plan.device_kind, plan.devices // plan.chips)
+  return None if per_chip is None else (per_chip, per_chip * plan.chips)
 
 
 def estimate_lines(step: StepPlan, plan: RunPlan) -> List[str]:
