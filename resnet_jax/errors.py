@@ -22,6 +22,12 @@ class CheckpointSaveError(UserError):
   threads of orbax's failed save can wait minutes for signals that never come."""
 
 
+class MetricWriteError(UserError):
+  """Writing a metrics line (WORKDIR/metrics.jsonl, TensorBoard events) failed: a full disk,
+  a folder that turned unwritable. The run stops there, as a killed one would: the same
+  command resumes from the last checkpoint and logs the steps after it again."""
+
+
 class Interrupted(Exception):
   """Training stopped at a stop request (SIGTERM, Ctrl-C) after saving its current step.
 

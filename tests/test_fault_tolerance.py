@@ -23,7 +23,7 @@ from helpers import (HANG_S, JAX_CACHE_DIR, LONG, LONG_FLAGS, REPO, assert_metri
 
 import resnet_jax
 from resnet_jax.train import checkpoints, loop
-from resnet_jax.errors import Interrupted, UserError
+from resnet_jax.errors import Interrupted, MetricWriteError, UserError
 from resnet_jax.train.config_schema import check_config
 from resnet_jax.train.loop import train_and_evaluate
 
@@ -290,6 +290,27 @@ def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
   result, took = _run_timing_the_exit(command, tmp_path)
   _assert_one_message(result, 'No space left on device')
   assert took < 150, f'{took:.0f} s from the message to the exit'  # orbax's wait: 300 s
+
+
+@pytest.mark.slow  # two runs in-process: ~20 s
+def test_a_full_disk_stops_at_a_metrics_line_and_only_warns_at_the_plot(
+    tmp_path, six_step_reference, capsys):
+  """metrics.jsonl on /dev/full (every write fails as on a full disk): the first log line
+  ends the run with one UserError, before the save of that step; the same command then
+  trains the run exactly as an uninterrupted one, metrics included, and a full disk at
+  the end's curves.png is a warning, not a failed run."""
+  metrics_file, curves = tmp_path / 'metrics.jsonl', tmp_path / 'curves.png'
+  metrics_file.symlink_to('/dev/full')
+  with pytest.raises(MetricWriteError, match='step 2 .*No space left on device'):
+    train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  assert checkpoint_steps(tmp_path) == []
+  metrics_file.unlink()
+  curves.symlink_to('/dev/full')
+  train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
+  assert_same_state(tmp_path, six_step_reference)
+  assert_metrics_match(str(tmp_path), six_step_reference)
+  assert f'WARNING: could not write {curves} (No space left on device)' in (
+      capsys.readouterr().out)
 
 
 # --- divergence ---------------------------------------------------------------------------

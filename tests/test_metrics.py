@@ -3,10 +3,13 @@ files with the same scalars."""
 
 import glob
 import json
+import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from resnet_jax.errors import MetricWriteError
 from resnet_jax.train import metrics, run_dir
 
 
@@ -34,3 +37,15 @@ def test_scalars_go_to_metrics_jsonl_and_tensorboard_alike(tmp_path):
               for tag, value in scalars.items()}
   assert from_jsonl == expected
   assert _tensorboard_scalars(tmp_path) == expected
+
+
+def test_a_full_disk_is_one_error_naming_the_file(tmp_path, capsys):
+  """/dev/full fails every write as a full disk does (ENOSPC): the write raises a
+  MetricWriteError (train.py prints it as one line), and close() adds no warning."""
+  os.symlink('/dev/full', run_dir.metrics_path(str(tmp_path)))
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  with pytest.raises(MetricWriteError, match=r'step 2 to .*metrics\.jsonl failed '
+                     r'\(OSError: No space left on device\).*run the same command'):
+    writer.write(2, {'train/loss': 2.25})
+  writer.close()
+  assert 'WARNING' not in capsys.readouterr().out

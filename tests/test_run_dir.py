@@ -171,7 +171,7 @@ def test_run_files_survive_a_full_disk_while_rewritten(tmp_path, monkeypatch):
     return _FullDiskFile(opened) if 'w' in mode else opened
 
   monkeypatch.setattr(io, 'open', open_on_full_disk)
-  with pytest.raises(OSError, match='No space left'):
+  with pytest.raises(UserError, match=r'Writing the run files .*No space left on device'):
     run_dir.write_run_files(tmp_path, tiny_digits_config(seed=1), {**spec, 'num_classes': 3})
   monkeypatch.undo()
   assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before

@@ -50,9 +50,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log(str(interrupted))
     raise interrupted
   if jax.process_index() == 0:
-    from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
-    plot_runs([workdir], run_dir.curves_path(workdir))
+    _plot(workdir)
   return eval_results
+
+
+def _plot(workdir: str):
+  """WORKDIR/curves.png; a run that trained to the end is not failed by its plot (a full
+  disk is one warning line)."""
+  from resnet_jax.plot import plot_runs  # pylint: disable=g-import-not-at-top
+  try:
+    plot_runs([workdir], run_dir.curves_path(workdir))
+  except OSError as e:
+    log(f'WARNING: could not write {run_dir.curves_path(workdir)} ({e.strerror or e}); '
+        f'`python -m resnet_jax.plot {workdir}` draws it once there is space.')
 
 
 def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from resnet_jax.errors import MetricWriteError
 from resnet_jax.train import run_dir
 
 
@@ -24,6 +25,7 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._file = self._tensorboard = None
+    self._failed = False  # a write failed: close() does not warn again
     if self.enabled:
       self._file = open(run_dir.metrics_path(workdir), 'a')  # in the workdir the loop made
       if self._file.tell() and not _ends_with_newline(self._file.name):
@@ -34,25 +36,45 @@ class MetricWriter:
       self._tensorboard = tensorboard.SummaryWriter(workdir, auto_flush=False)
 
   def write(self, step: int, scalars: dict):
+    """Appends `scalars` of `step`; a failed write (a full disk) is a MetricWriteError."""
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self._file.flush()
-    for key, value in scalars.items():
-      self._tensorboard.scalar(key, value, step)
+    try:
+      self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
+      self._file.flush()
+      for key, value in scalars.items():
+        self._tensorboard.scalar(key, value, step)
+    except _write_errors() as e:
+      self._failed = True
+      raise MetricWriteError(
+          f'Writing the metrics of step {step} to {self._file.name} failed ({_reason(e)}): '
+          'free disk space or make the folder writable, then run the same command to '
+          'resume.') from None
 
   def close(self):
     """Closes the files; a failure to flush them (a full disk) is one warning line, so
     that it does not hide the error that ended the run."""
-    if self.enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded by __init__)
+    if not self.enabled:
+      return
+    errors = []
+    for output in (self._file, self._tensorboard):
       try:
-        self._file.close()
-        self._tensorboard.close()
-      except (OSError, tf.errors.OpError) as e:
-        log(f'WARNING: the last metrics may not be written to {self._file.name} '
-            f'({type(e).__name__}: {getattr(e, "strerror", None) or e}).')
+        output.close()
+      except _write_errors() as e:
+        errors.append(e)
+    if errors and not self._failed:
+      log(f'WARNING: the last metrics may not be written to {self._file.name} '
+          f'({_reason(errors[0])}).')
+
+
+def _write_errors() -> tuple:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded by MetricWriter)
+  return OSError, tf.errors.OpError
+
+
+def _reason(error: Exception) -> str:
+  return f'{type(error).__name__}: {getattr(error, "strerror", None) or error}'
 
 
 def _ends_with_newline(path: str) -> bool:

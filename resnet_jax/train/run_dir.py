@@ -160,13 +160,18 @@ def read_run_config(workdir: PathLike) -> Optional[Dict[str, Any]]:
 
 def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
   """WORKDIR/model.json, input_spec.json and config.json of a training run (process 0
-  writes them into the workdir that `check_writable` made)."""
+  writes them into the workdir that `check_writable` made); a failed write (a full disk)
+  is a UserError that leaves the old files whole."""
   from resnet_jax import input_spec  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  write_model_config(workdir, spec)
-  write_input_spec(workdir, input_spec.of_run(config, spec['num_classes']).to_json())
-  _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
+  try:
+    write_model_config(workdir, spec)
+    write_input_spec(workdir, input_spec.of_run(config, spec['num_classes']).to_json())
+    _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
+  except OSError as e:  # a full disk: the old files are whole (written beside, renamed)
+    raise UserError(f'Writing the run files into {workdir} failed ({_why(e)}): free disk '
+                    'space or make the folder writable, then run the same command.') from None
 
 
 # Config keys that fix what a checkpoint holds or which batches it has consumed: a workdir
