@@ -1,6 +1,10 @@
 """The exceptions that the command-line tools turn into one message and an exit status."""
 
+import errno
+import os
+import re
 import signal
+from typing import Optional
 
 
 class UserError(Exception):
@@ -40,3 +44,27 @@ class Interrupted(Exception):
     self.signal_name, self.step = signal_name, step
     self.exit_status = 128 + signal.Signals[signal_name].value
     super().__init__(f'{signal_name}: saved step {step}; run the same command to continue.')
+
+
+# The failures of a write whose words other libraries' errors carry in their text
+# (TensorFlow's: 'PATH; No space left on device').
+_WRITE_FAILURES = tuple(os.strerror(number) for number in (
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG))
+
+
+def os_error_reason(error: BaseException) -> Optional[str]:
+  """The operating system's words for the failed write or read that `error` is or wraps
+  ('OSError: No space left on device'), or None when it wraps none (a bug). Knows
+  Python's OSError anywhere in the chain, TensorStore's (orbax's) `os_error_code` and
+  the words of a failed write in another library's message (TensorFlow's)."""
+  link = error
+  while link is not None:
+    if isinstance(link, OSError) and link.strerror:
+      return f'{type(link).__name__}: {link.strerror}'
+    link = link.__cause__ or link.__context__
+  text = str(error)
+  code = re.search(r"\[os_error_code='?(\d+)", text)
+  if code:
+    return f'OSError: {os.strerror(int(code[1]))}'
+  words = next((words for words in _WRITE_FAILURES if words in text), None)
+  return f'{type(error).__name__}: {words}' if words else None

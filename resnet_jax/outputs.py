@@ -23,10 +23,11 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Sequence
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, os_error_reason
 
 try:
   import fcntl
@@ -97,12 +98,21 @@ def _refuse_cwd_and_inputs(path: Path, output: Path, inputs: Iterable[Path]) -> 
 def write_atomically(output: Path, write: Callable[[Path], None], kind: Kind,
                      overwrite: bool = False) -> None:
   """Calls write(tmp_output) in a hidden folder beside `output` (it writes the output and
-  its companions there), then swaps the result into place as the module docstring says."""
+  its companions there), then swaps the result into place as the module docstring says.
+  A write that fails for the operating system (a full disk) is one UserError."""
   check_output(output, kind, overwrite=overwrite)
   output = Path(os.path.abspath(output))
   output.parent.mkdir(parents=True, exist_ok=True)
   with _partial_folder(output) as folder:
-    write(folder / output.name)
+    try:
+      write(folder / output.name)
+    except Exception as e:  # pylint: disable=broad-except  (a full disk, whoever wrote)
+      reason = os_error_reason(e)
+      if reason is None:
+        raise  # a bug keeps its traceback
+      raise UserError(f'Writing --output {output} failed ({reason}); nothing there changed. '
+                      'Free disk space or make its folder writable, then run the command '
+                      'again.') from None
     check_output(output, kind, overwrite=overwrite)  # still the output checked before
     _swap(folder, output, kind.names(output))
 
@@ -165,18 +175,29 @@ def _put_back(folder: Path, parent: Path) -> None:
     os.rename(replaced / name, parent / name)
 
 
-def _remove_folder(folder: Path) -> None:
+def _remove_folder(folder: Path, settle_s: float = 5.0) -> None:
   """Deletes `folder`, its writer file last, so that a folder interrupted while being
-  removed is still recognised (and removed) later."""
-  with contextlib.suppress(FileNotFoundError):
-    for entry in os.listdir(folder):
-      if entry != WRITER_FILE:
-        path = folder / entry
-        if path.is_dir() and not path.is_symlink():
-          shutil.rmtree(path, ignore_errors=True)
-        else:
-          with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+  removed is still recognised (and removed) later. What reappears meanwhile (a failed
+  save's last background writes, orbax's, landing late) is removed again for up to
+  `settle_s`; after that the writer file stays, so that the next check removes the rest."""
+  deadline = time.monotonic() + settle_s
+  while True:
+    try:
+      entries = [entry for entry in os.listdir(folder) if entry != WRITER_FILE]
+    except FileNotFoundError:
+      return
+    if not entries:
+      break
+    if time.monotonic() > deadline:
+      return
+    for entry in entries:
+      path = folder / entry
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          path.unlink()
+    time.sleep(0.05)  # then look again: a late write may have made a new entry
   with contextlib.suppress(OSError):
     (folder / WRITER_FILE).unlink()
     folder.rmdir()

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from resnet_jax.train import checkpoint_format, run_dir
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, os_error_reason
 from resnet_jax.models import scan_variables
 
 HF_FILENAME = 'model.safetensors'
@@ -376,11 +376,15 @@ def _convert(name: str, directory: Path) -> None:
     checkpoint_format.save_converted(variables, spec, tmp / directory.name,
                                      input_spec(name).to_json())
     os.rename(tmp / directory.name, directory)
-  except OSError as e:
-    if os.path.lexists(directory):  # published first by a process that could not lock
-      return
+  except Exception as e:  # pylint: disable=broad-except  (a full disk, whoever wrote)
+    if isinstance(e, OSError) and os.path.lexists(directory):
+      return  # published first by a process that could not lock
+    reason = os_error_reason(e)
+    if reason is None:
+      raise  # a bug keeps its traceback
     raise UserError(f'Cannot write the converted pretrained weights {name!r} to '
-                    f'{directory} ({e}).') from None
+                    f'{directory} ({reason}): free disk space, or set RESNET_JAX_CACHE to '
+                    'a folder with room.') from None
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,6 +112,26 @@ def _session_cache_dir() -> str:
 
 
 JAX_CACHE_DIR = _session_cache_dir()
+
+
+def can_mount_a_tmpfs() -> bool:
+  """Whether `full_disk_command` can run here (user namespaces: `unshare -Urm`)."""
+  try:
+    return subprocess.run(['unshare', '-Urm', 'true'], capture_output=True,
+                          timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+def full_disk_command(disk, free_kib: int, command, before: str = 'true') -> list:
+  """`command` with a real full disk at `disk`: a 4 MiB tmpfs mounted there in a user
+  namespace (no root needed), `before` run in it (a shell command), then filled to
+  `free_kib` KiB free."""
+  fill = (f'dd if=/dev/zero of={disk}/filler bs=64k 2>/dev/null; '
+          f'truncate -s -{free_kib}K {disk}/filler')
+  return ['unshare', '-Urm', 'sh', '-c',
+          f'mount -t tmpfs -o size=4m tmpfs {disk} && {before} && {{ {fill}; }} && exec "$@"',
+          'sh', *map(str, command)]
 
 
 def subprocess_env(devices: int = 1, **extra) -> dict:

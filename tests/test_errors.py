@@ -1,11 +1,13 @@
 """UserError is one line from every command-line tool; any other error (a bug) keeps its
-traceback (resnet_jax.errors)."""
+traceback (resnet_jax.errors); a failed write is told from a bug by the OS's words."""
+
+import errno
 
 import pytest
 
 from resnet_jax import evaluate, export, predict
 from resnet_jax.convert import cli as convert_cli
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, os_error_reason
 
 
 def _fail(error):
@@ -44,3 +46,30 @@ def test_user_error_is_one_line_and_a_bug_keeps_its_traceback(tool, monkeypatch,
   monkeypatch.setattr(module, name, _fail(ValueError('a bug')))
   with pytest.raises(ValueError, match='a bug'):  # not caught: python prints the traceback
     main(args)
+
+
+def _raised_from(error, cause):
+  try:
+    try:
+      raise cause
+    except Exception:  # pylint: disable=broad-except
+      raise error  # pylint: disable=raise-missing-from  (chained as __context__)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+
+
+@pytest.mark.parametrize('error, reason', [
+    (_raised_from(RuntimeError('enforce fail at inline_container.cc'),
+                  OSError(errno.ENOSPC, 'No space left on device')),
+     'OSError: No space left on device'),
+    (PermissionError(errno.EACCES, 'Permission denied'), 'PermissionError: Permission denied'),
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: Failed to write 8 '
+                "bytes to file 12: No space left on device [os_error_code='28']"),
+     'OSError: No space left on device'),
+    (type('ResourceExhaustedError', (Exception,), {})('/tmp/x/saved_model.pb.tmp1; No space '
+                                                      'left on device'),
+     'ResourceExhaustedError: No space left on device'),
+    (ValueError('shapes (3,) and (4,) do not match'), None),  # a bug: no reason, its traceback
+])
+def test_os_error_reason_finds_the_operating_systems_words(error, reason):
+  assert os_error_reason(error) == reason

@@ -351,6 +351,25 @@ def test_a_command_heals_damaged_variables_with_one_line(fresh, tmp_path):
   assert result.stderr.count('\n') == 1, result.stderr
 
 
+def test_a_full_disk_while_converting_is_one_message_and_leaves_no_entry(fresh, monkeypatch):
+  """The cache's write failing as orbax fails on a full disk (TensorStore's error, with
+  the OS error code): one UserError, and neither an entry nor a temporary left."""
+  from resnet_jax.train import checkpoint_format
+  _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
+
+  def full_disk(variables, spec, directory, input_spec=None):
+    (directory / 'variables').mkdir(parents=True)  # what it wrote before the disk filled
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.fc.bias/0" in OCDBT '
+                     "database: No space left on device [os_error_code='28']")
+  monkeypatch.setattr(checkpoint_format, 'save_converted', full_disk)
+  entry = fresh['ours'] / 'pretrained' / 'resnet18.tv_in1k'
+  with pytest.raises(UserError, match=f"Cannot write .* 'resnet18.tv_in1k' to {entry} "
+                     r'\(OSError: No space left on device\): free disk space, or set '
+                     'RESNET_JAX_CACHE'):
+    pretrained.load_pretrained('resnet18.tv_in1k')
+  assert [p.name for p in entry.parent.iterdir()] == ['.resnet18.tv_in1k.lock']
+
+
 def test_a_conversion_in_progress_is_waited_for_with_a_limit(fresh, monkeypatch, capsys):
   _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
   lock = fresh['ours'] / 'pretrained' / '.resnet18.tv_in1k.lock'

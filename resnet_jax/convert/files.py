@@ -63,12 +63,15 @@ def _unpickler_reason(error: Exception) -> str:
 
 
 def write_torch_weights(state_dict: Mapping[str, np.ndarray], path: Path) -> None:
-  if path.suffix == '.safetensors':
-    from safetensors.numpy import save_file
-    save_file(dict(state_dict), str(path))
-  else:
-    import torch
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
+  """PATH (.safetensors, else torch.save's format), written through Python's file, so that
+  a full disk is an OSError (safetensors' and torch's own writers say less)."""
+  with open(path, 'wb') as f:
+    if path.suffix == '.safetensors':
+      from safetensors.numpy import save
+      f.write(save(dict(state_dict)))
+    else:
+      import torch
+      torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, f)
 
 
 def _is_converted_output(output: Path) -> bool:

@@ -20,7 +20,9 @@ writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -184,6 +186,37 @@ def drop_closed_loop_reports():
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
+class QuietSaveErrors(logging.Filter):
+  """Drops the error records (each with a traceback) that orbax's background threads log
+  when a save or read fails, and asyncio's 'Event loop is closed' ones of its read loops:
+  a failed save reaches the trainer as one CheckpointSaveError and convert as one
+  UserError, a failed read as one warning (`checkpoints.restore_latest_good`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (f'{os.sep}orbax{os.sep}' in (record.pathname or '')
+                or 'Event loop is closed' in str(error))
+
+
+@contextlib.contextmanager
+def quiet_save_errors():
+  """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's, and, for
+  the rest of the process, no 'Event loop is closed' tracebacks from orbax's threads
+  (`drop_closed_loop_reports`)."""
+  quiet = QuietSaveErrors()
+  drop_closed_loop_reports()  # what a failed save's threads print, from its first moment
+  loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(quiet)
+
+
 # --- converted checkpoints ------------------------------------------------------------------
 
 def save_converted(variables: Mapping[str, Any], model_config: Mapping[str, Any],
@@ -196,7 +229,7 @@ def save_converted(variables: Mapping[str, Any], model_config: Mapping[str, Any]
   run_dir.write_model_config(directory, model_config)
   if input_spec is not None:
     run_dir.write_input_spec(directory, input_spec)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with quiet_save_errors(), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(run_dir.variables_dir(directory), dict(variables))
     checkpointer.wait_until_finished()
 

@@ -12,10 +12,7 @@ a step whose saved tree differs from the run's (another optimizer, another model
 UserError that names the difference.
 """
 
-import contextlib
-import logging
 import os
-import re
 import shutil
 import time
 from typing import Any, List, Optional
@@ -25,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_jax.errors import CheckpointSaveError, UserError
-from resnet_jax.train.checkpoint_format import (DATA_ITEM, STATE_ITEM, drop_closed_loop_reports,
-                                               first_line, read_position, read_step,
-                                               retired_keys, saved_state_tree, step_vanished,
+from resnet_jax.errors import CheckpointSaveError, UserError, os_error_reason
+from resnet_jax.train.checkpoint_format import (DATA_ITEM, STATE_ITEM, first_line,
+                                               read_position, read_step, retired_keys,
+                                               saved_state_tree, step_vanished,
                                                tree_differences)
 from resnet_jax.train.run_dir import (CONFIG_JSON, changed_settings, checkpoint_dir, in_saved_layout,
                                       setting_differences, unreadable_dir)
@@ -117,43 +114,7 @@ def _save_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointS
 
 def _os_error(error: Exception) -> str:
   """The operating system's words for `error` (orbax and TensorStore wrap them)."""
-  for e in (error, error.__cause__, error.__context__):
-    if isinstance(e, OSError) and e.strerror:
-      return f'{type(e).__name__}: {e.strerror}'
-  text = str(error)
-  reason = re.search(r': ([^:"\[]+) \[os_error_code', text)  # TensorStore's form
-  return reason[1].strip() if reason else first_line(error)
-
-
-class QuietSaveErrors(logging.Filter):
-  """Drops the error records (each with a traceback) that orbax's background threads log
-  when a save or read fails, and asyncio's 'Event loop is closed' ones of its read loops:
-  a failed save reaches the trainer as one CheckpointSaveError, a failed read as one
-  warning (`restore_latest_good`)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR:
-      return True
-    error = record.exc_info[1] if record.exc_info else None
-    return not (f'{os.sep}orbax{os.sep}' in (record.pathname or '')
-                or 'Event loop is closed' in str(error))
-
-
-@contextlib.contextmanager
-def quiet_save_errors():
-  """`QuietSaveErrors` on absl's logger (orbax logs through absl) and asyncio's, and, for
-  the rest of the process, no 'Event loop is closed' tracebacks from orbax's threads
-  (`checkpoint_format.drop_closed_loop_reports`)."""
-  quiet = QuietSaveErrors()
-  drop_closed_loop_reports()  # what a failed save's threads print, from its first moment
-  loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]
-  for logger in loggers:
-    logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    for logger in loggers:
-      logger.removeFilter(quiet)
+  return os_error_reason(error) or first_line(error)
 
 
 def _mismatch_error(workdir: str, step: int, differences: List[str], config) -> UserError:

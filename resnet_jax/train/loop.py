@@ -10,8 +10,8 @@ from jax.sharding import Mesh
 
 from resnet_jax.data import create_pipeline
 from resnet_jax.errors import Interrupted
-from resnet_jax.train import (checkpoints, config_schema, divergence, parallel, run_dir,
-                              workdir_lock)
+from resnet_jax.train import (checkpoint_format, checkpoints, config_schema, divergence,
+                              parallel, run_dir, workdir_lock)
 from resnet_jax.train.build import RunParts, initialize_from
 from resnet_jax.train.memory_saving import build_run_that_fits
 from resnet_jax.train.evaluation import evaluate_split
@@ -40,7 +40,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config.skip_nonfinite_steps) before any checkpoint could hold it.
   """
   with contextlib.ExitStack() as held:  # the workdir lock, once taken
-    held.enter_context(checkpoints.quiet_save_errors())  # one message, not orbax's logs
+    held.enter_context(checkpoint_format.quiet_save_errors())  # one message, not orbax's logs
     run = _set_up(config, workdir, held)
     state, start_step, window_rows = _restore(run, config, workdir)
     step, eval_results, stop_signal = _train(run, config, workdir, state, start_step,
