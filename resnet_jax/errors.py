@@ -46,9 +46,9 @@ class Interrupted(Exception):
     super().__init__(f'{signal_name}: saved step {step}; run the same command to continue.')
 
 
-# The failures of a write whose words other libraries' errors carry in their text
-# (TensorFlow's: 'PATH; No space left on device').
-_WRITE_FAILURES = tuple(os.strerror(number) for number in (
+# The operating system's words for a failed write ('No space left on device', ...), which
+# other libraries' errors carry in their text (TensorFlow's: 'PATH; No space left on device').
+WRITE_FAILURES = tuple(os.strerror(number) for number in (
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG))
 
 
@@ -66,5 +66,5 @@ def os_error_reason(error: BaseException) -> Optional[str]:
   code = re.search(r"\[os_error_code='?(\d+)", text)
   if code:
     return f'OSError: {os.strerror(int(code[1]))}'
-  words = next((words for words in _WRITE_FAILURES if words in text), None)
+  words = next((words for words in WRITE_FAILURES if words in text), None)
   return f'{type(error).__name__}: {words}' if words else None

@@ -1,6 +1,7 @@
 """Tests of resnet_jax.data: the digits builder, resumable order, eval padding, sources."""
 
 import collections
+import errno
 import io
 import logging
 
@@ -180,16 +181,22 @@ def test_first_preparation_of_digits_is_quiet(tmp_path, capsys, caplog):
   assert source.builder.is_prepared() and source.num_examples('test') == 360
 
 
-def test_a_failed_digits_preparation_shows_what_tfds_printed(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('error, message', [
+    (OSError('simulated: disk error'), 'could not be downloaded .*simulated: disk error'),
+    (OSError(errno.ENOSPC, 'No space left on device'),
+     r"Preparing dataset 'digits' in .* failed \(No space left on device\): free disk space"),
+])
+def test_a_failed_digits_preparation_shows_what_tfds_printed(tmp_path, capsys, monkeypatch,
+                                                             error, message):
   from resnet_jax.data import digits
 
   def failing(self, images, labels, indices):
     print('partial output of the build')
-    raise OSError('simulated: disk error')
+    raise error
     yield  # pylint: disable=unreachable
 
   monkeypatch.setattr(digits.Digits, '_generate_examples', failing)
-  with pytest.raises(RuntimeError, match='simulated: disk error'):
+  with pytest.raises(RuntimeError, match=message):
     TfdsSource('digits', str(tmp_path))
   assert 'partial output of the build' in capsys.readouterr().err
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
 from resnet_jax.data import preprocessing
-from resnet_jax.errors import UserError
+from resnet_jax.errors import WRITE_FAILURES, UserError
 
 class DatasetNotPreparedError(UserError, RuntimeError):
   """A TFDS dataset that is neither prepared nor preparable offline (a RuntimeError, as before)."""
@@ -327,10 +327,14 @@ def _ensure_prepared(builder, name):
       _quietly(builder.download_and_prepare)
     else:
       builder.download_and_prepare()
-  except Exception as e:  # a network or manual-download failure: say what to do instead
+  except Exception as e:  # a network, manual-download or disk failure: say what to do
     root = builder.data_dir_root
     manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
-    if manual:
+    failed_write = next((words for words in WRITE_FAILURES if words in str(e)), None)
+    if failed_write:  # a full or read-only disk
+      hint = (f'Preparing dataset {name!r} in {root} failed ({failed_write}): free disk '
+              f'space there or make it writable, or pass --config.data_dir=DIR elsewhere.')
+    elif manual:
       hint = (f'Dataset {name!r} is not prepared in {root} and needs a manual download:\n'
               f'{manual.strip()}\nPut those files in {os.path.join(root, "downloads", "manual")} '
               f'(train.py then prepares it), or pass --config.data_dir=DIR where the dataset is '
