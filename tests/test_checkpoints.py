@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from helpers import (HANG_S, REPO, checkpoint_steps, subprocess_env, tiny_digits_config,
@@ -176,6 +177,29 @@ def test_evaluate_falls_back_from_a_corrupt_checkpoint_without_moving_it(trained
   assert 'checkpoint 4' in capsys.readouterr().out
   assert checkpoint_steps(workdir) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+
+
+def test_a_reader_outpaced_by_the_writer_reads_the_step_it_keeps(trained_workdir, tmp_path,
+                                                                  monkeypatch):
+  """A writer that saves a newer step (rotating the read one away) during every read of the
+  newest: the reader lists again, and on its last pass reads the older step the writer
+  keeps (its best) instead of refusing. (Seen in CI: a save every step on a loaded machine.)"""
+  workdir = _copy(trained_workdir[0], tmp_path)
+  directory = os.path.join(workdir, 'checkpoints')
+  expected = checkpoint_format.restore_variables(workdir, step=2)
+  read_state, newer = checkpoint_format.read_state, []
+
+  def outpaced(directory_, step, *args, **kwargs):
+    if step == max(checkpoint_steps(workdir)):  # the writer's next save lands, this one goes
+      os.rename(os.path.join(directory, str(step)), os.path.join(directory, str(step + 1)))
+      newer.append(step + 1)
+    return read_state(directory_, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_format, 'read_state', outpaced)
+  variables = checkpoint_format.restore_variables(workdir)
+  assert len(newer) == checkpoint_format.READ_ATTEMPTS
+  assert checkpoint_steps(workdir) == [2, newer[-1]]
+  jax.tree.map(np.testing.assert_array_equal, variables, expected)
 
 
 def test_evaluate_missing_workdir_is_one_line(tmp_path):

@@ -329,9 +329,13 @@ def restore_variables(workdir: run_dir.PathLike, target: Any = None,
   """
   directory = run_dir.checkpoint_dir(workdir)
   failures = {}
-  for _ in range(READ_ATTEMPTS):
+  for attempt in range(READ_ATTEMPTS):
+    # The last pass reads on past vanished steps, to an older one the writer keeps (its
+    # best): a writer that saves faster than one read takes would otherwise win every pass.
+    relist = attempt < READ_ATTEMPTS - 1
     try:
-      return _read_newest_readable(directory, target, step, failures, log, raw_weights)
+      return _read_newest_readable(directory, target, step, failures, log, raw_weights,
+                                   relist)
     except (FileNotFoundError, _ListAgain):  # the writer rotated a step away: list again
       continue
     except _NothingReadable:
@@ -352,8 +356,10 @@ class _NothingReadable(Exception):
 
 
 def _read_newest_readable(directory: str, target: Any, step: Optional[int], failures: dict,
-                          log: Callable[[str], None], raw_weights: bool) -> dict:
-  """One pass of `restore_variables` over the steps orbax lists now."""
+                          log: Callable[[str], None], raw_weights: bool,
+                          relist: bool = True) -> dict:
+  """One pass of `restore_variables` over the steps orbax lists now; a step that vanishes
+  while read ends the pass (`relist`) or is passed over."""
   listed = saved_steps(directory)
   if step is not None and step not in listed:
     raise UserError(f'{directory} has no step {step}; it has {listed}.')
@@ -365,7 +371,9 @@ def _read_newest_readable(directory: str, target: Any, step: Optional[int], fail
     except Exception as e:  # pylint: disable=broad-except  (fall back, never move)
       failures[candidate] = first_line(e)
       if step_vanished(directory, candidate):
-        raise _ListAgain() from None
+        if relist:
+          raise _ListAgain() from None
+        continue
       log(f'WARNING: checkpoint {candidate} in {directory} is unreadable '
           f'({failures[candidate]}); reading the one before.')
   raise _NothingReadable()
