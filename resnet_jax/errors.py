@@ -48,7 +48,7 @@ class Interrupted(Exception):
 
 # The operating system's words for a failed write ('No space left on device', ...), which
 # other libraries' errors carry in their text (TensorFlow's: 'PATH; No space left on device').
-WRITE_FAILURES = tuple(os.strerror(number) for number in (
+_WRITE_FAILURES = tuple(os.strerror(number) for number in (
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG))
 
 
@@ -62,9 +62,14 @@ def os_error_reason(error: BaseException) -> Optional[str]:
     if isinstance(link, OSError) and link.strerror:
       return f'{type(link).__name__}: {link.strerror}'
     link = link.__cause__ or link.__context__
-  text = str(error)
-  code = re.search(r"\[os_error_code='?(\d+)", text)
+  code = re.search(r"\[os_error_code='?(\d+)", str(error))
   if code:
     return f'OSError: {os.strerror(int(code[1]))}'
-  words = next((words for words in WRITE_FAILURES if words in text), None)
+  words = write_failure_words(error)
   return f'{type(error).__name__}: {words}' if words else None
+
+
+def write_failure_words(error: BaseException) -> Optional[str]:
+  """The words of a failed write ('No space left on device', 'Read-only file system', ...)
+  that `error`'s message carries, or None."""
+  return next((words for words in _WRITE_FAILURES if words in str(error)), None)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from resnet_jax.data import digits  # noqa: F401  (registers the 'digits' builder)
 from resnet_jax.data import preprocessing
-from resnet_jax.errors import WRITE_FAILURES, UserError
+from resnet_jax.errors import UserError, write_failure_words
 
 class DatasetNotPreparedError(UserError, RuntimeError):
   """A TFDS dataset that is neither prepared nor preparable offline (a RuntimeError, as before)."""
@@ -330,7 +330,7 @@ def _ensure_prepared(builder, name):
   except Exception as e:  # a network, manual-download or disk failure: say what to do
     root = builder.data_dir_root
     manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
-    failed_write = next((words for words in WRITE_FAILURES if words in str(e)), None)
+    failed_write = write_failure_words(e)
     if failed_write:  # a full or read-only disk
       hint = (f'Preparing dataset {name!r} in {root} failed ({failed_write}): free disk '
               f'space there or make it writable, or pass --config.data_dir=DIR elsewhere.')

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from resnet_jax.errors import MetricWriteError
+from resnet_jax.errors import MetricWriteError, os_error_reason
 from resnet_jax.train import run_dir
 
 
@@ -74,7 +74,7 @@ def _write_errors() -> tuple:
 
 
 def _reason(error: Exception) -> str:
-  return f'{type(error).__name__}: {getattr(error, "strerror", None) or error}'
+  return os_error_reason(error) or f'{type(error).__name__}: {error}'
 
 
 def _ends_with_newline(path: str) -> bool:
