@@ -2,8 +2,11 @@
 
 import glob
 import os
+import subprocess
+import sys
 
-from helpers import tiny_digits_config
+import pytest
+from helpers import can_mount_a_tmpfs, full_disk_command, subprocess_env, tiny_digits_config
 
 from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.profiling import PROFILE_DIR
@@ -23,3 +26,33 @@ def test_no_trace_without_profile_steps(tmp_path):
   workdir = str(tmp_path / 'run')
   train_and_evaluate(tiny_digits_config(num_train_steps=2), workdir)
   assert not os.path.exists(os.path.join(workdir, PROFILE_DIR))
+
+
+# StepProfiler on a real full disk, in a user namespace; it prints what is left of the trace.
+FULL_DISK_PROFILE = '''
+import os, sys
+import jax.numpy as jnp
+from resnet_jax.train.profiling import StepProfiler
+profiler = StepProfiler((0, 1), sys.argv[1])
+profiler.before_step(0)
+profiler.after_step(1, jnp.ones(8).sum())
+print('left:', sorted(os.listdir(os.path.join(sys.argv[1], 'profile', 'plugins', 'profile'))))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_a_tmpfs(), reason='needs user namespaces (unshare -Urm)')
+def test_a_full_disk_costs_the_profile_not_the_run(tmp_path):
+  """Before: jax.profiler's RESOURCE_EXHAUSTED error ended train.py with a traceback at
+  the end of the profiled steps, and left a truncated trace for TensorBoard."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  script = tmp_path / 'profile_on_a_full_disk.py'
+  script.write_text(FULL_DISK_PROFILE)
+  result = subprocess.run(full_disk_command(disk, 8, [sys.executable, script, disk]),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert (f'WARNING: writing the profile of steps 1-1 to {disk}/profile failed '
+          '(JaxRuntimeError: No space left on device); training goes on without it.'
+          in result.stdout), result.stdout + result.stderr
+  assert 'left: []' in result.stdout

@@ -6,10 +6,12 @@ beside it. Process 0 traces, the others train on.
 """
 
 import os
+import shutil
 from typing import Sequence
 
 import jax
 
+from resnet_jax.errors import os_error_reason
 from resnet_jax.train.metrics import log
 
 PROFILE_DIR = 'profile'  # below the workdir
@@ -22,11 +24,13 @@ class StepProfiler:
     self.steps = tuple(profile_steps) if jax.process_index() == 0 else ()
     self.logdir = os.path.join(workdir, PROFILE_DIR)
     self.tracing = False
+    self.earlier_traces = set()
 
   def before_step(self, step: int):
     """Starts the trace if the step after `step` is the first one profiled (or, resumed
     inside the range, the first one this run trains)."""
     if self.steps and not self.tracing and self.steps[0] <= step < self.steps[1]:
+      self.earlier_traces = set(self._traces())
       jax.profiler.start_trace(self.logdir)
       self.tracing = True
 
@@ -39,7 +43,26 @@ class StepProfiler:
     if not self.tracing:
       return
     jax.block_until_ready(metrics)  # the trace holds the steps' device work, not its dispatch
-    jax.profiler.stop_trace()
     self.tracing = False
-    log(f'Wrote a profile of steps {self.steps[0] + 1}-{self.steps[1]} to {self.logdir} '
-        f'(tensorboard --logdir {self.logdir}).')
+    steps = f'steps {self.steps[0] + 1}-{self.steps[1]}'
+    try:
+      jax.profiler.stop_trace()
+    except Exception as error:  # pylint: disable=broad-except
+      reason = os_error_reason(error)
+      if reason is None:
+        raise
+      # A profile is a diagnostic: a full disk costs it, not the run (whose next save
+      # says so, if the disk is still full). No half-written trace is left for TensorBoard.
+      for trace in set(self._traces()) - self.earlier_traces:
+        shutil.rmtree(trace, ignore_errors=True)
+      log(f'WARNING: writing the profile of {steps} to {self.logdir} failed ({reason}); '
+          'training goes on without it.')
+      return
+    log(f'Wrote a profile of {steps} to {self.logdir} (tensorboard --logdir {self.logdir}).')
+
+  def _traces(self):
+    """The folders of the traces written so far (TensorBoard's plugins/profile/<time>)."""
+    folder = os.path.join(self.logdir, 'plugins', 'profile')
+    if not os.path.isdir(folder):
+      return []
+    return [os.path.join(folder, name) for name in os.listdir(folder)]
