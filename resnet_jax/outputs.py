@@ -24,8 +24,9 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Callable, Iterable, List, Sequence
+from typing import BinaryIO, Callable, Iterable, List, Sequence
 
 from resnet_jax.errors import UserError, os_error_reason
 
@@ -115,6 +116,25 @@ def write_atomically(output: Path, write: Callable[[Path], None], kind: Kind,
                       'again.') from None
     check_output(output, kind, overwrite=overwrite)  # still the output checked before
     _swap(folder, output, kind.names(output))
+
+
+def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+  """Writes one file so that a reader, a kill or a full disk leaves the old file or the new
+  one, never an empty or partial one: `write` fills a temporary file beside it, which is
+  synced, then renamed over `path`."""
+  temporary = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+  # 0o666 (less the umask) as open() would give, not mkstemp's owner-only 0o600.
+  handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temporary)
+    raise
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from helpers import (HANG_S, JAX_CACHE_DIR, LONG, LONG_FLAGS, REPO, assert_metri
                      wait_for_checkpoint)
 
 import resnet_jax
+from resnet_jax import plot
 from resnet_jax.train import checkpoints, loop
 from resnet_jax.errors import Interrupted, MetricWriteError, UserError
 from resnet_jax.train.config_schema import check_config
@@ -284,7 +285,7 @@ def test_full_disk_during_a_save_is_one_message(tmp_path, config_file):
 
 @pytest.mark.slow  # two runs in-process: ~20 s
 def test_a_full_disk_stops_at_a_metrics_line_and_only_warns_at_the_plot(
-    tmp_path, six_step_reference, capsys):
+    tmp_path, six_step_reference, capsys, monkeypatch):
   """metrics.jsonl on /dev/full (every write fails as on a full disk): the first log line
   ends the run with one UserError, before the save of that step; the same command then
   trains the run exactly as an uninterrupted one, metrics included, and a full disk at
@@ -295,7 +296,13 @@ def test_a_full_disk_stops_at_a_metrics_line_and_only_warns_at_the_plot(
     train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
   assert checkpoint_steps(tmp_path) == []
   metrics_file.unlink()
-  curves.symlink_to('/dev/full')
+
+  def write_to_a_full_disk(path, write):  # curves.png's temporary file on a full disk
+    with open('/dev/full', 'wb') as f:
+      write(f)
+      f.flush()
+
+  monkeypatch.setattr(plot, 'replace_file', write_to_a_full_disk)
   train_and_evaluate(tiny_digits_config(num_train_steps=6), str(tmp_path))
   assert_same_state(tmp_path, six_step_reference)
   assert_metrics_match(str(tmp_path), six_step_reference)

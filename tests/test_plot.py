@@ -1,6 +1,7 @@
 """Tests of `python -m resnet_jax.plot`."""
 
 import json
+import os
 
 import pytest
 
@@ -26,16 +27,17 @@ def test_read_metrics_keeps_the_last_value_per_step(tmp_path):
 
 
 def _plotted(monkeypatch):
-  """The figures plot.main saves, as {panel title: {line label: (steps, values)}}, and the
-  PNG paths they were saved to."""
+  """The figures plot.main saves, as {panel title: {line label: (steps, values)}}, and their
+  formats."""
   from matplotlib.figure import Figure
   saved, savefig = [], Figure.savefig
 
-  def record(figure, path, **kwargs):
-    saved.append((path, {ax.get_title(): {line.get_label(): tuple(map(tuple, line.get_data()))
-                                          for line in ax.get_lines()}
-                         for ax in figure.axes}))
-    savefig(figure, path, **kwargs)
+  def record(figure, file, **kwargs):
+    saved.append((kwargs['format'],
+                  {ax.get_title(): {line.get_label(): tuple(map(tuple, line.get_data()))
+                                    for line in ax.get_lines()}
+                   for ax in figure.axes}))
+    savefig(figure, file, **kwargs)
 
   monkeypatch.setattr(Figure, 'savefig', record)
   return saved
@@ -47,9 +49,10 @@ def test_plot_one_and_several_runs(tmp_path, monkeypatch):
   plot.main([a])
   monkeypatch.chdir(tmp_path)
   plot.main([a, b, '--out', 'both.png'])
-  (one_path, one), (both_path, both) = saved
-  assert (one_path, both_path) == (str(tmp_path / 'a' / 'curves.png'), 'both.png')
-  assert (tmp_path / 'a' / 'curves.png').exists() and (tmp_path / 'both.png').exists()
+  (one_format, one), (both_format, both) = saved
+  assert one_format == both_format == 'png'
+  assert sorted(os.listdir(tmp_path / 'a')) == ['curves.png', 'metrics.jsonl']
+  assert (tmp_path / 'both.png').read_bytes().startswith(b'\x89PNG')
   # Each run's metrics.jsonl as read_metrics reads it (the last value per step), one line
   # per metric and run.
   for run, name in [(a, 'a'), (b, 'b')]:
@@ -86,3 +89,37 @@ def test_unwritable_out_is_one_message(tmp_path, capsys):
   with pytest.raises(SystemExit):
     plot.main([run, '--out', str(tmp_path / 'file' / 'curves.png')])
   assert 'cannot write' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('out, message', [
+    ('run', 'is a directory; pass a file, such as'),  # matplotlib wrote run.png beside it
+    ('curves', 'name an image file, ending in .png'),  # ... and curves.png
+    ('curves.txt', 'name an image file, ending in .png'),  # ... and a ValueError traceback
+])
+def test_an_out_that_is_no_image_file_is_one_message_and_nothing_is_written(
+    tmp_path, capsys, out, message):
+  run = _write_run(tmp_path / 'run')
+  before = sorted(p.name for p in tmp_path.rglob('*'))
+  with pytest.raises(SystemExit):
+    plot.main([run, '--out', str(tmp_path / out)])
+  assert message in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.rglob('*')) == before
+
+
+def test_a_failed_write_keeps_the_old_image_whole(tmp_path, capsys, monkeypatch):
+  from matplotlib.figure import Figure
+  run = _write_run(tmp_path / 'run')
+  old = tmp_path / 'run' / 'curves.png'
+  plot.main([run])
+  old_bytes = old.read_bytes()
+
+  def full_disk_halfway(figure, file, **kwargs):
+    file.write(b'\x89PNG half an image')
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(Figure, 'savefig', full_disk_halfway)
+  with pytest.raises(SystemExit):
+    plot.main([run])
+  assert 'No space left on device' in capsys.readouterr().err
+  assert old.read_bytes() == old_bytes
+  assert sorted(os.listdir(tmp_path / 'run')) == ['curves.png', 'metrics.jsonl']

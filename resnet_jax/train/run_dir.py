@@ -15,13 +15,11 @@ what a checkpoint holds is `resnet_jax.train.checkpoint_format`, the trainer's p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -29,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.errors import UserError
+from resnet_jax.outputs import replace_file
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.resnet import EXECUTION_FIELDS
 from resnet_jax.models.scan import holds_scanned, scan_tree, unscan_tree
@@ -104,22 +103,8 @@ def read_model_config(path: PathLike) -> Dict[str, Any]:
 
 def _write_atomically(path: Path, text: str) -> None:
   """Writes `path` so that a reader, a kill or a full disk leaves the old file or the new
-  one, never an empty or partial one: a temporary file beside it, synced, then renamed."""
-  temporary = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
-  # 0o666 (less the umask) as open() would give, not mkstemp's owner-only 0o600.
-  handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(handle, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(temporary)
-    raise
-
-
+  one, never an empty or partial one."""
+  replace_file(path, lambda f: f.write(text.encode()))
 
 
 def write_model_config(directory: PathLike, spec: Dict[str, Any]) -> None:
