@@ -124,6 +124,10 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   if sum(x is not None for x in (workdir, checkpoint, pretrained)) != 1:
     raise UserError('Pass exactly one of --workdir (a training run), --checkpoint (a '
                     'converted checkpoint directory) or --pretrained (weights by name).')
+  for flag, value in (('--batch_size', batch_size),
+                      ('--image_size', dataset_overrides.get('image_size'))):
+    if value is not None and value < 1:
+      raise UserError(f'{flag} {value}: pass a positive number.')
   spec = _applied_spec(checkpoint, pretrained, dataset_overrides)
   if spec is not None:
     dataset_overrides = {**dataset_overrides, 'image_size': spec.crop_size}
@@ -140,8 +144,6 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=optax.identity())
   batch_size = batch_size or config.eval_batch_size
-  if batch_size < 0:
-    raise UserError(f'--batch_size {batch_size} must be positive.')
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   _, eval_fn = compile_steps(mesh, pipeline.normalization)
   return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,

@@ -109,6 +109,8 @@ def main(argv=None) -> int:
   """Entry point of `python -m resnet_jax.predict`."""
   parser = _parser()
   args = parser.parse_args(argv)
+  if args.top_k < 1:
+    parser.error(f'--top-k {args.top_k}: pass 1 or more.')
   quiet_libtpu_without_tpu()
 
   import jax

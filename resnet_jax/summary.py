@@ -113,7 +113,9 @@ def main(argv=None) -> None:
     parser.error(f'--depth {args.depth}: pass 1 (stem and stages) or more.')
   if args.model not in zoo.MODELS:
     parser.error(f'unknown model {args.model!r}; valid names: {", ".join(zoo.list_models())}')
-  size = args.image_size or (32 if args.model.startswith('cifar') else 224)
+  size = args.image_size
+  if size is None:
+    size = 32 if args.model.startswith('cifar') else 224
   overrides = {} if args.num_classes is None else {'num_classes': args.num_classes}
   try:  # the options and image size are the user's; a ValueError past here is a bug
     model = zoo.create_model(args.model, **overrides)

@@ -146,3 +146,12 @@ def test_a_run_with_a_weight_ema_is_evaluated_with_it(tmp_path, capsys):
   assert ema == {k[len('ema_'):]: v for k, v in in_training.items() if k.startswith('ema_')}
   assert raw == {k: v for k, v in in_training.items() if not k.startswith('ema_')}
   assert ema['loss'] != raw['loss']
+
+
+@pytest.mark.parametrize('flag', ['--batch_size', '--image_size'])
+@pytest.mark.parametrize('value', ['0', '-4'])
+def test_a_size_below_one_is_one_message(flag, value, tmp_path):
+  """Before: --batch_size 0 was taken for the default, --image_size 0 or -4 ended in a
+  ZeroDivisionError or TensorFlow's ValueError."""
+  with pytest.raises(SystemExit, match=f'Error: {flag} {value}: pass a positive number'):
+    evaluate.main(['--workdir', str(tmp_path), flag, value])

@@ -204,3 +204,10 @@ def test_predict_refuses_a_one_channel_model_without_its_preprocessing(image_fil
   err = capsys.readouterr().err
   assert info.value.code == 2 and err.count('\n') == 1, err
   assert '1-channel model but no record of how its images were preprocessed' in err
+
+
+@pytest.mark.parametrize('top_k', ['0', '-2'])  # -2 printed all but the last two classes
+def test_top_k_below_one_is_one_message(top_k, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    predict.main(['--checkpoint', str(tmp_path), '--top-k', top_k, 'image.jpg'])
+  assert f'--top-k {top_k}: pass 1 or more' in capsys.readouterr().err

@@ -39,6 +39,7 @@ def test_cifar_default_size_and_flops(capsys):
 @pytest.mark.parametrize('argv, message', [
     (['resnet5'], 'unknown model'),
     (['resnet18', '--image-size', '8'], 'too small'),
+    (['resnet18', '--image-size', '0'], 'Images of 0x0 are too small'),  # was 224's table
     (['resnet18', '--depth', '0'], '--depth 0: pass 1'),
     (['resnet18', '--num-classes', '-3'], 'num_classes must be an integer >= 0'),
 ])
