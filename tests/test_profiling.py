@@ -12,14 +12,19 @@ from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.profiling import PROFILE_DIR
 
 
-def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, capsys):
+@pytest.mark.parametrize('profile_steps, traced', [
+    ((1, 3), 'steps 2-3'),
+    ((2, 100), 'steps 3-4'),  # the run ends first (it said 'steps 3-100')
+])
+def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, capsys, profile_steps, traced):
   workdir = str(tmp_path / 'run')
-  train_and_evaluate(tiny_digits_config(num_train_steps=4, profile_steps=(1, 3)), workdir)
+  train_and_evaluate(tiny_digits_config(num_train_steps=4, profile_steps=profile_steps),
+                     workdir)
   # TensorBoard's profile plugin reads plugins/profile/<run>/<host>.xplane.pb.
   traces = glob.glob(os.path.join(workdir, PROFILE_DIR, 'plugins', 'profile', '*',
                                   '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
-  assert 'Wrote a profile of steps 2-3' in capsys.readouterr().out
+  assert f'Wrote a profile of {traced} to' in capsys.readouterr().out
 
 
 def test_no_trace_without_profile_steps(tmp_path):

@@ -94,7 +94,7 @@ def get_config():
   config.ema_every_steps = 32  # update the EMA every N steps of an epoch
   # Run.
   config.seed = 0
-  config.log_every_steps = 50
+  config.log_every_steps = 50  # these three: 0 or less = only at the end of the run
   config.eval_every_steps = 250
   config.checkpoint_every_steps = 250
   config.keep_checkpoints = 2  # the latest N, plus the best by best_metric

@@ -25,6 +25,7 @@ class StepProfiler:
     self.logdir = os.path.join(workdir, PROFILE_DIR)
     self.tracing = False
     self.earlier_traces = set()
+    self.traced = [0, 0]  # the first and the last step traced
 
   def before_step(self, step: int):
     """Starts the trace if the step after `step` is the first one profiled (or, resumed
@@ -33,9 +34,12 @@ class StepProfiler:
       self.earlier_traces = set(self._traces())
       jax.profiler.start_trace(self.logdir)
       self.tracing = True
+      self.traced = [step + 1, step + 1]
 
   def after_step(self, step: int, metrics):
     """Stops the trace once step `end` has run on the device."""
+    if self.tracing:
+      self.traced[1] = step
     if self.tracing and step >= self.steps[1]:
       self.stop(metrics)
 
@@ -44,7 +48,7 @@ class StepProfiler:
       return
     jax.block_until_ready(metrics)  # the trace holds the steps' device work, not its dispatch
     self.tracing = False
-    steps = f'steps {self.steps[0] + 1}-{self.steps[1]}'
+    steps = f'steps {self.traced[0]}-{self.traced[1]}'  # a run that ends first traces fewer
     try:
       jax.profiler.stop_trace()
     except Exception as error:  # pylint: disable=broad-except
