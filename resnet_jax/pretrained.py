@@ -188,7 +188,7 @@ def _download(name: str, url: str, cached: Path, note: str = '') -> None:
   if _offline():
     raise _not_available(name, url, cached.parent, 'offline mode (HF_HUB_OFFLINE) is on', note)
   found = torch.hub.HASH_REGEX.search(cached.name)
-  cached.parent.mkdir(parents=True, exist_ok=True)
+  _make_folder(cached.parent, 'TORCH_HOME')
   print(f'Downloading {url} to {cached}', file=sys.stderr, flush=True)  # as torch.hub says
   try:
     torch.hub.download_url_to_file(url, str(cached), found.group(1) if found else None)
@@ -316,13 +316,23 @@ def _read_entry(name: str, directory: Path):
     raise _Damaged(checkpoint_format.first_line(e), identity) from None
 
 
+def _make_folder(folder: Path, variable: str) -> None:
+  """Creates a cache folder (and its parents), or one UserError saying what to set."""
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a file in the way, no permission, a read-only or full disk
+    raise UserError(f'Cannot create the cache folder {folder} ({type(e).__name__}: '
+                    f'{e.strerror or e}): set {variable} to a folder you can write, or move '
+                    'what is in the way.') from None
+
+
 @contextlib.contextmanager
 def _lock(name: str, directory: Path):
   """Holds an flock on the hidden file `.<name>.lock` beside the entry, so one process
   converts while the others wait (up to LOCK_TIMEOUT_S) and then read its result. Yields
   whether the lock is held (False on a filesystem without locks, where the atomic rename
   of the entry still keeps readers from a half-written one)."""
-  directory.parent.mkdir(parents=True, exist_ok=True)
+  _make_folder(directory.parent, 'RESNET_JAX_CACHE')
   path = directory.with_name(f'.{directory.name}.lock')
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

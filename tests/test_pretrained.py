@@ -370,6 +370,22 @@ def test_a_full_disk_while_converting_is_one_message_and_leaves_no_entry(fresh, 
   assert [p.name for p in entry.parent.iterdir()] == ['.resnet18.tv_in1k.lock']
 
 
+@pytest.mark.parametrize('variable, folder', [
+    ('RESNET_JAX_CACHE', 'pretrained'),  # where the entry is converted
+    ('TORCH_HOME', 'hub/checkpoints'),  # where torchvision's file is downloaded
+])
+def test_a_cache_folder_that_cannot_be_made_is_one_message(fresh, monkeypatch, variable,
+                                                           folder):
+  """A file where the cache's folder goes (before: a NotADirectoryError traceback)."""
+  in_the_way = fresh['ours'].parent / 'a_file'
+  in_the_way.write_text('')
+  monkeypatch.setenv(variable, str(in_the_way))
+  monkeypatch.delenv('HF_HUB_OFFLINE')  # the download is tried (the network is closed)
+  with pytest.raises(UserError, match=f'Cannot create the cache folder {in_the_way}/{folder} '
+                     rf'\(NotADirectoryError: Not a directory\): set {variable} to a folder'):
+    pretrained.load_pretrained('resnet18.tv_in1k')
+
+
 def test_a_conversion_in_progress_is_waited_for_with_a_limit(fresh, monkeypatch, capsys):
   _put_torchvision_weights(fresh, 'resnet18', RESNET18_FILE)
   lock = fresh['ours'] / 'pretrained' / '.resnet18.tv_in1k.lock'
