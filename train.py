@@ -37,6 +37,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.workdir is not None and not FLAGS.workdir.strip():  # e.g. an unset "$WORKDIR"
+    sys.exit('Error: --workdir is empty; pass a directory, or leave --workdir out for '
+             './workdirs/<config name>.')
   if not FLAGS['verbosity'].present:  # keep the console to progress lines
     logging.set_verbosity(logging.WARNING)
   from resnet_jax.train import host_memory  # pylint: disable=g-import-not-at-top

@@ -46,10 +46,12 @@ class Interrupted(Exception):
     super().__init__(f'{signal_name}: saved step {step}; run the same command to continue.')
 
 
-# The operating system's words for a failed write ('No space left on device', ...), which
-# other libraries' errors carry in their text (TensorFlow's: 'PATH; No space left on device').
+# The operating system's words for a failed write ('No space left on device', 'Not a
+# directory' for a file where a folder goes, ...), which other libraries' errors carry in
+# their text (TensorFlow's: 'PATH; No space left on device').
 _WRITE_FAILURES = tuple(os.strerror(number) for number in (
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG))
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG,
+    errno.ENOTDIR))
 
 
 def os_error_reason(error: BaseException) -> Optional[str]:

@@ -121,7 +121,7 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   run kept one, unless `raw_weights`), of a converted checkpoint directory or of
   pretrained weights by name (those two with their own input spec unless a `preprocess`
   recipe is given), on `split` (default: the run's eval split)."""
-  if sum(x is not None for x in (workdir, checkpoint, pretrained)) != 1:
+  if sum(bool(x) for x in (workdir, checkpoint, pretrained)) != 1:  # '': an unset "$VAR"
     raise UserError('Pass exactly one of --workdir (a training run), --checkpoint (a '
                     'converted checkpoint directory) or --pretrained (weights by name).')
   for flag, value in (('--batch_size', batch_size),

@@ -112,6 +112,7 @@ def _train_py(*args):
      "'remats' is no create_model option (did you mean remat?)"),
     (['--config.learning_rate=fast'], "could not convert string to float: 'fast'"),
     (['--config.dataset='], "config.dataset='' must not be empty"),
+    (['--workdir', ''], '--workdir is empty'),  # it trained in ./workdirs/default
 ])
 def test_train_py_bad_key_or_type_is_one_message(args, message):
   result = _train_py('--workdir', '/nonexistent/never/written', *args)

@@ -201,6 +201,15 @@ def test_a_failed_digits_preparation_shows_what_tfds_printed(tmp_path, capsys, m
   assert 'partial output of the build' in capsys.readouterr().err
 
 
+def test_a_data_dir_that_is_a_file_is_one_message(tmp_path):
+  """Before: 'could not be downloaded', and to run `tfds build` on a machine with network."""
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(UserError, match=r"Preparing dataset 'digits' in .*file failed \(Not a "
+                     r'directory\): free disk space there or make it a writable folder, or pass '
+                     '--config.data_dir=DIR elsewhere'):
+    TfdsSource('digits', str(tmp_path / 'file'))
+
+
 def test_synthetic_data_needs_no_dataset():
   config = tiny_digits_config(dataset='synthetic', image_size=16, batch_size=8)
   config.in_channels = 3

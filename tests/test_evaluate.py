@@ -155,3 +155,8 @@ def test_a_size_below_one_is_one_message(flag, value, tmp_path):
   ZeroDivisionError or TensorFlow's ValueError."""
   with pytest.raises(SystemExit, match=f'Error: {flag} {value}: pass a positive number'):
     evaluate.main(['--workdir', str(tmp_path), flag, value])
+
+
+def test_an_empty_source_is_one_message():  # an unset "$WORKDIR"; it was a TypeError
+  with pytest.raises(SystemExit, match='Error: Pass exactly one of --workdir'):
+    evaluate.main(['--workdir', ''])

@@ -331,9 +331,10 @@ def _ensure_prepared(builder, name):
     root = builder.data_dir_root
     manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
     failed_write = write_failure_words(e)
-    if failed_write:  # a full or read-only disk
+    if failed_write:  # a full or read-only disk, a file in the way
       hint = (f'Preparing dataset {name!r} in {root} failed ({failed_write}): free disk '
-              f'space there or make it writable, or pass --config.data_dir=DIR elsewhere.')
+              f'space there or make it a writable folder, or pass --config.data_dir=DIR '
+              f'elsewhere.')
     elif manual:
       hint = (f'Dataset {name!r} is not prepared in {root} and needs a manual download:\n'
               f'{manual.strip()}\nPut those files in {os.path.join(root, "downloads", "manual")} '
