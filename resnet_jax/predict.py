@@ -13,7 +13,9 @@ with PIL, resized, cropped, scaled to [0, 1] and normalized with the spec's mean
 Class names are the spec's (ImageNet-1k's for ImageNet weights), else class indices.
 
 Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are skipped
-with a message, as undecodable ones are; the others are still classified.
+with a message, as undecodable ones are; the others are still classified. Images are read
+and classified BATCH at a time, each batch printed when done, so any number of them fits
+in memory.
 """
 
 import argparse
@@ -30,6 +32,8 @@ from resnet_jax import input_spec
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.errors import UserError
 from resnet_jax.input_spec import imagenet_class_names  # noqa: F401 (public here too)
+
+BATCH = 32  # images per forward pass
 
 
 def imagenet_eval_transform(image) -> np.ndarray:
@@ -130,18 +134,24 @@ def main(argv=None) -> int:
   if not model.num_classes:
     parser.exit(2, f'{parser.prog}: error: the model in {args.checkpoint or args.pretrained} '
                    f'has no classifier head (num_classes=0).\n')
-  batch, names = _read_images(args.images, transform)
-  if not batch:
-    parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '
-                   f'could be read.\n')
-  logits = jax.jit(functools.partial(model.apply, train=False))(variables, np.stack(batch))
-  probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   class_names = spec.names()
   if class_names is not None and len(class_names) != model.num_classes:
     class_names = None  # a head of another size (a fine-tuned model, say): indices
-  for path, row in zip(names, probabilities):
-    print(path)
-    print('\n'.join(format_predictions(row, class_names, args.top_k)))
+  forward = jax.jit(functools.partial(model.apply, train=False))
+  classified = 0
+  for start in range(0, len(args.images), BATCH):
+    batch, names = _read_images(args.images[start:start + BATCH], transform)
+    if not batch:
+      continue
+    logits = forward(variables, np.stack(batch))
+    probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
+    for path, row in zip(names, probabilities):
+      print(path)
+      print('\n'.join(format_predictions(row, class_names, args.top_k)), flush=True)
+    classified += len(batch)
+  if not classified:
+    parser.exit(1, f'{parser.prog}: error: none of the {len(args.images)} image(s) '
+                   f'could be read.\n')
   return 0
 
 

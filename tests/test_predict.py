@@ -172,16 +172,22 @@ def digit_files(tmp_path_factory):
   return directory, pixels
 
 
+@pytest.mark.parametrize('batch', [predict.BATCH, 2])  # 2: batches, one of them unreadable
 def test_predict_uses_a_digits_workdirs_own_channels_and_preprocessing(
-    trained_workdir, digit_files, capsys):
+    trained_workdir, digit_files, capsys, monkeypatch, batch):
   from resnet_jax.train.checkpoint_format import load_model
+  monkeypatch.setattr(predict, 'BATCH', batch)
   workdir, _ = trained_workdir
   directory, pixels = digit_files
   names = list(pixels) + ['photo.jpg']
   assert predict.main(['--checkpoint', workdir, '--top-k', '10']
-                      + [str(directory / n) for n in names]) == 0
-  results = parse(capsys.readouterr().out)
+                      + [str(directory / n) for n in names[:2]]
+                      + [str(directory / 'missing1.png'), str(directory / 'missing2.png')]
+                      + [str(directory / n) for n in names[2:]]) == 0
+  out, err = capsys.readouterr()
+  results = parse(out)
   assert list(results) == [str(directory / n) for n in names]
+  assert 'missing1.png' in err and 'missing2.png' in err
   model, variables = load_model(workdir)
   mean, std = 0.30, 0.40  # the digits normalization, as the run trained with
   batch = np.stack([(p[..., None] / 255.0 - mean) / std for p in pixels.values()])
