@@ -133,6 +133,22 @@ def test_image_folder(tmp_path):
   assert sum(b['mask'].sum() for b in batches()) == 2
 
 
+def test_webp_images_are_read_and_other_files_are_named_in_one_warning(tmp_path, caplog):
+  """Before: .webp files (which TensorFlow decodes) and every other file were left out
+  without a word."""
+  _image_folder(tmp_path)
+  Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / 'cat' / 'x.webp')
+  for name in ('a.tif', 'b.tif', 'notes.txt', '.DS_Store'):  # hidden files are no images
+    (tmp_path / 'dog' / name).write_bytes(b'')
+  source = FolderSource(str(tmp_path))
+  assert source.num_examples('train') + source.num_examples('test') == 21
+  source.check_files(('train', 'test'))
+  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+      f"Image folder {str(tmp_path)!r}: left out 3 file(s) whose names do not end in an image "
+      'extension (.tif: 2, .txt: 1; images are .jpg, .jpeg, .png, .bmp, .gif, .webp). Rename '
+      'or convert them to use them.']
+
+
 def test_small_streamed_epochs_are_one_dataset_and_resume_exactly(tmp_path, monkeypatch):
   """Epochs of a few batches stream from one tf.data dataset (the transform is traced once
   for many epochs, not once per epoch: a stall per epoch, benchmarks/RESULTS.md); a stream

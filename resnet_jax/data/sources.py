@@ -5,6 +5,7 @@ A source reads one process's shard of a split as a tf.data.Dataset of
 decode) and knows the split's size and class count.
 """
 
+import collections
 import contextlib
 import io
 import logging
@@ -13,7 +14,7 @@ import re
 import sys
 import warnings
 from concurrent import futures
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -28,7 +29,7 @@ class DatasetNotPreparedError(UserError, RuntimeError):
   """A TFDS dataset that is neither prepared nor preparable offline (a RuntimeError, as before)."""
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 FOLDER_PREFIX = 'folder:'
 
 # Images of more pixels are refused before training. This is PIL's default
@@ -122,6 +123,7 @@ class FolderSource:
     self.image_shape = (None, None, channels)
     self.classes = self._class_names()
     self.num_classes = len(self.classes)
+    self.skipped = {}  # folder read: {extension: count} of its files that are no images
 
   def _has_splits(self):
     return os.path.isdir(os.path.join(self.root, 'train'))
@@ -137,11 +139,13 @@ class FolderSource:
     base = os.path.join(self.root, split) if self._has_splits() else self.root
     if not os.path.isdir(base):
       raise UserError(f'No split {split!r} in image folder {self.root!r}.')
-    paths, labels = [], []
+    paths, labels, skipped = [], [], collections.Counter()
     for label, name in enumerate(self.classes):
-      for path in _image_files(os.path.join(base, name)):
-        paths.append(path)
-        labels.append(label)
+      images, others = _image_files(os.path.join(base, name))
+      paths += images
+      labels += [label] * len(images)
+      skipped.update(os.path.splitext(other)[1].lower() or other for other in others)
+    self.skipped[base] = skipped
     empty = [name for name, count in zip(self.classes, np.bincount(labels, minlength=len(
         self.classes))) if not count] if not self._has_splits() or split == 'train' else []
     if empty:
@@ -208,6 +212,13 @@ class FolderSource:
     its header (truncated) is found only when read, by `explain_read_error`.
     """
     paths = sorted({str(p) for split in dict.fromkeys(splits) for p in self._files(split)[0]})
+    for folder, skipped in self.skipped.items():
+      if skipped:
+        logging.warning('Image folder %r: left out %d file(s) whose names do not end in an '
+                        'image extension (%s; images are %s). Rename or convert them to use '
+                        'them.', folder, sum(skipped.values()),
+                        ', '.join(f'{name}: {count}' for name, count in skipped.most_common()),
+                        ', '.join(IMAGE_EXTENSIONS))
     bad = _find_problems(paths, header_problem)
     if bad:
       raise UserError(self._bad_files_message(', '.join(map(repr, dict.fromkeys(splits))),
@@ -251,14 +262,18 @@ def shard_positions(count: int, process_index: int, process_count: int,
   return order[process_index::process_count]
 
 
-def _image_files(folder: str) -> list:
-  """Sorted paths of the image files in `folder`; sub-folders (even one named x.jpg) and
-  other entries that are not files are not images."""
+def _image_files(folder: str) -> Tuple[list, list]:
+  """Sorted paths of the image files in `folder`, and the names of its other files (hidden
+  ones, such as .DS_Store, aside); sub-folders (even one named x.jpg) and other entries
+  that are not files are neither."""
   if not os.path.isdir(folder):
-    return []
+    return [], []
   with os.scandir(folder) as entries:
-    return sorted(entry.path for entry in entries
-                  if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file())
+    files = [entry for entry in entries if entry.is_file()]
+  images = sorted(f.path for f in files if f.name.lower().endswith(IMAGE_EXTENSIONS))
+  others = [f.name for f in files
+            if not f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith('.')]
+  return images, others
 
 
 def header_problem(path: str) -> Optional[tuple]:
