@@ -121,6 +121,26 @@ def test_train_py_bad_key_or_type_is_one_message(args, message):
   assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
 
 
+@pytest.mark.cli
+@pytest.mark.parametrize('text, message', [
+    (None, 'Error: cannot load --config {path}: [Errno 2] No such file or directory'),
+    ('def get_config(:\n', 'Error: the --config file does not parse:\n  File "{path}", line 1'),
+    ('x = 1\n', 'Error: --config {path} defines no get_config().'),
+    ('def get_config():\n  return 3\n',
+     'Error: get_config() of --config {path} returned int, not an ml_collections.ConfigDict.'),
+])
+def test_a_config_file_that_gives_no_config_is_one_message(tmp_path, text, message):
+  """Before: tracebacks (a missing file's only when the config was first read)."""
+  path = tmp_path / 'config.py'
+  if text is not None:
+    path.write_text(text)
+  result = _train_py('--config', str(path), '--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr and message.format(path=path) in result.stderr, (
+      result.stderr)
+  assert not (tmp_path / 'run').exists()
+
+
 # --- Every --config.KEY=VALUE the README shows ---------------------------------------------
 
 def _readme_commands():
