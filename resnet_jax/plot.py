@@ -26,10 +26,10 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
   from resnet_jax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
 
-  image_format = _image_format(out, plt.figure().canvas.get_supported_filetypes())
-  plt.close('all')
+  image_format = _image_format(out, FigureCanvasBase.get_supported_filetypes())
   fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4))
   for i, workdir in enumerate(workdirs):
     metrics = read_metrics(workdir)

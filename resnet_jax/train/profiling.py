@@ -40,8 +40,8 @@ class StepProfiler:
     """Stops the trace once step `end` has run on the device."""
     if self.tracing:
       self.traced[1] = step
-    if self.tracing and step >= self.steps[1]:
-      self.stop(metrics)
+      if step >= self.steps[1]:
+        self.stop(metrics)
 
   def stop(self, metrics=None):
     if not self.tracing:
