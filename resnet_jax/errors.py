@@ -71,6 +71,12 @@ def os_error_reason(error: BaseException) -> Optional[str]:
   return f'{type(error).__name__}: {words}' if words else None
 
 
+def describe_error(error: BaseException) -> str:
+  """`os_error_reason(error)`, else 'Type: message': what a one-line message says of why a
+  write or read failed."""
+  return os_error_reason(error) or f'{type(error).__name__}: {error}'
+
+
 def write_failure_words(error: BaseException) -> Optional[str]:
   """The words of a failed write ('No space left on device', 'Read-only file system', ...)
   that `error`'s message carries, or None."""

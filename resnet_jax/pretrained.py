@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from resnet_jax.train import checkpoint_format, run_dir
-from resnet_jax.errors import UserError, os_error_reason
+from resnet_jax.errors import UserError, describe_error, os_error_reason
 from resnet_jax.models import scan_variables
 
 HF_FILENAME = 'model.safetensors'
@@ -321,9 +321,8 @@ def _make_folder(folder: Path, variable: str) -> None:
   try:
     folder.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # a file in the way, no permission, a read-only or full disk
-    raise UserError(f'Cannot create the cache folder {folder} ({type(e).__name__}: '
-                    f'{e.strerror or e}): set {variable} to a folder you can write, or move '
-                    'what is in the way.') from None
+    raise UserError(f'Cannot create the cache folder {folder} ({describe_error(e)}): set '
+                    f'{variable} to a folder you can write, or move what is in the way.') from None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from resnet_jax.errors import MetricWriteError, os_error_reason
+from resnet_jax.errors import MetricWriteError, describe_error
 from resnet_jax.train import run_dir
 
 
@@ -48,7 +48,7 @@ class MetricWriter:
     except _write_errors() as e:
       self._failed = True
       raise MetricWriteError(
-          f'Writing the metrics of step {step} to {self._file.name} failed ({_reason(e)}): '
+          f'Writing the metrics of step {step} to {self._file.name} failed ({describe_error(e)}): '
           'free disk space or make the folder writable, then run the same command to '
           'resume.') from None
 
@@ -65,16 +65,12 @@ class MetricWriter:
         errors.append(e)
     if errors and not self._failed:
       log(f'WARNING: the last metrics may not be written to {self._file.name} '
-          f'({_reason(errors[0])}).')
+          f'({describe_error(errors[0])}).')
 
 
 def _write_errors() -> tuple:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded by MetricWriter)
   return OSError, tf.errors.OpError
-
-
-def _reason(error: Exception) -> str:
-  return os_error_reason(error) or f'{type(error).__name__}: {error}'
 
 
 def _ends_with_newline(path: str) -> bool:

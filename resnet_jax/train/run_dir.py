@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, describe_error
 from resnet_jax.outputs import replace_file
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.models.resnet import EXECUTION_FIELDS
@@ -155,7 +155,7 @@ def write_run_files(workdir: PathLike, config, spec: Dict[str, Any]) -> None:
     write_input_spec(workdir, input_spec.of_run(config, spec['num_classes']).to_json())
     _write_atomically(Path(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
   except OSError as e:  # a full disk: the old files are whole (written beside, renamed)
-    raise UserError(f'Writing the run files into {workdir} failed ({_why(e)}): free disk '
+    raise UserError(f'Writing the run files into {workdir} failed ({describe_error(e)}): free disk '
                     'space or make the folder writable, then run the same command.') from None
 
 
@@ -322,7 +322,7 @@ def check_writable(workdir: str):
       with open(path, 'a'):  # appending nothing changes nothing
         pass
     except OSError as e:
-      raise UserError(f'Cannot write to {path!r} ({_why(e)}); {fix}.') from None
+      raise UserError(f'Cannot write to {path!r} ({describe_error(e)}); {fix}.') from None
 
 
 def _check_directory(directory: str, fix: str, what: str = ''):
@@ -335,8 +335,4 @@ def _check_directory(directory: str, fix: str, what: str = ''):
     with tempfile.NamedTemporaryFile(dir=directory, prefix='.write_test.'):
       pass
   except OSError as e:
-    raise UserError(f'Cannot write to {what}{directory!r} ({_why(e)}); {fix}.') from None
-
-
-def _why(error: OSError) -> str:
-  return f'{type(error).__name__}: {error.strerror or error}'
+    raise UserError(f'Cannot write to {what}{directory!r} ({describe_error(e)}); {fix}.') from None
