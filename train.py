@@ -34,12 +34,33 @@ flags.DEFINE_integer('initialization_timeout_s', 300, 'Multi-process runs: how l
 FLAGS = flags.FLAGS
 
 
+def _cache_folder() -> str:
+  """--jax_cache_dir made if local, or '' (no persistent cache) with one warning for the
+  default, or an exit with one message for a folder passed: JAX would only warn, then
+  compile every run anew. Other URLs (gs://...) are JAX's to open."""
+  folder = FLAGS.jax_cache_dir
+  if not folder or '://' in folder:
+    return folder
+  try:
+    os.makedirs(folder, exist_ok=True)
+    return folder
+  except OSError as e:
+    reason = 'it is a file' if os.path.isfile(folder) else e.strerror or e
+  if not FLAGS['jax_cache_dir'].present:  # e.g. a read-only home: train, compiling anew
+    print(f'Warning: no compilation cache: {folder} cannot be made a folder ({reason}); '
+          f'pass --jax_cache_dir=FOLDER.', file=sys.stderr, flush=True)
+    return ''
+  sys.exit(f'Error: --jax_cache_dir {folder} cannot be made a folder ({reason}); pass a '
+           f'folder, or --jax_cache_dir= to compile without the persistent cache.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.workdir is not None and not FLAGS.workdir.strip():  # e.g. an unset "$WORKDIR"
     sys.exit('Error: --workdir is empty; pass a directory, or leave --workdir out for '
              './workdirs/<config name>.')
+  cache_folder = _cache_folder()
   if not FLAGS['verbosity'].present:  # keep the console to progress lines
     logging.set_verbosity(logging.WARNING)
   from resnet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
@@ -58,8 +79,8 @@ def main(argv):
                              FLAGS.initialization_timeout_s)
   except UserError as e:
     sys.exit(f'Error: {e}')
-  if FLAGS.jax_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', FLAGS.jax_cache_dir)
+  if cache_folder:
+    jax.config.update('jax_compilation_cache_dir', cache_folder)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from resnet_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config_name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]

@@ -113,6 +113,7 @@ def _train_py(*args):
     (['--config.learning_rate=fast'], "could not convert string to float: 'fast'"),
     (['--config.dataset='], "config.dataset='' must not be empty"),
     (['--workdir', ''], '--workdir is empty'),  # it trained in ./workdirs/default
+    (['--jax_cache_dir', __file__], 'cannot be made a folder (it is a file)'),  # JAX warned
 ])
 def test_train_py_bad_key_or_type_is_one_message(args, message):
   result = _train_py('--workdir', '/nonexistent/never/written', *args)

@@ -681,16 +681,28 @@ def _hostile_files(directory, state_dict):
   for name, content in files.items():
     (directory / name).write_bytes(content)
   torch.save({1: torch.zeros(2), **state_dict}, directory / 'int_key.pth')
+  whole = directory / 'whole.pth'
+  torch.save(state_dict, whole)
+  damaged = {'truncated.pth': whole.read_bytes()[:len(whole.read_bytes()) // 2],
+             'random.pth': np.random.default_rng(0).bytes(5000),
+             'text.pth': b'hello world\n' * 10,
+             'page.pth': b'<!DOCTYPE html>\n<html><body>Sign in to download</body></html>'}
+  whole.unlink()
+  for name, content in damaged.items():
+    (directory / name).write_bytes(content)
   sparse = dict(state_dict, **{'fc.weight': state_dict['fc.weight'].to_sparse()})
   torch.save(sparse, directory / 'sparse.pth')
-  return {**files, 'int_key.pth': None, 'sparse.pth': None}
+  return {**files, **damaged, 'int_key.pth': None, 'sparse.pth': None}
 
 
 def test_cli_damaged_or_hostile_files_are_one_message(resnet18_weights, tmp_path, capsys):
   inputs = tmp_path / 'in'
   inputs.mkdir()
   expected = {'empty.pth': 'is empty (0 bytes)', 'int_key.pth': 'keys that are not strings: 1',
-              'sparse.pth': 'Sparse tensors cannot be converted: fc.weight (torch.sparse_coo)'}
+              'sparse.pth': 'Sparse tensors cannot be converted: fc.weight (torch.sparse_coo)',
+              'page.pth': 'it is a web page, not the weights'}
+  expected.update({name: 'as a PyTorch checkpoint: ' for name in
+                   ('truncated.pth', 'random.pth', 'text.pth')})
   for name in _hostile_files(inputs, resnet18_weights[0]):
     code, _, err = run_main(['--arch', 'resnet18', '--input', inputs / name,
                              '--output', tmp_path / 'ckpt'], capsys)

@@ -9,7 +9,7 @@ import numpy as np
 from resnet_jax import outputs
 from resnet_jax.train import checkpoint_format
 from resnet_jax.convert.conversion import strip_prefix
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, describe_error
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 WEIGHT_SUFFIXES = TORCH_SUFFIXES + ('.safetensors',)
@@ -39,13 +39,15 @@ def read_torch_weights(path: Path) -> Dict[str, Any]:
       warnings.filterwarnings('ignore', message='Validating sparse tensor invariants')
       loaded = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
+    reason = _unpickler_reason(e)
+    if 'global' not in reason.lower() and 'allowlist' not in reason:  # not code: damage
+      raise _unreadable(path, reason) from None
     raise UserError(f'Refusing to load {path}: it is not a plain tensor checkpoint and '
-                    f'could run code when unpickled ({_unpickler_reason(e)}). Convert it '
-                    f'to .safetensors in a trusted environment first.') from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise UserError(f'Cannot read {path} as a PyTorch checkpoint: '
-                    f'{str(e).strip() or type(e).__name__} (a damaged or truncated file?)'
-                    ) from None
+                    f'could run code when unpickled ({reason}). Convert it to .safetensors '
+                    f'in a trusted environment first.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Damaged bytes fail torch's unpickler in many ways (EOFError, KeyError, ...).
+    raise _unreadable(path, describe_error(e)) from None
   for wrapper in ('state_dict', 'model'):
     if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
       loaded = loaded[wrapper]
@@ -53,6 +55,14 @@ def read_torch_weights(path: Path) -> Dict[str, Any]:
     raise UserError(f'{path} holds no state_dict (a mapping from names to tensors, '
                     f'possibly under "state_dict" or "model").')
   return strip_prefix(loaded)
+
+
+def _unreadable(path: Path, reason: str) -> UserError:
+  with open(path, 'rb') as f:
+    web_page = f.read(64).lstrip().lower().startswith((b'<!doctype html', b'<html'))
+  hint = ('it is a web page, not the weights: download it again from the file\'s own link'
+          if web_page else 'a damaged or truncated file?')
+  return UserError(f'Cannot read {path} as a PyTorch checkpoint: {reason} ({hint})')
 
 
 def _unpickler_reason(error: Exception) -> str:
