@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,6 +199,20 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, trained_workdir):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert resumed == uninterrupted
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '4']
+
+
+def test_a_finished_run_says_there_is_nothing_to_train(tmp_path, trained_workdir, capsys):
+  """Before: 'Training ... 4 steps', then nothing, whether the run had all its steps (a
+  requeued job) or more than the config asks."""
+  workdir = shutil.copytree(trained_workdir[0], tmp_path / 'run')  # 4 steps
+  metrics, saved = (workdir / 'metrics.jsonl').read_text(), os.listdir(workdir / 'checkpoints')
+  for steps, words in [(4, 'has trained all 4 steps'), (2, "is past the config's 2 steps")]:
+    assert train_and_evaluate(tiny_digits_config(num_train_steps=steps), str(workdir)) == {}
+    out = capsys.readouterr().out
+    assert f'Nothing to train: the run in {workdir} is at step 4 and {words}.' in out, out
+    assert 'Training' not in out, out
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
+  assert os.listdir(workdir / 'checkpoints') == saved
 
 
 @pytest.mark.parametrize('dataset, preprocess', [('cifar10', 'cifar'),

@@ -111,6 +111,11 @@ def _train(run: _Run, config, workdir: str, state: TrainState, start_step: int,
   """Steps from `start_step` to the end or to a stop request; returns (the last step,
   its eval results, the signal that stopped it or None)."""
   total_steps, sharded = run.parts.total_steps, parallel.batch_sharding(run.mesh)
+  if start_step >= total_steps:  # e.g. a finished job requeued, or fewer steps asked for
+    done = 'has trained all' if start_step == total_steps else 'is past the config\'s'
+    log(f'Nothing to train: the run in {workdir} is at step {start_step} and {done} '
+        f'{total_steps} steps. Raise --config.num_train_steps (or num_epochs) to train on.')
+    return start_step, {}, None
   writer, stop, window = MetricWriter(workdir), StopRequest(), MetricWindow(window_rows)
   progress = Progress(start_step, total_steps, config.batch_size)
   batches = parallel.device_batches(run.pipeline.train_batches(start_step), sharded)
