@@ -81,6 +81,8 @@ class RunPlan(NamedTuple):
 
 def topology_devices(name: str) -> list:
   """The compile-only devices of every chip of every host of TPU topology `name`."""
+  if not re.fullmatch(r'v(4|5e|5p|6e):\d+(x\d+){1,2}', name or ''):  # before installing
+    raise UserError(f'Unknown topology {name!r}: use one of {TOPOLOGY_FORMS}.')
   if importlib.util.find_spec('libtpu') is None:
     raise UserError("Planning for a TPU needs libtpu, which is not installed: "
                     "pip install 'resnet_jax[tpu]' (the extra pins the libtpu that matches "
@@ -88,8 +90,6 @@ def topology_devices(name: str) -> list:
   for key, value in _LIBTPU_ENV.items():
     os.environ.setdefault(key, value)
   jax.config.update('jax_platforms', 'cpu')  # never take a real TPU from a running job
-  if not re.fullmatch(r'v(4|5e|5p|6e):\d+(x\d+){1,2}', name or ''):
-    raise UserError(f'Unknown topology {name!r}: use one of {TOPOLOGY_FORMS}.')
   try:
     return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
   except Exception as e:  # pylint: disable=broad-except

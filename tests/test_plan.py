@@ -144,6 +144,8 @@ def test_missing_libtpu_names_the_extra(monkeypatch):
   monkeypatch.setattr(plan.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(UserError, match=r"pip install 'resnet_jax\[tpu\]'"):
     plan.topology_devices('v5e:2x2')
+  with pytest.raises(UserError, match='Unknown topology'):  # not 'install libtpu' first
+    plan.topology_devices('v9:2x2')
 
 
 @pytest.mark.parametrize('name', ['tpu9', 'v5e', 'v5e:3x3'])
