@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from resnet_jax.errors import UserError
 from resnet_jax import plan
-from resnet_jax.train import run_dir
+from resnet_jax.train import build, run_dir
 from resnet_jax.models.zoo import MODEL_OPTIONS
 from resnet_jax.train.config_schema import (KEYS, check_config, check_eval_batch_size,
                                             model_overrides)
@@ -211,6 +211,18 @@ def test_every_create_model_option_is_a_model_override_that_is_off_until_set(nam
   set_ = {k: v for k, v in config.model_overrides.items() if v is not None}
   spec = run_dir.model_config_of_run(config, 10, 3)
   assert {k: spec[k] for k in set_} == set_ and None not in spec.values(), spec
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(stem='foo'), "with config.model_overrides: stem must be one of .* got 'foo'"),
+    (dict(stage_widths=[8, 16]), r'a width for each stage; got stage_sizes=\(3, 3, 3\)'),
+])
+def test_impossible_model_overrides_are_one_message(overrides, message):
+  """Before: 'Images of 8x8 ... are too small' for an unknown stem, a traceback for
+  widths that do not fit the stages."""
+  spec = dict(name='cifar_resnet20', num_classes=10, in_channels=1, **overrides)
+  with pytest.raises(UserError, match=message):
+    build.create_model_checked(spec, image_size=8)
 
 
 def test_model_overrides_from_the_command_line_reach_the_model():

@@ -490,6 +490,19 @@ def test_impossible_head_or_channels_are_refused(option, value):
     resnet_jax.create_model('resnet18', **{option: value})
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (dict(stage_sizes=(1, 0, 1, 1)), 'stage_sizes and stage_widths must be positive'),
+    (dict(stage_widths=(8, 16)), r'a width for each stage.*stage_widths=\(8, 16\)'),
+    (dict(stage_sizes=()), 'stage_sizes and stage_widths must be positive'),
+    (dict(stem='deep', stem_width=0), 'stem_width must be at least 1, got 0'),
+])
+def test_impossible_stages_or_stem_are_refused(overrides, message):
+  """Before: zip() dropped the extra widths, and a zero-width layer built."""
+  model = resnet_jax.create_model('resnet18', **overrides)
+  with pytest.raises(ValueError, match=message):
+    _init_shapes(model, 32)
+
+
 @pytest.mark.parametrize('shape, message', [
     ((32, 32, 3), 'NHWC images with 3 channels'),
     ((1, 3, 32, 32), 'x.transpose'),

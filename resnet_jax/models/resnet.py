@@ -91,7 +91,8 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
     block: 'basic' or 'bottleneck'.
     num_classes: classes of the fc head; 0 builds the model without a head.
-    stage_widths: `features` of each stage's blocks (bottlenecks output 4x this).
+    stage_widths: `features` of each stage's blocks (bottlenecks output 4x this); widths
+      beyond len(stage_sizes) are unused, so stage_sizes=(2, 2) makes a two-stage net.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), 'deep' or 'deep_tiered' (three 3x3
       convs + max-pool, timm's -c/-d/-s and -t stems) or 'cifar' (one 3x3 conv, no
       pooling); see `resnet_jax.models.stems`.
@@ -291,9 +292,16 @@ CHOICES = dict(stem=STEMS, shortcut=SHORTCUTS, attention=ATTENTIONS, anti_alias=
 
 def check_choices(spec):
   """Raises a ValueError unless the spec's choices (stem, shortcut, attention, ...) are
-  known and its per-block widths fit its stages."""
+  known, its stage sizes and widths positive, a width for each stage, and its per-block
+  widths fit its stages."""
   wrong = [f'{field} must be one of {choices}, got {getattr(spec, field)!r}'
            for field, choices in CHOICES.items() if getattr(spec, field) not in choices]
+  sizes, widths = tuple(spec.stage_sizes), tuple(spec.stage_widths)
+  if not sizes or len(widths) < len(sizes) or min(sizes + widths) < 1:  # more widths: unused
+    wrong.append(f'stage_sizes and stage_widths must be positive numbers, a width for each '
+                 f'stage; got stage_sizes={sizes}, stage_widths={widths}')
+  if spec.stem_width < 1:
+    wrong.append(f'stem_width must be at least 1, got {spec.stem_width!r}')
   if wrong:
     raise ValueError('; '.join(wrong) + '.')
   widths = spec.block_widths

@@ -19,6 +19,7 @@ from resnet_jax.data import normalization
 from resnet_jax.data.sizes import image_sizes
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, scan_variables
+from resnet_jax.models.resnet import check_choices
 from resnet_jax.train import checkpoint_format, ema, optim, parallel, run_dir
 from resnet_jax.train.step import Recipe
 from resnet_jax.train.metrics import log
@@ -48,6 +49,11 @@ def create_model_checked(spec: dict, image_size: int) -> ResNet:
     model = run_dir.model_from_config(spec)
   except UserError as e:
     raise UserError(f'config.model={spec["name"]!r}: {e}') from None
+  try:
+    check_choices(model)  # before total_stride, which an unknown stem makes wrong
+  except ValueError as e:
+    raise UserError(f'config.model={spec["name"]!r} with config.model_overrides: {e}'
+                    ) from None
   if image_size < model.total_stride:
     raise UserError(f'Images of {image_size}x{image_size} (config.image_size, or '
                     f'train_image_size / eval_image_size) are too small for {spec["name"]}, '
