@@ -712,6 +712,26 @@ def test_cli_damaged_or_hostile_files_are_one_message(resnet18_weights, tmp_path
   assert sorted(p.name for p in tmp_path.iterdir()) == ['in']
 
 
+@pytest.mark.parametrize('tolerance', ['nan', '-1', 'inf', 'abc'])
+def test_cli_tolerance_is_a_finite_number(resnet18_weights, tmp_path, capsys, tolerance):
+  """Before: NaN and negatives said 'verification failed', inf passed any difference."""
+  code, _, err = run_main(['--arch', 'resnet18', '--input',
+                           resnet18_weights[1] / 'resnet18.safetensors', '--output',
+                           tmp_path / 'ckpt', '--verify', '--tolerance', tolerance], capsys)
+  assert code == 2 and f"--tolerance: '{tolerance}': pass a finite number >= 0" in err, err
+  assert not (tmp_path / 'ckpt').exists()
+
+
+def test_cli_verify_of_a_net_with_no_pytorch_model_says_so(trained_workdir, tmp_path, capsys):
+  """Before: '... has no PyTorch reference; choose one of' 64 names, as if --arch were
+  wrong."""
+  code, _, err = run_main(['--input', trained_workdir[0], '--output', tmp_path / 'r.pth',
+                           '--verify'], capsys)
+  assert code == 2 and 'cifar_resnet20 mirrors none in torchvision or timm; convert without ' \
+                       '--verify.' in err, err
+  assert list(tmp_path.iterdir()) == []
+
+
 # -------------------------------------------------- exporting models with overrides
 
 

@@ -1,6 +1,7 @@
 """The command line: `python -m resnet_jax.convert --input IN --output OUT [--arch A]`."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                            'torchvision\'s ImageNet transform (resize 256, crop 224)')
   parser.add_argument('--verify', action='store_true',
                       help='compare logits with the PyTorch reference model on a random batch')
-  parser.add_argument('--tolerance', type=float, default=1e-4,
+  parser.add_argument('--tolerance', type=_tolerance, default=1e-4,
                       help='largest max-abs logit difference --verify accepts (default 1e-4)')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace an existing output, only if it is one convert writes (a '
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
                       help='with a training workdir: its trained weights, not its weight EMA '
                            '(used by default when the run kept one)')
   return parser
+
+
+def _tolerance(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not 0 <= value < math.inf:  # NaN failed every check, inf passed every one
+    raise argparse.ArgumentTypeError(f'{text!r}: pass a finite number >= 0, e.g. 1e-4')
+  return value
 
 
 def _check_paths(parser, args) -> bool:

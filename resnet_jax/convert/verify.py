@@ -40,6 +40,9 @@ def max_logit_difference(state_dict: Mapping[str, Any], variables: Mapping[str, 
   import jax
   import torch
 
+  if arch not in PYTORCH_REFERENCE:
+    raise UserError(f'--verify compares with the PyTorch model that {arch} mirrors, and '
+                    f'{arch} mirrors none in torchvision or timm; convert without --verify.')
   overrides = layout_overrides(overrides)
   in_channels = overrides.pop('in_channels', 3)
   if overrides:
