@@ -69,6 +69,14 @@ def test_file_check_names_the_first_ten_bad_files_and_counts_all(tmp_path):
   assert str(error.value).count('.png') == 10
 
 
+def test_a_split_that_is_no_folder_names_the_split_folders(tmp_path):
+  _split_folder(tmp_path)
+  os.rename(tmp_path / 'test', tmp_path / 'val')
+  with pytest.raises(UserError, match=r"No split 'test' in image folder .*: its split folders "
+                                      r"are train, val\. .*--config\.eval_split=val\)"):
+    FolderSource(str(tmp_path)).num_examples('test')
+
+
 def test_directory_named_like_an_image_is_not_an_image(tmp_path):
   dataset = _split_folder(tmp_path)
   os.makedirs(tmp_path / 'train' / 'cat' / 'photo.jpg')

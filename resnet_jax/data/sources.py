@@ -138,7 +138,11 @@ class FolderSource:
   def _files(self, split):
     base = os.path.join(self.root, split) if self._has_splits() else self.root
     if not os.path.isdir(base):
-      raise UserError(f'No split {split!r} in image folder {self.root!r}.')
+      present = sorted(d for d in os.listdir(self.root)
+                       if os.path.isdir(os.path.join(self.root, d)))
+      raise UserError(f'No split {split!r} in image folder {self.root!r}: its split folders '
+                      f'are {", ".join(present)}. Name them with --config.train_split and '
+                      f'--config.eval_split (e.g. --config.eval_split={present[-1]}).')
     paths, labels, skipped = [], [], collections.Counter()
     for label, name in enumerate(self.classes):
       images, others = _image_files(os.path.join(base, name))
