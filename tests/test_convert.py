@@ -19,6 +19,7 @@ import torchvision
 
 from helpers import quick_sample
 from resnet_jax import convert, create_model
+from resnet_jax.convert import cli as convert_cli
 from resnet_jax.errors import UserError
 from resnet_jax.models.torch_names import torch_layout
 from resnet_jax.models.zoo import PYTORCH_REFERENCE
@@ -441,11 +442,12 @@ def test_cli_writes_the_pretrained_names_input_spec(tmp_path, capsys):
                                                          'w.safetensors']
 
 
-def test_cli_failed_verification_writes_nothing(resnet18_weights, tmp_path, capsys):
+def test_cli_failed_verification_writes_nothing(resnet18_weights, tmp_path, capsys,
+                                                monkeypatch):
   _, weights = resnet18_weights
+  monkeypatch.setattr(convert_cli, 'max_logit_difference', lambda *args, **kwargs: 0.5)
   code, out, err = run_main(['--arch', 'resnet18', '--input', weights / 'resnet18.pth',
-                             '--output', tmp_path / 'ckpt', '--verify', '--tolerance', '-1'],
-                            capsys)
+                             '--output', tmp_path / 'ckpt', '--verify'], capsys)
   assert code == 1 and 'FAILED' in out and 'nothing was written' in err
   assert list(tmp_path.iterdir()) == []
 

@@ -58,8 +58,11 @@ def read_torch_weights(path: Path) -> Dict[str, Any]:
 
 
 def _unreadable(path: Path, reason: str) -> UserError:
-  with open(path, 'rb') as f:
-    web_page = f.read(64).lstrip().lower().startswith((b'<!doctype html', b'<html'))
+  try:
+    with open(path, 'rb') as f:
+      web_page = f.read(64).lstrip().lower().startswith((b'<!doctype html', b'<html'))
+  except OSError:  # the reason says why it cannot be read
+    web_page = False
   hint = ('it is a web page, not the weights: download it again from the file\'s own link'
           if web_page else 'a damaged or truncated file?')
   return UserError(f'Cannot read {path} as a PyTorch checkpoint: {reason} ({hint})')
