@@ -208,7 +208,8 @@ def test_init_from_takes_a_pretrained_name(dirs):
                                                         np.zeros((1, 32, 32, 3), np.float32))
   config = type('Config', (), {'init_from': 'resnet18.tv_in1k'})()
   mesh = parallel.create_mesh(jax.devices()[:1])
-  state = build.initialize_from(config, State(fresh['params'], fresh['batch_stats']), {}, mesh)
+  state = build.initialize_from(config, State(fresh['params'], fresh['batch_stats']),
+                                {'name': 'resnet18'}, mesh)
   _, expected = pretrained.load_pretrained('resnet18.tv_in1k')
   np.testing.assert_array_equal(state.params['conv1']['kernel'],
                                 expected['params']['conv1']['kernel'])

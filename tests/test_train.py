@@ -21,7 +21,7 @@ import resnet_jax
 from resnet_jax.errors import UserError
 from resnet_jax.train import optim
 from resnet_jax.train.build import merge_pretrained
-from resnet_jax.train.checkpoint_format import restore_run
+from resnet_jax.train.checkpoint_format import restore_run, save_converted
 from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.parallel import DATA_AXIS, create_mesh, device_batches
 from resnet_jax.train.metrics import read_metrics
@@ -276,6 +276,34 @@ def test_init_from_a_run_of_another_width_is_one_message(tmp_path, trained_workd
   with pytest.raises(UserError,
                      match=r'init_from: params/.* has shape \(4,\), the model expects \(8,\)'):
     train_and_evaluate(config, str(tmp_path))
+
+
+def _tiny_resnet18_checkpoint(path):
+  spec = dict(name='resnet18', num_classes=10, in_channels=1, stage_sizes=[1, 1],
+              stage_widths=[4, 8])
+  model = resnet_jax.create_model('resnet18', num_classes=10, in_channels=1,
+                                  stage_sizes=(1, 1), stage_widths=(4, 8))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  save_converted(variables, spec, path)
+  return str(path)
+
+
+def test_init_from_that_does_not_fit_says_what_to_do(tmp_path):
+  """Before: a .pth was 'not a resnet_jax checkpoint', a mistyped pretrained name a folder
+  that 'does not exist', and another model's checkpoint a list of missing keys only."""
+  (tmp_path / 'model.pth').write_bytes(b'weights')
+  cases = [
+      (str(tmp_path / 'model.pth'), r'a PyTorch weights file; convert it first '
+                                    r'\(`python -m resnet_jax.convert --arch cifar_resnet20'),
+      ('resnet18.tv_in1', r"there is no folder 'resnet18.tv_in1'\. Unknown pretrained weights "
+                          r"'resnet18.tv_in1'\. Did you mean resnet18.tv_in1k"),
+      (_tiny_resnet18_checkpoint(tmp_path / 'r18'),
+       r'it holds a resnet18 and this run trains a cifar_resnet20: pass '
+       r'--config.model=resnet18\. init_from checkpoint does not fit'),
+  ]
+  for value, message in cases:
+    with pytest.raises(UserError, match=rf"config\.init_from='.*': {message}"):
+      train_and_evaluate(tiny_digits_config(init_from=value), str(tmp_path / 'run'))
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

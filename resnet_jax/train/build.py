@@ -6,6 +6,8 @@ what runs.
 """
 
 import functools
+import os
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -120,18 +122,37 @@ def abstract_batch(config, mesh: Mesh, channels: int, batch_size: int,
 def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainState:
   """`state` with the variables of config.init_from (a pretrained name, a converted
   checkpoint or a training workdir); a head of another size stays fresh."""
-  from resnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  source_model = spec['name']
   try:
-    loaded = (pretrained.load_pretrained(config.init_from)[1]
-              if pretrained.is_pretrained_name(config.init_from)
-              else checkpoint_format.load_variables(config.init_from))
+    source_model, loaded = _init_from_variables(config.init_from, spec['name'])
+    merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
+                              loaded, spec.get('scan_blocks', False))
   except (UserError, OSError) as e:
-    raise UserError(f'config.init_from={config.init_from!r}: {e}') from None
-  merged = merge_pretrained({'params': state.params, 'batch_stats': state.batch_stats},
-                            loaded, spec.get('scan_blocks', False))
+    other = (f'it holds a {source_model} and this run trains a {spec["name"]}: pass '
+             f'--config.model={source_model}. ' if source_model != spec['name'] else '')
+    raise UserError(f'config.init_from={config.init_from!r}: {other}{e}') from None
   merged = jax.device_put(merged, parallel.replicated(mesh))
   log(f'Initialized from {config.init_from}.')
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
+
+
+def _init_from_variables(value: str, model: str):
+  """(the model name the weights are of, their variables) for config.init_from."""
+  from resnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if pretrained.is_pretrained_name(value):
+    return pretrained.PRETRAINED[value][0], pretrained.load_pretrained(value)[1]
+  path = Path(value)
+  if path.is_file() and path.suffix in ('.pth', '.pt', '.bin', '.safetensors'):
+    raise UserError(f'a PyTorch weights file; convert it first (`python -m resnet_jax.convert '
+                    f'--arch {model} --input {value} --output DIR`) and pass '
+                    f'--config.init_from=DIR.')
+  if not path.exists() and os.sep not in value:  # no such folder: a mistyped name?
+    try:
+      pretrained.load_pretrained(value)
+    except UserError as e:  # the unknown name's message, with close names
+      raise UserError(f'there is no folder {value!r}. {e}') from None
+  variables = checkpoint_format.load_variables(path)
+  return run_dir.read_model_config(path)['name'], variables
 
 
 def merge_pretrained(state_variables: dict, loaded: dict, scan: bool) -> dict:
