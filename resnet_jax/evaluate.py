@@ -29,6 +29,7 @@ from resnet_jax import input_spec
 from resnet_jax.train import checkpoint_format, run_dir
 from resnet_jax.accelerators import quiet_libtpu_without_tpu
 from resnet_jax.data import create_pipeline
+from resnet_jax.data.sources import DatasetNotPreparedError
 from resnet_jax.errors import UserError
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.parallel import DATA_AXIS, compile_steps, create_mesh
@@ -51,7 +52,8 @@ def _dataset_config(workdir: Optional[str], overrides: dict) -> ml_collections.C
       raise UserError(f'{workdir} is not a train.py workdir: it has no '
                       f'{run_dir.CONFIG_JSON}. Pass the --workdir of a training run, or '
                       f'--checkpoint for a converted checkpoint.')
-    config.update({k: v for k, v in saved.items() if k in config})
+    # Not the run's batch_size: evaluating reads no training batch, whatever its size.
+    config.update({k: v for k, v in saved.items() if k in config and k != 'batch_size'})
   config.update({k: v for k, v in overrides.items() if v is not None})
   return config
 
@@ -137,7 +139,11 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   mesh = create_mesh()
   replicated = NamedSharding(mesh, P())
   model, variables = _load(workdir, checkpoint, pretrained, step, raw_weights, replicated)
-  pipeline = create_pipeline(config)
+  try:
+    pipeline = create_pipeline(config)
+  except DatasetNotPreparedError as e:  # its hint names train.py's flag
+    raise UserError(str(e).replace('--config.data_dir=DIR', '--data_dir DIR')) from None
+  _check_model_fits_data(model, pipeline, config.dataset, spec is None)
   if spec is not None:
     from resnet_jax.data.spec_eval import SpecEvalPipeline
     pipeline = SpecEvalPipeline(pipeline, spec, model.in_channels)
@@ -148,6 +154,17 @@ def evaluate(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
   _, eval_fn = compile_steps(mesh, pipeline.normalization)
   return evaluate_split(eval_fn, state, pipeline, split or config.eval_split, batch_size,
                         NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def _check_model_fits_data(model, pipeline, dataset: str, same_channels: bool) -> None:
+  """Refuses a dataset of other classes (or, without an input spec that converts them,
+  other channels) than the model's: a --dataset of another run's kind."""
+  channels_differ = same_channels and model.in_channels != pipeline.channels
+  if model.num_classes != pipeline.num_classes or channels_differ:
+    raise UserError(f'The model predicts {model.num_classes} classes from images of '
+                    f'{model.in_channels} channel(s); dataset {dataset!r} has '
+                    f'{pipeline.num_classes} classes and {pipeline.channels} channel(s). '
+                    f'Evaluate it on a dataset of its own classes.')
 
 
 def main(argv=None):

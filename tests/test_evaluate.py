@@ -5,6 +5,8 @@ import pytest
 from PIL import Image
 
 from resnet_jax import evaluate
+from resnet_jax.data.sources import DatasetNotPreparedError
+from resnet_jax.errors import UserError
 
 
 def test_evaluate_workdir_matches_the_in_training_eval(trained_workdir, capsys):
@@ -160,3 +162,31 @@ def test_a_size_below_one_is_one_message(flag, value, tmp_path):
 def test_an_empty_source_is_one_message():  # an unset "$WORKDIR"; it was a TypeError
   with pytest.raises(SystemExit, match='Error: Pass exactly one of --workdir'):
     evaluate.main(['--workdir', ''])
+
+
+def test_a_dataset_of_other_classes_or_channels_is_one_message(trained_workdir, tmp_path):
+  """Before: 'batch_size=32 is larger than the training split' (the run's training batch,
+  which evaluating never reads) for this small folder; with enough images, a ValueError
+  traceback for the channels."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'val'):
+    for label in ('cat', 'dog'):
+      (tmp_path / split / label).mkdir(parents=True)
+      for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (9, 9, 3), np.uint8)).save(
+            tmp_path / split / label / f'{i}.png')
+  with pytest.raises(UserError, match=r"The model predicts 10 classes from images of 1 "
+                                      r"channel\(s\); dataset 'folder:.*' has 2 classes and 3 "
+                                      r"channel\(s\)\. Evaluate it on a dataset of its own"):
+    evaluate.evaluate(workdir=trained_workdir[0], dataset=f'folder:{tmp_path}', split='val')
+
+
+def test_an_unprepared_dataset_names_evaluates_flag(trained_workdir, monkeypatch):
+  """The message of a dataset that is not prepared names --data_dir, not train.py's
+  --config.data_dir."""
+  def not_prepared(config):
+    raise DatasetNotPreparedError('Put those files in X, or pass --config.data_dir=DIR where '
+                                  'the dataset is already prepared.')
+  monkeypatch.setattr(evaluate, 'create_pipeline', not_prepared)
+  with pytest.raises(UserError, match=r'or pass --data_dir DIR where the dataset is already'):
+    evaluate.evaluate(workdir=trained_workdir[0])
