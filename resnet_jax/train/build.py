@@ -139,10 +139,11 @@ def initialize_from(config, state: TrainState, spec: dict, mesh: Mesh) -> TrainS
 def _init_from_variables(value: str, model: str):
   """(the model name the weights are of, their variables) for config.init_from."""
   from resnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from resnet_jax.convert.files import WEIGHT_SUFFIXES  # pylint: disable=g-import-not-at-top
   if pretrained.is_pretrained_name(value):
     return pretrained.PRETRAINED[value][0], pretrained.load_pretrained(value)[1]
   path = Path(value)
-  if path.is_file() and path.suffix in ('.pth', '.pt', '.bin', '.safetensors'):
+  if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
     raise UserError(f'a PyTorch weights file; convert it first (`python -m resnet_jax.convert '
                     f'--arch {model} --input {value} --output DIR`) and pass '
                     f'--config.init_from=DIR.')
