@@ -42,6 +42,7 @@ profiler = StepProfiler((0, 1), sys.argv[1])
 profiler.before_step(0)
 profiler.after_step(1, jnp.ones(8).sum())
 print('left:', sorted(os.listdir(os.path.join(sys.argv[1], 'profile', 'plugins', 'profile'))))
+print('notes:', open(os.path.join(sys.argv[1], 'profile', 'notes.txt')).read().strip())
 '''
 
 
@@ -49,15 +50,19 @@ print('left:', sorted(os.listdir(os.path.join(sys.argv[1], 'profile', 'plugins',
 @pytest.mark.skipif(not can_mount_a_tmpfs(), reason='needs user namespaces (unshare -Urm)')
 def test_a_full_disk_costs_the_profile_not_the_run(tmp_path):
   """Before: jax.profiler's RESOURCE_EXHAUSTED error ended train.py with a traceback at
-  the end of the profiled steps, and left a truncated trace for TensorBoard."""
+  the end of the profiled steps, and left a truncated trace for TensorBoard. Only the
+  failed trace is removed: an earlier run's trace and the user's file stay."""
   disk = tmp_path / 'disk'
   disk.mkdir()
   script = tmp_path / 'profile_on_a_full_disk.py'
   script.write_text(FULL_DISK_PROFILE)
-  result = subprocess.run(full_disk_command(disk, 8, [sys.executable, script, disk]),
+  earlier = disk / 'profile' / 'plugins' / 'profile' / 'earlier'
+  before = (f'mkdir -p {earlier} && echo trace > {earlier}/host.xplane.pb && '
+            f'echo mine > {disk}/profile/notes.txt')
+  result = subprocess.run(full_disk_command(disk, 8, [sys.executable, script, disk], before),
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert (f'WARNING: writing the profile of steps 1-1 to {disk}/profile failed '
           '(JaxRuntimeError: No space left on device); training goes on without it.'
           in result.stdout), result.stdout + result.stderr
-  assert 'left: []' in result.stdout
+  assert "left: ['earlier']" in result.stdout and 'notes: mine' in result.stdout, result.stdout
